@@ -1,0 +1,31 @@
+# Set-up and entry points. `make demo` and `make test` are the README's two commands.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser demo test bench
+
+install: $(VENV)/.installed
+
+# torch/torchvision: the PyPI build (CUDA-enabled, runs on the CPU too), pinned with everything else
+# in constraints.txt so a fresh install resolves the same versions.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+# Headless Chromium and its driver for the app's end-to-end tests (Debian packages).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+demo: install
+	$(BIN)/traitscope demo
+
+test: install browser
+	$(BIN)/python -m pytest
+
+bench: install
+	for f in benchmarks/bench_*.py; do $(BIN)/python $$f; done

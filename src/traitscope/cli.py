@@ -1,0 +1,69 @@
+"""`traitscope` console command: one subcommand per pipeline stage.
+
+Each stage module exposes `add_arguments(parser)` and `run(args) -> int`; this file only wires them,
+so adding a command means adding a line to COMMANDS.
+"""
+
+import argparse
+import importlib
+import sys
+
+from traitscope.errors import TraitscopeError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shards": ("traitscope.shards.cli", "run a vision backbone over images and store activations"),
+    "train": ("traitscope.train.cli", "train sparse autoencoders on stored activations"),
+    "pareto": ("traitscope.features.pareto_cli", "compare runs on sparsity vs reconstruction error"),
+    "inference": ("traitscope.features.cli", "compute every feature's activations over a dataset"),
+    "align": ("traitscope.features.align_cli", "score features against known trait labels"),
+    "app": ("traitscope.app.cli", "browse features in a web app"),
+    "ratings": ("traitscope.app.ratings_cli", "summarise a saved blind-test ratings file"),
+    "finetune": ("traitscope.finetune.cli", "contrastive + orientation fine-tuning of a backbone"),
+    "grids": ("traitscope.finetune.grids_cli", "4x4 grids of top images per dimension / feature"),
+    "demo": ("traitscope.demo.cli", "the whole workflow on an embedded default, with a report"),
+}
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None  # stage not built yet
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="traitscope", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = _load(module_name)
+        if module is None:
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except TraitscopeError as err:
+        print(f"traitscope {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"traitscope {args.command}: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        return 130
+    except OSError as err:
+        if err.errno == 28:  # ENOSPC
+            print(f"traitscope {args.command}: error: disk full while writing {err.filename or ''}; "
+                  "finished work is kept, free space and rerun to resume", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Sparse autoencoder variants, one module each, behind a registry."""
+
+import importlib
+
+from traitscope.sae.base import SAE, ForwardOutput, SAEConfig, build_sae, load_sae, register, variants
+
+VARIANT_MODULES = ["relu", "topk", "batchtopk", "matryoshka"]
+for _name in VARIANT_MODULES:
+    try:
+        importlib.import_module(f"traitscope.sae.{_name}")
+    except ModuleNotFoundError as _err:
+        if _err.name != f"traitscope.sae.{_name}":
+            raise
+
+__all__ = ["SAE", "ForwardOutput", "SAEConfig", "build_sae", "load_sae", "register", "variants"]

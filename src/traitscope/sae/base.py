@@ -1,0 +1,134 @@
+"""What every SAE variant shares: parameters, encode/decode, and pickle-free save/load.
+
+    x̄ = x − b_dec;  f = act(W_enc x̄ + b_enc);  x̂ = W_dec f + b_dec
+
+Shapes: W_enc (d_model, d_sae), b_enc (d_sae), W_dec (d_sae, d_model), b_dec (d_model).
+A saved SAE takes raw activations: any input scaling used in training is folded into the weights.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from traitscope.errors import TraitscopeError
+
+
+@dataclasses.dataclass
+class SAEConfig:
+    """Architecture of one SAE (training settings live in the trainer's config)."""
+
+    variant: str
+    """Registered variant name: 'relu', 'topk', 'batchtopk', 'matryoshka'."""
+    d_model: int
+    """Width of the activations it reads."""
+    d_sae: int
+    """Number of latents (dictionary size)."""
+    k: int | None = None
+    """Active latents per token (TopK family); None for ReLU/L1."""
+    l1_coeff: float | None = None
+    """λ of the L1 penalty (ReLU/L1 only)."""
+    prefixes: list[int] | None = None
+    """Matryoshka: nested dictionary sizes, the last equal to d_sae."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ForwardOutput(NamedTuple):
+    """What a training forward pass returns."""
+
+    x_hat_bd: torch.Tensor
+    """Reconstruction."""
+    codes_bs: torch.Tensor
+    """Latent activations (dense tensor, mostly zeros)."""
+    loss: torch.Tensor
+    """Total loss to minimise."""
+    parts: dict[str, float]
+    """Named loss parts for logging (mse, l1, auxk, ...)."""
+
+
+class SAE(torch.nn.Module):
+    """Base class: subclasses set `variant` and implement `encode` (and `forward` for training)."""
+
+    variant: ClassVar[str]
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, s = cfg.d_model, cfg.d_sae
+        self.W_enc = torch.nn.Parameter(torch.empty(d, s))
+        self.b_enc = torch.nn.Parameter(torch.zeros(s))
+        self.W_dec = torch.nn.Parameter(torch.empty(s, d))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d))
+        torch.nn.init.kaiming_uniform_(self.W_dec)
+        with torch.no_grad():
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+            self.W_enc.copy_(self.W_dec.T)
+
+    @property
+    def d_model(self) -> int:
+        return self.cfg.d_model
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def pre_acts(self, x_bd: torch.Tensor) -> torch.Tensor:
+        return (x_bd - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
+        """Inference codes (batch, d_sae): a token's codes never depend on the rest of the batch."""
+        raise NotImplementedError
+
+    def decode(self, codes_bs: torch.Tensor) -> torch.Tensor:
+        return codes_bs @ self.W_dec + self.b_dec
+
+    def forward(self, x_bd: torch.Tensor) -> ForwardOutput:
+        raise NotImplementedError
+
+    # --- persistence: sae.safetensors + config.json ---
+    def save(self, dpath: str | Path, extra_config: dict | None = None) -> None:
+        dpath = Path(dpath)
+        dpath.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(dpath / "sae.safetensors"))
+        config = {"sae": self.cfg.to_dict(), **(extra_config or {})}
+        (dpath / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+_VARIANTS: dict[str, type[SAE]] = {}
+
+
+def register(cls: type[SAE]) -> type[SAE]:
+    """Class decorator: make a variant available by its `variant` name."""
+    _VARIANTS[cls.variant] = cls
+    return cls
+
+
+def variants() -> dict[str, type[SAE]]:
+    from traitscope.sae import VARIANT_MODULES  # noqa: F401  (importing registers every variant)
+
+    return dict(_VARIANTS)
+
+
+def build_sae(cfg: SAEConfig) -> SAE:
+    registry = variants()
+    if cfg.variant not in registry:
+        raise TraitscopeError(f"unknown SAE variant {cfg.variant!r}; known: {', '.join(sorted(registry))}")
+    return registry[cfg.variant](cfg)
+
+
+def load_sae(run_dpath: str | Path, device: str = "cpu") -> SAE:
+    """Load a saved SAE from its run folder, without the command line that made it."""
+    run_dpath = Path(run_dpath)
+    config_fpath, weights_fpath = run_dpath / "config.json", run_dpath / "sae.safetensors"
+    if not (config_fpath.is_file() and weights_fpath.is_file()):
+        raise TraitscopeError(f"{run_dpath} is not an SAE run folder (needs config.json and sae.safetensors)")
+    config = json.loads(config_fpath.read_text())
+    sae = build_sae(SAEConfig(**config["sae"]))
+    sae.load_state_dict(load_file(str(weights_fpath)))
+    return sae.to(device).eval()

@@ -1,0 +1,318 @@
+"""The shard folder on disk: memory-mapped activation arrays, an image index, and a manifest.
+
+Layout of one content-addressed folder (see docs/formats.md):
+
+    manifest.json                  written last: its presence means the folder is complete
+    images.jsonl                   one line per listed image (kept or skipped), in listing order
+    L{layer}/patches-{s:05d}.npy   (n_images, n_patches, d_model) activations of patch tokens
+    L{layer}/cls-{s:05d}.npy       (n_images, d_model) CLS token or pooled embedding
+    labels/patches-{s:05d}.npy     (n_images, n_patches, n_patch_labels) uint8 per-patch labels
+    labels/images-{s:05d}.npy      (n_images, n_image_labels) uint8 per-image labels
+    progress/{s:05d}.json          a finished shard's record, for resuming an interrupted run
+
+Row r of a `patches` array (flattened over shards) is image r // n_patches, patch r % n_patches;
+row r of a `cls` array is image r. Images are the kept ones, in listing order.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from traitscope.errors import TraitscopeError
+
+FORMAT = "traitscope-shards/1"
+TOKEN_KINDS = ("patches", "cls")
+
+
+def file_sha256(fpath: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(fpath, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(fpath: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, then rename: a half-written file never has the final name."""
+    tmp_fpath = fpath.with_name(fpath.name + ".tmp")
+    with open(tmp_fpath, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_fpath, fpath)
+
+
+def atomic_save_npy(fpath: Path, array: np.ndarray) -> None:
+    tmp_fpath = fpath.with_name(fpath.name + ".tmp")
+    with open(tmp_fpath, "wb") as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_fpath, fpath)
+
+
+def atomic_write_json(fpath: Path, obj) -> None:
+    atomic_write_bytes(fpath, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def shard_fname(kind: str, shard: int) -> str:
+    return f"{kind}-{shard:05d}.npy"
+
+
+class TokenArray:
+    """Read-only concatenation of memory-mapped shard files, viewed as (n_rows, width).
+
+    Patch arrays are flattened to one row per patch token. Reads copy only the rows asked for.
+    """
+
+    def __init__(self, fpaths: list[Path], rows_per_item: int):
+        self.fpaths = fpaths
+        self.rows_per_item = rows_per_item
+        self._maps: list[np.ndarray] = []
+        for fpath in fpaths:
+            arr = np.load(fpath, mmap_mode="r", allow_pickle=False)
+            self._maps.append(arr.reshape(arr.shape[0] * rows_per_item, arr.shape[-1]) if arr.size else
+                              arr.reshape(0, arr.shape[-1]))
+        self.width = self._maps[0].shape[1] if self._maps else 0
+        self.dtype = self._maps[0].dtype if self._maps else np.dtype("float16")
+        self.offsets = np.cumsum([0] + [m.shape[0] for m in self._maps])
+        self.n_rows = int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.width)
+
+    @property
+    def maps(self) -> list[np.ndarray]:
+        """The per-file memory maps, each (rows_in_file, width): for large sequential reads."""
+        return self._maps
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) as an array (a copy), crossing file boundaries as needed."""
+        start, stop = max(0, start), min(stop, self.n_rows)
+        if out is None:
+            out = np.empty((max(0, stop - start), self.width), dtype=self.dtype)
+        pos = 0
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < stop:
+            local = start - self.offsets[i]
+            take = min(stop - start, self.offsets[i + 1] - start)
+            out[pos:pos + take] = self._maps[i][local:local + take]
+            pos += take
+            start += take
+            i += 1
+        return out
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(self.n_rows)
+            rows = self.read(start, stop)
+            return rows[::step] if step != 1 else rows
+        if isinstance(idx, (int, np.integer)):
+            return self.read(int(idx), int(idx) + 1)[0]
+        idx = np.asarray(idx)
+        out = np.empty((len(idx), self.width), dtype=self.dtype)
+        file_of = np.searchsorted(self.offsets, idx, side="right") - 1
+        for i in np.unique(file_of):
+            sel = file_of == i
+            out[sel] = self._maps[i][idx[sel] - self.offsets[i]]
+        return out
+
+
+class Shards:
+    """A complete shard folder, opened for reading (memory-mapped; nothing is loaded up front)."""
+
+    def __init__(self, dpath: str | Path):
+        self.dpath = Path(dpath)
+        manifest_fpath = self.dpath / "manifest.json"
+        if not manifest_fpath.is_file():
+            hint = " (an interrupted run? rerun `traitscope shards` to finish it)" if (self.dpath / "progress").is_dir() else ""
+            raise TraitscopeError(f"{self.dpath} is not a complete shard folder: no manifest.json{hint}")
+        self.manifest = json.loads(manifest_fpath.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise TraitscopeError(f"{manifest_fpath}: unknown format {self.manifest.get('format')!r}, expected {FORMAT}")
+        self._images: list[dict] | None = None
+
+    # --- identity ---
+    @property
+    def hash(self) -> str:
+        return self.manifest["hash"]
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def token_kinds(self) -> list[str]:
+        return list(self.manifest["token_kinds"])
+
+    @property
+    def n_images(self) -> int:
+        """Kept images (rows of a cls array)."""
+        return int(self.manifest["n_images"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def d_model(self, layer: int) -> int:
+        return int(self.manifest["d_model"][str(self.resolve(layer))])
+
+    def grid(self, layer: int) -> tuple[int, int]:
+        rows, cols = self.manifest["grid"][str(self.resolve(layer))]
+        return int(rows), int(cols)
+
+    def n_patches(self, layer: int) -> int:
+        rows, cols = self.grid(layer)
+        return rows * cols
+
+    def resolve(self, layer: int) -> int:
+        """A stored layer given as stored index or as a negative index of the model."""
+        n_layers = int(self.model["n_layers"])
+        resolved = layer % n_layers if -n_layers <= layer < n_layers else layer
+        if resolved not in self.layers:
+            raise TraitscopeError(f"layer {layer} is not in {self.dpath} (stored layers: {self.layers})")
+        return resolved
+
+    # --- images ---
+    @property
+    def images(self) -> list[dict]:
+        """Kept images in row order: dicts with index, path, width, height, label, row."""
+        if self._images is None:
+            self._images = [rec for rec in self.listing() if rec.get("row") is not None]
+        return self._images
+
+    def listing(self) -> list[dict]:
+        """Every listed image, kept or skipped (with its 'skipped' reason)."""
+        with open(self.dpath / "images.jsonl") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def image_fpath(self, row: int) -> Path:
+        """Absolute path of the image behind a cls row."""
+        return Path(self.manifest["images_root"]) / self.images[row]["path"]
+
+    # --- arrays ---
+    def acts(self, layer: int, kind: str = "patches") -> TokenArray:
+        """Activations of one layer and token kind, as a (n_rows, d_model) memory-mapped array."""
+        if kind not in self.token_kinds:
+            raise TraitscopeError(f"{self.dpath} has no {kind!r} tokens (stored: {self.token_kinds})")
+        layer = self.resolve(layer)
+        fpaths = [self.dpath / f"L{layer}" / shard_fname(kind, s["index"]) for s in self.manifest["shards"]]
+        return TokenArray(fpaths, self.n_patches(layer) if kind == "patches" else 1)
+
+    @property
+    def patch_label_names(self) -> list[str]:
+        return list(self.manifest.get("patch_labels", []))
+
+    @property
+    def image_label_names(self) -> list[str]:
+        return list(self.manifest.get("image_labels", []))
+
+    def patch_labels(self) -> TokenArray | None:
+        """(n_images * n_patches, n_patch_labels) uint8, aligned with `acts(layer, 'patches')` rows."""
+        if not self.patch_label_names:
+            return None
+        fpaths = [self.dpath / "labels" / shard_fname("patches", s["index"]) for s in self.manifest["shards"]]
+        return TokenArray(fpaths, self.n_patches(self.layers[0]))
+
+    def image_labels(self) -> np.ndarray | None:
+        """(n_images, n_image_labels) uint8, aligned with cls rows."""
+        if not self.image_label_names:
+            return None
+        fpaths = [self.dpath / "labels" / shard_fname("images", s["index"]) for s in self.manifest["shards"]]
+        return TokenArray(fpaths, 1)[:]
+
+    def verify(self) -> None:
+        """Check every shard file against the manifest's checksums."""
+        for shard in self.manifest["shards"]:
+            for rel, digest in shard["files"].items():
+                if file_sha256(self.dpath / rel) != digest:
+                    raise TraitscopeError(f"{self.dpath / rel} does not match its checksum in the manifest")
+
+
+def content_hash(identity: dict) -> str:
+    """Short stable hash of a JSON-able description: names a content-addressed folder."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ShardWriter:
+    """Writes one shard folder shard by shard; a rerun skips shards an earlier run finished.
+
+    `header` holds the manifest's fixed fields: model, layers, token_kinds, d_model, grid, layout,
+    preprocess, dtype, images_root, patch_labels, image_labels, and hash.
+    """
+
+    def __init__(self, dpath: str | Path, header: dict):
+        self.dpath = Path(dpath)
+        self.header = header
+        (self.dpath / "progress").mkdir(parents=True, exist_ok=True)
+
+    def _progress_fpath(self, shard: int) -> Path:
+        return self.dpath / "progress" / f"{shard:05d}.json"
+
+    def shard_done(self, shard: int) -> bool:
+        """True when an earlier run finished this shard and its files are all there at full size."""
+        fpath = self._progress_fpath(shard)
+        if not fpath.is_file():
+            return False
+        record = json.loads(fpath.read_text())
+        return all((self.dpath / rel).is_file() and (self.dpath / rel).stat().st_size == size
+                   for rel, size in record["sizes"].items())
+
+    def write_shard(self, shard: int, first_listed: int, n_listed: int, arrays: dict[str, np.ndarray]) -> None:
+        """Save a shard's arrays (relative path -> array, all with the same number of images)."""
+        n_images = {len(a) for a in arrays.values()}
+        assert len(n_images) == 1, f"shard {shard}: arrays disagree on the number of images: {n_images}"
+        files, sizes = {}, {}
+        for rel, array in arrays.items():
+            fpath = self.dpath / rel
+            fpath.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save_npy(fpath, array)
+            files[rel] = file_sha256(fpath)
+            sizes[rel] = fpath.stat().st_size
+        record = {"index": shard, "first_listed": first_listed, "n_listed": n_listed,
+                  "n_images": n_images.pop(), "files": files, "sizes": sizes}
+        atomic_write_json(self._progress_fpath(shard), record)
+
+    def finish(self, listing: list[dict]) -> Shards:
+        """Write the image index and the manifest (last), and open the result."""
+        records = sorted((json.loads(p.read_text()) for p in (self.dpath / "progress").glob("*.json")),
+                         key=lambda r: r["index"])
+        shards = [{k: r[k] for k in ("index", "first_listed", "n_listed", "n_images", "files")} for r in records]
+        lines = "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in listing)
+        atomic_write_bytes(self.dpath / "images.jsonl", lines.encode())
+        n_images = sum(s["n_images"] for s in shards)
+        manifest = {"format": FORMAT, **self.header, "n_listed": len(listing), "n_images": n_images,
+                    "n_skipped": len(listing) - n_images, "shards": shards}
+        atomic_write_json(self.dpath / "manifest.json", manifest)
+        return Shards(self.dpath)
+
+
+def write_arrays(out_dpath: str | Path, header: dict, listing: list[dict],
+                 arrays: dict[str, np.ndarray], images_per_shard: int = 1024) -> Shards:
+    """Write whole in-memory arrays as a shard folder (image-level embeddings, tests, conversions).
+
+    `arrays` maps 'L{layer}/patches', 'L{layer}/cls', 'labels/patches', 'labels/images' to arrays whose
+    first axis is the kept images; `listing` is every image record with 'row' set (None if skipped).
+    The folder is `out_dpath/<hash>` where hash is header['hash'] or computed from the header.
+    """
+    header = dict(header)
+    header.setdefault("hash", content_hash({k: v for k, v in header.items() if k != "hash"}))
+    dpath = Path(out_dpath) / header["hash"]
+    writer = ShardWriter(dpath, header)
+    n_images = len(next(iter(arrays.values())))
+    for s, start in enumerate(range(0, max(n_images, 1), images_per_shard)):
+        stop = min(start + images_per_shard, n_images)
+        parts = {f"{rel}-{s:05d}.npy": a[start:stop] for rel, a in arrays.items()}
+        writer.write_shard(s, first_listed=start, n_listed=stop - start, arrays=parts)
+    return writer.finish(listing)
