@@ -3,7 +3,7 @@
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from PIL import Image
@@ -168,3 +168,40 @@ class Backbone(torch.nn.Module):
     def record(self, pixels_bchw: torch.Tensor, layers: list[int]) -> dict[int, LayerActs]:
         """Residual stream at each resolved layer, from one forward pass (stopping after the last needed)."""
         raise NotImplementedError
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest requested block: the rest of the model need not run."""
+
+
+def capture_block_outputs(
+    blocks: Sequence[torch.nn.Module], layers: list[int], forward: Callable[[], object]
+) -> dict[int, torch.Tensor]:
+    """Outputs of `blocks[layer]` for each resolved layer, from one call of `forward`.
+
+    Forward hooks record each requested block's output (the first element when a block returns a
+    tuple); the hook on the deepest one stops the forward pass, so the blocks after it never run.
+    """
+    outputs: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            outputs[layer] = output[0] if isinstance(output, (tuple, list)) else output
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        forward()
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer for layer in layers if layer not in outputs]
+    if missing:
+        raise RuntimeError(f"blocks {missing} did not run during the forward pass")
+    return outputs
