@@ -21,7 +21,7 @@ from traitscope.backbones.base import (
     TokenLayout,
     capture_block_outputs,
 )
-from traitscope.backbones.registry import register
+from traitscope.backbones.registry import hub_cached, hub_offline, hub_status, register
 from traitscope.errors import TraitscopeError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -88,7 +88,7 @@ class HFViTBackbone(Backbone):
                 f"(supported: {', '.join(sorted(_FAMILIES))})"
             )
         spec = _FAMILIES[model_type]
-        self.model = model
+        self.model = model.eval()
         self.name = name
         self.description = description
         self.model_type = model_type
@@ -206,11 +206,43 @@ def _preprocess_from_file(path: Path, fallback: Preprocess) -> Preprocess:
     return fallback
 
 
+def check_hub(repo: str, name: str) -> None:
+    """Fail in seconds, not after minutes of retries, when a hub model is neither cached nor reachable."""
+    if hub_cached(repo, ("config.json",)):
+        return
+    if hub_offline():
+        raise TraitscopeError(
+            f"{name}: {repo} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"without a network, use 'dinov2-vits14-saliency-offline'"
+        )
+    if hub_status(repo, timeout_s=5.0) == "unreachable":
+        raise TraitscopeError(
+            f"{name}: the Hugging Face hub could not be reached and {repo} is not in the local cache; "
+            f"without a network, use 'dinov2-vits14-saliency-offline'"
+        )
+
+
+def _from_pretrained_vision(model_class, source: str, name: str) -> torch.nn.Module:
+    """The vision tower alone; a CLIP/SigLIP checkpoint's text tower is skipped without a report."""
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+        raise TraitscopeError(f"{name}: the checkpoint lacks weights of the vision tower: {', '.join(missing[:8])}")
+    return model.eval()
+
+
 def load_hf(repo_or_path: str, name: str | None = None, description: str | None = None) -> HFViTBackbone:
     """Load a transformers vision transformer by hub id or local folder (the `hf:` prefix)."""
     name = name or f"hf:{repo_or_path}"
     local = Path(repo_or_path).expanduser()
     source = str(local) if local.is_dir() else repo_or_path
+    if not local.is_dir():
+        check_hub(repo_or_path, name)
     try:
         config = transformers.AutoConfig.from_pretrained(source)
         model_type = _vision_config(config).model_type
@@ -221,7 +253,7 @@ def load_hf(repo_or_path: str, name: str | None = None, description: str | None 
             )
         spec = _FAMILIES.get(model_type) or _FAMILIES[config.model_type]
         model_class = getattr(transformers, spec.vision_class)
-        model = model_class.from_pretrained(source, dtype=torch.float32).eval()
+        model = _from_pretrained_vision(model_class, source, name)
     except OSError as err:
         raise TraitscopeError(
             f"could not load {repo_or_path!r} from a local folder, the Hugging Face hub or its cache "

