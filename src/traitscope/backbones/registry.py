@@ -19,6 +19,7 @@ FAMILY_MODULES = [
     "traitscope.backbones.timm_vit",
     "traitscope.backbones.resnet",
     "traitscope.backbones.offline_dinov2",
+    "traitscope.finetune.model",
 ]
 
 Loader = Callable[[str], Backbone]
