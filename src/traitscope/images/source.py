@@ -1,0 +1,153 @@
+"""What every image source provides, and the one way images are decoded.
+
+A source lists its images once, in a deterministic order, and then loads them one by one. Every
+source decodes through `load_image`, so EXIF orientation, transparency, odd modes and broken files are
+handled the same way whether the bytes come from a folder, a Hugging Face dataset or the synthetic set.
+"""
+
+import io
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from traitscope.backbones.base import Preprocess
+from traitscope.errors import TraitscopeError
+
+
+class ImageError(TraitscopeError):
+    """One image cannot be used; `reason` says why in a few words (stored as the image's skip reason)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ImageSource:
+    """A list of images with optional per-image and per-patch labels.
+
+    Subclasses set the attributes below in `__init__` and implement `records`, `load` and `identity`;
+    the label methods return None unless the source has labels of that kind.
+    """
+
+    root: Path
+    """Recorded as the shards' `images_root`; record paths are relative to it (virtual for datasets)."""
+    spec: str
+    """The string `open_source` takes to open this source again (what a later stage reopens)."""
+    image_label_names: list[str] = []
+    """Names of the per-image labels, in column order; empty when there are none."""
+    patch_label_names: list[str] = []
+    """Names of the per-patch labels, in column order; empty when there are none."""
+
+    def records(self) -> list[dict]:
+        """Every listed image in a deterministic order: dicts with `index`, `path` and `label` (str or None)."""
+        raise NotImplementedError
+
+    def load(self, record: dict) -> Image.Image:
+        """The image as RGB, upright; raises ImageError for a file that cannot be decoded."""
+        raise NotImplementedError
+
+    def image_labels(self, record: dict) -> np.ndarray | None:
+        """(n_image_labels,) uint8 multi-hot, or None when the source has no per-image labels."""
+        return None
+
+    def patch_labels(self, record: dict, preprocess: Preprocess, grid: tuple[int, int]) -> np.ndarray | None:
+        """(rows * cols, n_patch_labels) uint8 for the patches the model sees, or None without masks."""
+        return None
+
+    def identity(self) -> dict:
+        """JSON-able description of the content, for content hashing (see each source for what it holds)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.records())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
+# Pillow formats that are identified but never decoded here (stubs, vector or video formats).
+_NOT_IMAGES = {".bufr", ".grib", ".h5", ".hdf", ".mpeg", ".mpg", ".wmf", ".emf", ".eps", ".ps"}
+
+
+def image_extensions() -> set[str]:
+    """Lower-case file extensions (with the dot) of the raster formats Pillow can open."""
+    registered = Image.registered_extensions()
+    return {ext for ext, fmt in registered.items() if fmt in Image.OPEN and ext not in _NOT_IMAGES}
+
+
+def load_image(fp: str | Path | BinaryIO) -> Image.Image:
+    """Decode an image file fully into an upright RGB image, or raise ImageError with the reason.
+
+    The file is checked with Pillow's `verify()`, then decoded with `load()`; truncated files fail
+    (unless some other code set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES`). The result has EXIF orientation
+    applied, transparency composited on white, and greyscale, palette, CMYK and 16-bit data as 8-bit RGB.
+    """
+    try:
+        if isinstance(fp, (str, Path)):
+            data = Path(fp).read_bytes()
+        else:
+            data = fp.read()
+    except OSError as err:
+        raise ImageError(f"cannot read file: {err.strerror or err}") from err
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"too large to decode safely ({err})") from err
+    except Image.UnidentifiedImageError as err:
+        raise ImageError("not an image Pillow can identify") from err
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... for bad data
+        raise ImageError(f"corrupt or truncated image: {err}") from err
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB: EXIF orientation applied, transparency composited on white."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block: the pixels are still fine, keep them as stored
+        pass
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(image))).convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "1":
+        image = image.convert("L")
+    return image.convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Greyscale of any depth to 0..255: 16-bit ranges scale down, floats in [0, 1] scale up."""
+    is_float = np.issubdtype(arr.dtype, np.floating)
+    arr = np.nan_to_num(arr.astype(np.float64))
+    hi = float(arr.max()) if arr.size else 0.0
+    if is_float and 0.0 < hi <= 1.0 and float(arr.min()) >= 0.0:
+        arr = arr * 255.0
+    elif hi > 255.0:
+        arr = arr / 257.0  # 65535 -> 255
+    return np.clip(np.round(arr), 0, 255).astype(np.uint8)
+
+
+def oriented_size(fpath: Path) -> tuple[int, int]:
+    """(width, height) of an image after EXIF orientation, read from the header only."""
+    try:
+        with Image.open(fpath) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception as err:
+        raise ImageError(f"cannot read image header: {err}") from err
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
