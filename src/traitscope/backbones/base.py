@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -149,7 +150,7 @@ class Backbone(torch.nn.Module):
         h = hashlib.sha256()
         for key, tensor in sorted(self.state_dict().items()):
             h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def identity(self) -> dict:
@@ -205,3 +206,45 @@ def capture_block_outputs(
     if missing:
         raise RuntimeError(f"blocks {missing} did not run during the forward pass")
     return outputs
+
+
+def read_state_dict(fpath: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a .safetensors file, or a .pt/.pth/.bin file loaded with weights_only=True.
+
+    Common wrappers are unwrapped ({'state_dict': ...}, {'model': ...}) and a DataParallel 'module.'
+    prefix is stripped, so a fine-tuned checkpoint loads into a freshly built model.
+    """
+    fpath = Path(fpath).expanduser()
+    if not fpath.is_file():
+        raise TraitscopeError(f"checkpoint not found: {fpath}")
+    try:
+        if fpath.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(fpath))
+        else:
+            state = torch.load(fpath, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise TraitscopeError(f"could not read checkpoint {fpath}: {str(err).splitlines()[0]}") from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TraitscopeError(f"{fpath} does not hold a state_dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: torch.nn.Module, fpath: str | Path, name: str) -> None:
+    """Load a checkpoint strictly, with a one-line error that names what does not fit."""
+    state = read_state_dict(fpath)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise TraitscopeError(f"{name}: {fpath} does not fit the model: {str(err).splitlines()[-1].strip()}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise TraitscopeError(
+            f"{name}: {fpath} does not fit the model (missing {len(result.missing_keys)} keys, e.g. "
+            f"{result.missing_keys[:3]}; unexpected {len(result.unexpected_keys)}, e.g. {result.unexpected_keys[:3]})"
+        )

