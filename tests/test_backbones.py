@@ -297,3 +297,19 @@ def test_unreachable_hub_model_fails_fast_with_advice(monkeypatch, tmp_path):
     for name in ["dinov2-vits14-reg", "bioclip"]:
         with pytest.raises(TraitscopeError, match="dinov2-vits14-saliency-offline"):
             load_backbone(name)
+
+
+def test_local_folder_without_prefix(tmp_path):
+    import transformers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.Dinov2Model(transformers.Dinov2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=224
+        ))
+    model.save_pretrained(tmp_path / "dino")
+    backbone = load_backbone(str(tmp_path / "dino"))
+    assert (backbone.family, backbone.n_layers, backbone.layout.grid) == ("transformers", 2, (16, 16))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TraitscopeError, match="holds no model"):
+        load_backbone(str(tmp_path / "empty"))

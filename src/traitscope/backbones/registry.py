@@ -8,6 +8,7 @@ family module once, so adding a family means adding a file and a line to FAMILY_
 import importlib
 import os
 import threading
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 from traitscope.backbones.base import Backbone
@@ -44,11 +45,38 @@ def available() -> dict[str, str]:
     return dict(sorted(_DESCRIPTIONS.items()))
 
 
+# A local folder is recognised by the file its library writes: (marker file, prefix, argument prefix).
+_LOCAL_MARKERS = [
+    ("finetune.json", "finetuned:", ""),
+    ("open_clip_config.json", "open_clip:", "local-dir:"),
+    ("config.json", "hf:", ""),
+]
+
+
+def _local_loader(name: str) -> tuple[Loader, str] | None:
+    """The loader for an existing local folder given without a prefix, if its contents say which."""
+    if ":" in name and not Path(name).exists():
+        return None
+    dpath = Path(name).expanduser()
+    if not dpath.is_dir():
+        return None
+    for marker, prefix, arg_prefix in _LOCAL_MARKERS:
+        if (dpath / marker).is_file() and prefix in _LOADERS:
+            return _LOADERS[prefix], arg_prefix + str(dpath)
+    raise TraitscopeError(
+        f"{name} is a folder but holds no model this tool recognises "
+        f"({', '.join(marker for marker, _, _ in _LOCAL_MARKERS)}); for a checkpoint file use "
+        f"timm:<model>@<file> or torchvision:<arch>@<file>"
+    )
+
+
 def load_backbone(name: str, device: str = "cpu") -> Backbone:
     """Load a backbone by registered name, 'prefix:rest', or an existing local path."""
     _import_families()
     if name in _LOADERS:
         loader, arg = _LOADERS[name], name
+    elif (local := _local_loader(name)) is not None:
+        loader, arg = local
     else:
         prefix = name.split(":", 1)[0] + ":"
         if ":" in name and prefix in _LOADERS:
