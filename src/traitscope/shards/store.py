@@ -15,6 +15,7 @@ row r of a `cls` array is image r. Images are the kept ones, in listing order.
 """
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -35,23 +36,107 @@ def file_sha256(fpath: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def tmp_name(fpath: Path) -> Path:
+    """Where a file is written before it is renamed to its final name."""
+    return fpath.with_name(fpath.name + ".tmp")
+
+
+def _unlink_quietly(fpath: Path) -> None:
+    try:
+        fpath.unlink()
+    except OSError:
+        pass
+
+
 def atomic_write_bytes(fpath: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, then rename: a half-written file never has the final name."""
-    tmp_fpath = fpath.with_name(fpath.name + ".tmp")
-    with open(tmp_fpath, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_fpath, fpath)
+    tmp_fpath = tmp_name(fpath)
+    try:
+        with open(tmp_fpath, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_fpath, fpath)
+    except BaseException:
+        _unlink_quietly(tmp_fpath)  # a full disk leaves no half file behind
+        raise
 
 
 def atomic_save_npy(fpath: Path, array: np.ndarray) -> None:
-    tmp_fpath = fpath.with_name(fpath.name + ".tmp")
-    with open(tmp_fpath, "wb") as f:
-        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_fpath, fpath)
+    tmp_fpath = tmp_name(fpath)
+    try:
+        with open(tmp_fpath, "wb") as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_fpath, fpath)
+    except BaseException:
+        _unlink_quietly(tmp_fpath)
+        raise
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The .npy header `np.save` writes for a C-order array of this dtype and shape."""
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+class NpyAppender:
+    """Streams rows into a .npy file without holding the array: the file is written under a temporary
+    name, its header (with the final row count) is filled in by `close`, and only then renamed.
+
+    The result has the same bytes as `np.save` of the whole array. numpy pads the header so the first
+    axis can grow to 21 digits, so the header reserved up front keeps its length.
+    """
+
+    def __init__(self, fpath: Path, dtype: str | np.dtype, row_shape: tuple[int, ...]):
+        self.fpath = Path(fpath)
+        self.tmp_fpath = tmp_name(self.fpath)
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(int(n) for n in row_shape)
+        self.n_rows = 0
+        self._header_len = len(_npy_header(self.dtype, (0, *self.row_shape)))
+        self.fpath.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.tmp_fpath, "wb")
+        try:
+            self._f.write(b"\0" * self._header_len)
+        except BaseException:
+            self.abort()
+            raise
+
+    def append(self, rows: np.ndarray) -> None:
+        """Append rows of shape (n, *row_shape); they are converted to the file's dtype."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.fpath.name}: rows of shape {rows.shape[1:]}, expected {self.row_shape}")
+        self._f.write(memoryview(rows.reshape(-1)).cast("B"))
+        self.n_rows += rows.shape[0]
+
+    def close(self) -> None:
+        """Write the header, fsync and rename to the final name."""
+        header = _npy_header(self.dtype, (self.n_rows, *self.row_shape))
+        if len(header) != self._header_len:  # never with numpy's growth padding; kept for safety
+            raise RuntimeError(f"{self.fpath.name}: .npy header changed length ({self._header_len} -> {len(header)})")
+        try:
+            self._f.seek(0)
+            self._f.write(header)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp_fpath, self.fpath)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the half-written file."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        _unlink_quietly(self.tmp_fpath)
 
 
 def atomic_write_json(fpath: Path, obj) -> None:
@@ -269,19 +354,40 @@ class ShardWriter:
         return all((self.dpath / rel).is_file() and (self.dpath / rel).stat().st_size == size
                    for rel, size in record["sizes"].items())
 
-    def write_shard(self, shard: int, first_listed: int, n_listed: int, arrays: dict[str, np.ndarray]) -> None:
+    def shard_record(self, shard: int) -> dict | None:
+        """The progress record of a finished shard (with any `extra` fields), or None."""
+        fpath = self._progress_fpath(shard)
+        return json.loads(fpath.read_text()) if self.shard_done(shard) else None
+
+    def remove_stale_tmp(self) -> list[Path]:
+        """Delete half-written `*.tmp` files an interrupted run left behind; returns what it removed."""
+        stale = sorted(self.dpath.rglob("*.tmp"))
+        for fpath in stale:
+            _unlink_quietly(fpath)
+        return stale
+
+    def write_shard(self, shard: int, first_listed: int, n_listed: int, arrays: dict[str, np.ndarray],
+                    extra: dict | None = None) -> None:
         """Save a shard's arrays (relative path -> array, all with the same number of images)."""
         n_images = {len(a) for a in arrays.values()}
         assert len(n_images) == 1, f"shard {shard}: arrays disagree on the number of images: {n_images}"
-        files, sizes = {}, {}
         for rel, array in arrays.items():
             fpath = self.dpath / rel
             fpath.parent.mkdir(parents=True, exist_ok=True)
             atomic_save_npy(fpath, array)
+        self.commit_shard(shard, first_listed, n_listed, n_images.pop(), list(arrays), extra)
+
+    def commit_shard(self, shard: int, first_listed: int, n_listed: int, n_images: int, rels: list[str],
+                     extra: dict | None = None) -> None:
+        """Record a shard whose files (relative paths `rels`) are all in place: checksums, sizes, and
+        `extra` JSON fields kept in the progress record. Until this returns the shard is not done."""
+        files, sizes = {}, {}
+        for rel in rels:
+            fpath = self.dpath / rel
             files[rel] = file_sha256(fpath)
             sizes[rel] = fpath.stat().st_size
         record = {"index": shard, "first_listed": first_listed, "n_listed": n_listed,
-                  "n_images": n_images.pop(), "files": files, "sizes": sizes}
+                  "n_images": n_images, "files": files, "sizes": sizes, **(extra or {})}
         atomic_write_json(self._progress_fpath(shard), record)
 
     def finish(self, listing: list[dict]) -> Shards:

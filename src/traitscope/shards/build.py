@@ -1,0 +1,588 @@
+"""Run a backbone over an image source and write a content-addressed shard folder.
+
+Four stages overlap, so the model is never left waiting on the disk or the JPEG decoder:
+
+    decode + preprocess (thread pool)  ->  collate batches (thread)  ->  model forward (this thread)
+    ->  write to disk (thread)
+
+Shard s covers listed images [s * S, (s + 1) * S), S = images_per_shard; skipped images get no rows.
+A shard's rows stream into `.tmp` files as they are computed (memory stays flat however many images
+there are); the files are renamed into place when the shard ends, and only then is its progress
+record written. A rerun skips shards with a record and recomputes the others with the same batches,
+so a run killed part-way and rerun ends with the same bytes as one that was never interrupted.
+
+fp16 (the default) cannot hold values beyond +-65504: such values are clamped to +-65504, counted per
+layer and token kind, reported in the manifest (`n_clamped`) and in a warning line. NaN or infinite
+values from the model itself are an error: nothing of that shard is kept.
+"""
+
+import contextlib
+import fcntl
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import traitscope
+from traitscope.backbones.base import Backbone, Preprocess
+from traitscope.errors import TraitscopeError
+from traitscope.images.source import ImageError, ImageSource
+from traitscope.shards.store import FORMAT, TOKEN_KINDS, NpyAppender, Shards, ShardWriter, content_hash
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+FP16_MAX = 65504.0
+"""Largest finite float16; larger activations are clamped to it in fp16 shards."""
+
+
+class ShardPlan(NamedTuple):
+    """What a build will write, worked out before any image is decoded."""
+
+    dpath: Path
+    """The content-addressed folder `<out>/<hash>`."""
+    header: dict
+    """The manifest's fixed fields."""
+    records: list[dict]
+    """Every listed image, in listing order."""
+    layers: list[int]
+    """Resolved (non-negative) layers."""
+    token_kinds: list[str]
+    images_per_shard: int
+
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.records) // self.images_per_shard)
+
+    def shard_records(self, shard: int) -> list[dict]:
+        return self.records[shard * self.images_per_shard:(shard + 1) * self.images_per_shard]
+
+
+def plan_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_dpath: str | Path,
+                token_kinds=TOKEN_KINDS, dtype: str = "float16", images_per_shard: int = 1024) -> ShardPlan:
+    """Resolve the layers, list the images and name the folder: everything but the computation."""
+    if dtype not in DTYPES:
+        raise TraitscopeError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    unknown = [kind for kind in token_kinds if kind not in TOKEN_KINDS]
+    if unknown or not token_kinds:
+        raise TraitscopeError(f"unknown token kind(s) {unknown or token_kinds!r}; "
+                              f"use one or both of {', '.join(TOKEN_KINDS)}")
+    if images_per_shard < 1:
+        raise TraitscopeError(f"images_per_shard must be at least 1, not {images_per_shard}")
+    token_kinds = [kind for kind in TOKEN_KINDS if kind in token_kinds]
+    resolved = backbone.resolve_layers(list(layers))
+    records = source.records()
+    if not records:
+        raise TraitscopeError(f"no images in {source.spec}")
+
+    model = backbone.identity()
+    preprocess = backbone.preprocess.to_dict()
+    layout = {"n_cls": backbone.layout.n_cls, "n_registers": backbone.layout.n_registers}
+    source_identity = source.identity()
+    # What the folder's name is a hash of: everything that changes a stored byte, and nothing else
+    # (not the description line, the batch size, the device or the code version).
+    identity = {
+        "format": FORMAT,
+        "model": {k: v for k, v in model.items() if k != "description"},
+        "layout": layout,
+        "preprocess": preprocess,
+        "layers": resolved,
+        "token_kinds": token_kinds,
+        "dtype": dtype,
+        "images_per_shard": images_per_shard,
+        "source": source_identity,
+    }
+    digest = content_hash(identity)
+    root = Path(source.root)
+    header = {
+        "hash": digest,
+        "model": model,
+        "layers": resolved,
+        "token_kinds": token_kinds,
+        "d_model": {str(layer): int(backbone.d_model_at(layer)) for layer in resolved},
+        "grid": {str(layer): [int(n) for n in backbone.grid_at(layer)] for layer in resolved},
+        "layout": layout,
+        "preprocess": preprocess,
+        "dtype": dtype,
+        "images_root": str(root.resolve()) if root.exists() else str(root),
+        "source": {"spec": source.spec, "kind": source_identity.get("kind"),
+                   "identity_sha256": content_hash(source_identity)},
+        "patch_labels": list(source.patch_label_names),
+        "image_labels": list(source.image_label_names),
+        "images_per_shard": images_per_shard,
+        "traitscope_version": traitscope.__version__,
+    }
+    return ShardPlan(Path(out_dpath) / digest, header, records, resolved, token_kinds, images_per_shard)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1 and 2: decode in a thread pool, collate into batches in a thread.
+
+
+class _Decoded(NamedTuple):
+    record: dict
+    pixels: np.ndarray | torch.Tensor | None
+    """(crop, crop, 3) uint8 before normalisation (the usual `Preprocess`), or the (3, crop, crop) tensor."""
+    size: tuple[int, int] | None
+    image_labels: np.ndarray | None
+    patch_labels: np.ndarray | None
+    skipped: str | None
+
+
+class _Batch(NamedTuple):
+    shard: int
+    pixels: torch.Tensor
+    """(b, crop, crop, 3) uint8, normalised on the device by `_normalize`, or (b, 3, crop, crop) float."""
+    labels: dict[str, np.ndarray]
+    """'labels/images' -> (b, n_image_labels), 'labels/patches' -> (b, n_patches, n_patch_labels)."""
+    n_listed: int
+    """Listed images (kept or skipped) this batch moves the progress bar by."""
+
+
+class _ShardEnd(NamedTuple):
+    shard: int
+    images: list[dict]
+    """The shard's listing entries; `row` is the row within the shard."""
+    n_listed: int
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+_DONE = object()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    """Put into a bounded queue, giving up when `stop` is set (the consumer has gone)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+    raise _Stopped
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Loader(threading.Thread):
+    """Decodes the images of the shards to do in a thread pool (PIL releases the GIL while it decodes
+    and resizes) and hands out batches in listing order; batches never cross a shard boundary."""
+
+    def __init__(self, plan: ShardPlan, source: ImageSource, backbone: Backbone, shards: list[int],
+                 batch_size: int, n_workers: int, strict: bool, pin: bool):
+        super().__init__(name="traitscope-shards-loader", daemon=True)
+        self.plan, self.source, self.shards = plan, source, shards
+        self.batch_size, self.n_workers, self.strict, self.pin = batch_size, n_workers, strict, pin
+        self.preprocess = backbone.preprocess
+        self.uint8 = type(self.preprocess) is Preprocess  # its __call__ is crop_image + `_normalize`
+        self.grid = tuple(backbone.grid_at(plan.layers[0]))
+        self.want_image_labels = bool(source.image_label_names)
+        self.want_patch_labels = bool(source.patch_label_names)
+        self.out: queue.Queue = queue.Queue(maxsize=3)
+        self.stop = threading.Event()
+
+    def _decode(self, record: dict) -> _Decoded:
+        try:
+            image = self.source.load(record)
+            size = image.size
+            if self.uint8:  # PIL work only: no torch ops (and their thread pools) in the decoding threads
+                pixels = np.asarray(self.preprocess.crop_image(image))
+            else:
+                pixels = self.preprocess(image)
+            image_labels = self.source.image_labels(record) if self.want_image_labels else None
+            patch_labels = (self.source.patch_labels(record, self.preprocess, self.grid)
+                            if self.want_patch_labels else None)
+        except ImageError as err:
+            return _Decoded(record, None, None, None, None, err.reason)
+        return _Decoded(record, pixels, size, image_labels, patch_labels, None)
+
+    def _collate(self, shard: int, kept: list[_Decoded], n_listed: int) -> _Batch:
+        first = kept[0].pixels
+        dtype = torch.uint8 if self.uint8 else first.dtype
+        pixels = torch.empty((len(kept), *first.shape), dtype=dtype, pin_memory=self.pin)
+        np.stack([np.asarray(d.pixels) for d in kept], out=pixels.numpy())
+        labels = {}
+        if self.want_image_labels:
+            labels["labels/images"] = np.stack([np.asarray(d.image_labels, dtype=np.uint8) for d in kept])
+        if self.want_patch_labels:
+            labels["labels/patches"] = np.stack([np.asarray(d.patch_labels, dtype=np.uint8) for d in kept])
+        return _Batch(shard, pixels, labels, n_listed)
+
+    def run(self) -> None:
+        pool = ThreadPoolExecutor(self.n_workers, thread_name_prefix="traitscope-decode")
+        try:
+            self._run(pool)
+            _put(self.out, _DONE, self.stop)
+        except _Stopped:  # the main thread has given up
+            pass
+        except BaseException as err:  # handed to the main thread, which raises it
+            with contextlib.suppress(_Stopped):
+                _put(self.out, _Failed(err), self.stop)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, pool: ThreadPoolExecutor) -> None:
+        todo = [(shard, record) for shard in self.shards for record in self.plan.shard_records(shard)]
+        window = max(2 * self.batch_size, 4 * self.n_workers)
+        pending: deque = deque()
+        upcoming = iter(todo)
+
+        def top_up() -> None:
+            while len(pending) < window:
+                nxt = next(upcoming, None)
+                if nxt is None:
+                    return
+                pending.append(pool.submit(self._decode, nxt[1]))
+
+        for shard in self.shards:
+            entries: list[dict] = []
+            kept: list[_Decoded] = []
+            n_listed = n_kept = 0
+            for record in self.plan.shard_records(shard):
+                top_up()
+                decoded = pending.popleft().result()
+                n_listed += 1
+                entry = {"index": record["index"], "path": record["path"], "label": record.get("label"),
+                         "width": None, "height": None, "row": None, "skipped": decoded.skipped}
+                if decoded.skipped is not None:
+                    if self.strict:
+                        raise TraitscopeError(f"{_image_name(self.source, record)}: {decoded.skipped} "
+                                              "(--strict stops at the first unreadable image)")
+                else:
+                    entry["width"], entry["height"] = decoded.size
+                    entry["row"] = n_kept
+                    n_kept += 1
+                    kept.append(decoded)
+                entries.append(entry)
+                if len(kept) == self.batch_size:
+                    _put(self.out, self._collate(shard, kept, n_listed), self.stop)
+                    kept, n_listed = [], 0
+            if kept:
+                _put(self.out, self._collate(shard, kept, n_listed), self.stop)
+                n_listed = 0
+            _put(self.out, _ShardEnd(shard, entries, n_listed), self.stop)
+
+
+def _normalize(pixels_bhwc: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """uint8 crops -> the model's input, with the very float32 operations of `Preprocess.__call__`
+    (so the same values on any device); done where the model runs, on a quarter of the bytes."""
+    x_bchw = pixels_bhwc.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1).to(x_bchw.device)
+    std = torch.tensor(preprocess.std).view(1, 3, 1, 1).to(x_bchw.device)
+    return ((x_bchw - mean) / std).contiguous()
+
+
+def _image_name(source: ImageSource, record: dict) -> str:
+    return str(Path(source.root) / record["path"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 4: write in a thread.
+
+
+class _WriteBatch(NamedTuple):
+    shard: int
+    arrays: dict[str, torch.Tensor | np.ndarray]
+    """'L{layer}/{kind}' or 'labels/{kind}' -> rows for this batch."""
+    ready: torch.cuda.Event | None
+    """Set once the device-to-host copies into `arrays` have finished."""
+
+
+class _WriteShardEnd(NamedTuple):
+    shard: int
+    first_listed: int
+    n_listed: int
+    extra: dict
+
+
+class _Writer(threading.Thread):
+    """Appends each batch's rows to the shard's `.tmp` files; at a shard's end renames them into place
+    and writes its progress record. An error is kept for the main thread to raise."""
+
+    def __init__(self, store: ShardWriter, row_specs: dict[str, tuple[np.dtype, tuple[int, ...]]]):
+        super().__init__(name="traitscope-shards-writer", daemon=True)
+        self.store = store
+        self.row_specs = row_specs
+        self.inbox: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.abort = threading.Event()
+        self._open: dict | None = None
+        self._open_shard: int | None = None
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.inbox.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _appenders(self, shard: int) -> dict:
+        if self._open_shard != shard:
+            self._drop()
+            self._open = {base: NpyAppender(self.store.dpath / f"{base}-{shard:05d}.npy", dtype, row_shape)
+                          for base, (dtype, row_shape) in self.row_specs.items()}
+            self._open_shard = shard
+        return self._open
+
+    def _drop(self) -> None:
+        for appender in (self._open or {}).values():
+            appender.abort()
+        self._open, self._open_shard = None, None
+
+    def run(self) -> None:
+        while True:
+            item = self.inbox.get()
+            if item is None:
+                break
+            if self.error is not None or self.abort.is_set():
+                continue  # drain, so the main thread never blocks on a full inbox
+            try:
+                if isinstance(item, _WriteBatch):
+                    if item.ready is not None:
+                        item.ready.synchronize()
+                    appenders = self._appenders(item.shard)
+                    for base, rows in item.arrays.items():
+                        appenders[base].append(rows.numpy() if isinstance(rows, torch.Tensor) else rows)
+                else:
+                    appenders = self._appenders(item.shard)
+                    n_images = {a.n_rows for a in appenders.values()}
+                    assert len(n_images) == 1, f"shard {item.shard}: files disagree on the row count {n_images}"
+                    for appender in appenders.values():
+                        appender.close()
+                    self._open, self._open_shard = None, None
+                    rels = [f"{base}-{item.shard:05d}.npy" for base in self.row_specs]
+                    self.store.commit_shard(item.shard, item.first_listed, item.n_listed, n_images.pop(), rels,
+                                            item.extra)
+            except OSError as err:
+                if err.filename is None:  # a write() that failed names no file: say which folder
+                    err = OSError(err.errno, err.strerror, str(self.store.dpath))
+                self.error = err
+                self._drop()
+            except BaseException as err:
+                self.error = err
+                self._drop()
+        self._drop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 3 and the whole build.
+
+
+@contextlib.contextmanager
+def _folder_lock(dpath: Path):
+    """One writer per shard folder: a second run on the same folder fails with a clear line."""
+    dpath.mkdir(parents=True, exist_ok=True)
+    lock_fpath = dpath / ".lock"
+    with open(lock_fpath, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TraitscopeError(f"another `traitscope shards` run is writing {dpath}; wait for it to end") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock_fpath.unlink()
+
+
+def _say(verbose: bool, msg: str, warning: bool = False) -> None:
+    if verbose:
+        print(f"traitscope shards: warning: {msg}" if warning else msg, file=sys.stderr if warning else sys.stdout,
+              flush=True)
+
+
+def default_workers() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_dpath: str | Path,
+                 token_kinds=TOKEN_KINDS, dtype: str = "float16", batch_size: int = 64,
+                 images_per_shard: int = 1024, strict: bool = False, n_workers: int | None = None,
+                 verbose: bool = True) -> Shards:
+    """Record `layers` of `backbone` over every image of `source` into `<out_dpath>/<hash>/`.
+
+    Returns the finished folder opened for reading. If it is already complete nothing is computed;
+    if an earlier run was interrupted, its finished shards are kept and the rest are computed.
+    `strict` fails on the first unreadable image instead of skipping it.
+    """
+    if batch_size < 1:
+        raise TraitscopeError(f"batch size must be at least 1, not {batch_size}")
+    plan = plan_shards(source, backbone, layers, out_dpath, token_kinds, dtype, images_per_shard)
+    if (plan.dpath / "manifest.json").is_file():
+        shards = Shards(plan.dpath)
+        _say(verbose, f"{plan.dpath} is already complete ({shards.n_images} images, {shards.n_shards} shards)")
+        return shards
+
+    with _folder_lock(plan.dpath):
+        store = ShardWriter(plan.dpath, plan.header)
+        store.remove_stale_tmp()
+        todo = [s for s in range(plan.n_shards) if not store.shard_done(s)]
+        n_done = sum(len(plan.shard_records(s)) for s in range(plan.n_shards) if s not in set(todo))
+        if n_done:
+            _say(verbose, f"resuming {plan.dpath}: {plan.n_shards - len(todo)} of {plan.n_shards} shards "
+                          "already written")
+        t0 = time.perf_counter()
+        if todo:
+            _compute(plan, source, backbone, store, todo, n_done, batch_size, strict,
+                     n_workers or default_workers(), verbose)
+        elapsed = time.perf_counter() - t0
+        shards = _finish(plan, store, verbose)
+    n_computed = len(plan.records) - n_done
+    if n_computed:
+        _say(verbose, f"read {n_computed} images in {elapsed:.1f} s ({n_computed / max(elapsed, 1e-9):.1f} images/s)")
+    return shards
+
+
+def _row_specs(plan: ShardPlan, source: ImageSource, backbone: Backbone) -> dict[str, tuple[np.dtype, tuple]]:
+    """Each shard file's base name -> (dtype, shape of one image's rows)."""
+    dtype = np.dtype(plan.header["dtype"])
+    specs = {}
+    for layer in plan.layers:
+        d_model = backbone.d_model_at(layer)
+        rows, cols = backbone.grid_at(layer)
+        if "patches" in plan.token_kinds:
+            specs[f"L{layer}/patches"] = (dtype, (rows * cols, d_model))
+        if "cls" in plan.token_kinds:
+            specs[f"L{layer}/cls"] = (dtype, (d_model,))
+    if source.image_label_names:
+        specs["labels/images"] = (np.dtype(np.uint8), (len(source.image_label_names),))
+    if source.patch_label_names:
+        rows, cols = backbone.grid_at(plan.layers[0])
+        specs["labels/patches"] = (np.dtype(np.uint8), (rows * cols, len(source.patch_label_names)))
+    return specs
+
+
+def _compute(plan: ShardPlan, source: ImageSource, backbone: Backbone, store: ShardWriter, todo: list[int],
+             n_done: int, batch_size: int, strict: bool, n_workers: int, verbose: bool) -> None:
+    device = next(iter(backbone.parameters())).device
+    cuda = device.type == "cuda"
+    out_dtype = DTYPES[plan.header["dtype"]]
+    fp16 = out_dtype == torch.float16
+    keys = [(layer, kind) for layer in plan.layers for kind in plan.token_kinds]
+
+    loader = _Loader(plan, source, backbone, todo, batch_size, n_workers, strict, pin=cuda)
+    writer = _Writer(store, _row_specs(plan, source, backbone))
+    bar = tqdm(total=len(plan.records), initial=n_done, unit="img", desc="shards", dynamic_ncols=True,
+               disable=not verbose, file=sys.stderr, smoothing=0.1)
+    loader.start()
+    writer.start()
+    ok = False
+    try:
+        with torch.inference_mode():
+            # Per (layer, kind): [non-finite count, clamped count], summed on the device, read once a shard.
+            counts = torch.zeros((len(keys), 2), dtype=torch.int64, device=device)
+            while True:
+                item = loader.out.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, _Failed):
+                    raise item.error
+                if isinstance(item, _Batch):
+                    pixels_bchw = item.pixels.to(device, non_blocking=True)
+                    if pixels_bchw.dtype == torch.uint8:
+                        pixels_bchw = _normalize(pixels_bchw, backbone.preprocess)
+                    acts = backbone.record(pixels_bchw, plan.layers)
+                    arrays: dict = {}
+                    for i, (layer, kind) in enumerate(keys):
+                        acts_bd = acts[layer].patches_bpd if kind == "patches" else acts[layer].cls_bd
+                        counts[i, 0] += (~torch.isfinite(acts_bd)).sum()
+                        if fp16:
+                            counts[i, 1] += (acts_bd.abs() > FP16_MAX).sum()
+                            acts_bd = acts_bd.clamp(-FP16_MAX, FP16_MAX)
+                        acts_bd = acts_bd.to(out_dtype)
+                        if cuda:
+                            host = torch.empty(acts_bd.shape, dtype=out_dtype, pin_memory=True)
+                            host.copy_(acts_bd, non_blocking=True)
+                            acts_bd = host
+                        elif acts_bd.device.type != "cpu":  # mps
+                            acts_bd = acts_bd.cpu()
+                        arrays[f"L{layer}/{kind}"] = acts_bd
+                    ready = None
+                    if cuda:
+                        ready = torch.cuda.Event()
+                        ready.record()
+                    writer.put(_WriteBatch(item.shard, {**arrays, **item.labels}, ready))
+                    bar.update(item.n_listed)
+                else:  # _ShardEnd
+                    per_key = counts.tolist()
+                    counts.zero_()
+                    bad = [f"L{layer}/{kind}" for (layer, kind), (n_bad, _) in zip(keys, per_key) if n_bad]
+                    if bad:
+                        first = plan.shard_records(item.shard)[0]["index"]
+                        raise TraitscopeError(
+                            f"{backbone.name} produced NaN or infinite activations ({', '.join(bad)}) for images "
+                            f"{first}..{first + len(plan.shard_records(item.shard)) - 1}; its weights or inputs "
+                            "are broken, nothing of that shard was kept")
+                    clamped = {f"L{layer}/{kind}": n for (layer, kind), (_, n) in zip(keys, per_key) if n}
+                    records = plan.shard_records(item.shard)
+                    extra = {"images": item.images, "n_clamped": clamped}
+                    writer.put(_WriteShardEnd(item.shard, item.shard * plan.images_per_shard, len(records), extra))
+                    bar.update(item.n_listed)
+        writer.put(None)
+        writer.join()
+        if writer.error is not None:
+            raise writer.error
+        ok = True
+    finally:
+        bar.close()
+        if not ok:  # stop the other stages; the writer drops the shard it was writing
+            loader.stop.set()
+            writer.abort.set()
+            while writer.is_alive():
+                with contextlib.suppress(queue.Full):
+                    writer.inbox.put(None, timeout=0.1)
+                    break
+            writer.join(timeout=30)
+            loader.join(timeout=30)
+
+
+def _finish(plan: ShardPlan, store: ShardWriter, verbose: bool) -> Shards:
+    """Assemble the image index from the shards' records, write it and the manifest, and report."""
+    listing: list[dict] = []
+    clamped: dict[str, int] = {}
+    n_kept = 0
+    for shard in range(plan.n_shards):
+        record = store.shard_record(shard)
+        if record is None:
+            raise TraitscopeError(f"{plan.dpath}: shard {shard} is missing after the run; rerun to finish it")
+        for entry in record["images"]:
+            entry = dict(entry)
+            if entry["row"] is not None:
+                entry["row"] += n_kept
+            listing.append(entry)
+        n_kept += record["n_images"]
+        for key, n in record["n_clamped"].items():
+            clamped[key] = clamped.get(key, 0) + n
+    skipped = [e for e in listing if e["skipped"] is not None]
+    if n_kept == 0:
+        e = skipped[0]
+        raise TraitscopeError(f"none of the {len(listing)} images could be read (e.g. {e['path']}: {e['skipped']})")
+    store.header["n_clamped"] = dict(sorted(clamped.items()))
+    shards = store.finish(listing)
+    if clamped:
+        total = sum(clamped.values())
+        where = ", ".join(f"{k}: {n}" for k, n in sorted(clamped.items()))
+        _say(verbose, f"{total} activation values were beyond the float16 range and were clamped to +-{FP16_MAX:g} "
+                      f"({where}); use --dtype float32 to keep them exactly", warning=True)
+    if skipped:
+        first = skipped[0]
+        _say(verbose, f"skipped {len(skipped)} of {len(listing)} images (first: {first['path']}: {first['skipped']}); "
+                      f"see {plan.dpath / 'images.jsonl'}", warning=True)
+    return shards
+
+
+__all__ = ["build_shards", "plan_shards", "ShardPlan", "DTYPES", "FP16_MAX"]

@@ -1,0 +1,118 @@
+"""`traitscope shards`: run a vision backbone over images and store its activations.
+
+    traitscope shards --images photos/ --model dinov2-vits14-reg --layers -2 --out shards/
+
+The last line of stdout is the shard folder (written now or found already complete), so a script can
+take it with `tail -n 1`. A progress bar goes to stderr.
+"""
+
+import argparse
+import os
+
+import torch
+
+from traitscope.errors import TraitscopeError
+from traitscope.shards.store import TOKEN_KINDS
+
+
+def _device_default() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", default="synthetic", metavar="SOURCE",
+                        help="a folder of images (searched recursively), 'hf:<dataset>[:split]', or "
+                             "'synthetic[:N[:SEED]]' for the built-in synthetic trait set (default: synthetic)")
+    parser.add_argument("--labels", default=None, metavar="LABELS",
+                        help="per-image labels: 'folders' (first subfolder is the class) or a CSV / CelebA "
+                             "attribute file")
+    parser.add_argument("--masks", default=None, metavar="DIR",
+                        help="folder of per-pixel trait-id PNG masks, stored as per-patch labels")
+    parser.add_argument("--model", default=None,
+                        help="backbone name, 'hf:<id>', 'timm:<name>', ... (default: DINOv2 ViT-S/14 with registers "
+                             "from the Hugging Face hub, or the offline DINOv2-S when the hub cannot be reached)")
+    parser.add_argument("--layers", nargs="+", default=["-2"], metavar="L",
+                        help="blocks to record, comma- or space-separated; negative counts from the end "
+                             "(default: -2, the second-to-last block). Write '--layers=-2,-1' or '--layers -2 -1'")
+    parser.add_argument("--tokens", default="patches,cls", metavar="KINDS",
+                        help="token kinds to store: patches, cls, or both (default: patches,cls)")
+    parser.add_argument("--out", default="shards", metavar="DIR",
+                        help="where the content-addressed shard folder goes (default: ./shards)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                        help="storage precision (default: float16; values beyond its range are clamped and reported)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass (default: 128 on a GPU, 32 on the CPU)")
+    parser.add_argument("--images-per-shard", type=int, default=1024, metavar="N",
+                        help="images per shard file; an interrupted run resumes at a shard boundary (default: 1024)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
+                        help="where the model runs (default: cuda if available, else cpu)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads decoding and preprocessing images (default: the number of CPU cores, at most 16)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first unreadable image instead of skipping it")
+
+
+def parse_layers(values: list[str]) -> list[int]:
+    layers = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                layers.append(int(part))
+            except ValueError:
+                raise TraitscopeError(f"--layers: {part!r} is not a layer index "
+                                      "(e.g. --layers=-2 or --layers 6,11)") from None
+    if not layers:
+        raise TraitscopeError("--layers: give at least one layer index")
+    return layers
+
+
+def parse_tokens(value: str) -> list[str]:
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in TOKEN_KINDS]
+    if unknown or not kinds:
+        raise TraitscopeError(f"--tokens: {', '.join(unknown) or value!r} is not a token kind; "
+                              "use patches, cls or patches,cls")
+    return kinds
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TraitscopeError("--device cuda: no CUDA GPU is available to torch here; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise TraitscopeError("--device mps: Apple's MPS backend is not available here; use --device cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    from traitscope.backbones import default_model, load_backbone
+    from traitscope.images import open_source
+    from traitscope.shards.build import build_shards
+
+    layers = parse_layers(args.layers)
+    token_kinds = parse_tokens(args.tokens)
+    device = args.device or _device_default()
+    _check_device(device)
+    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers),
+                        ("--images-per-shard", args.images_per_shard)):
+        if value is not None and value < 1:
+            raise TraitscopeError(f"{flag} must be at least 1, not {value}")
+    batch_size = args.batch_size or (128 if device == "cuda" else 32)
+
+    source = open_source(args.images, labels=args.labels, masks=args.masks)
+    model_name = args.model
+    if model_name is None:
+        choice = default_model()
+        model_name = choice.name
+        print(choice.reason, flush=True)  # which model, and why
+    backbone = load_backbone(model_name, device=device)
+    about = "" if args.model is None else f" ({backbone.description})"
+    print(f"recording layers {','.join(map(str, layers))} of {backbone.name}{about} on {device} "
+          f"over {source.spec}", flush=True)
+
+    shards = build_shards(source, backbone, layers, args.out, token_kinds=token_kinds, dtype=args.dtype,
+                          batch_size=batch_size, images_per_shard=args.images_per_shard, strict=args.strict,
+                          n_workers=args.workers)
+    print(os.fspath(shards.dpath), flush=True)
+    return 0
