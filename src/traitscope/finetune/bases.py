@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from traitscope.backbones.base import Backbone
+from traitscope.backbones.base import Backbone, Preprocess, load_weights
 from traitscope.backbones.registry import load_backbone
+from traitscope.backbones.resnet import IMAGENET_PREPROCESS, ResNetBackbone
 from traitscope.errors import TraitscopeError
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -19,51 +20,17 @@ def _resnet_arch(model: str) -> str | None:
     return arch if arch in RESNET_ARCHS else None
 
 
-def wrap_resnet(module: torch.nn.Module, arch: str, name: str, preprocess=None) -> Backbone:
-    """A torchvision ResNet module as a backbone (pooled output of the last stage as its CLS row)."""
-    from traitscope.backbones.resnet import ResNetBackbone
+def new_resnet(arch: str, num_classes: int = 1000) -> torch.nn.Module:
+    """An untrained torchvision ResNet (initialised by torch's global generator)."""
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
-    backbone = ResNetBackbone.from_module(module, name, preprocess)
+
+def wrap_resnet(module: torch.nn.Module, arch: str, name: str, preprocess: Preprocess = IMAGENET_PREPROCESS,
+                description: str = "") -> ResNetBackbone:
+    """A torchvision ResNet module as a backbone that remembers its architecture name (`arch`)."""
+    backbone = ResNetBackbone.from_module(module, name, preprocess, description)
     backbone.arch = arch
     return backbone
-
-
-def _state_dict_from_file(fpath: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from a .pth/.pt file holding tensors only (no pickled code)."""
-    if fpath.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(fpath))
-    try:
-        state = torch.load(fpath, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise TraitscopeError(f"{fpath}: not a weights file torch can load safely ({err})") from err
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise TraitscopeError(f"{fpath}: expected a state dict (name -> tensor)")
-    return state
-
-
-def _load_weights(module: torch.nn.Module, fpath: Path, what: str) -> None:
-    state = _state_dict_from_file(fpath)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise TraitscopeError(f"{fpath} does not fit {what}: {str(err).splitlines()[0]}") from err
-
-
-def _imagenet_resnet(arch: str) -> torch.nn.Module:
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    module = torchvision.models.get_model(arch, weights=None)
-    try:
-        module.load_state_dict(weights.get_state_dict(progress=False))
-    except Exception as err:  # URLError, OSError, hash mismatch
-        raise TraitscopeError(
-            f"could not get torchvision's ImageNet weights for {arch} ({weights}: {err}); offline, use "
-            f"--init random or --init <weights file> (e.g. {Path(weights.url).name} copied from elsewhere)"
-        ) from err
-    return module
 
 
 def _reinit(base: Backbone, seed: int) -> Backbone:
@@ -93,17 +60,16 @@ def build_base(model: str, init: str, image_size: int | None, seed: int) -> tupl
     elif arch is not None:
         if init == "default":
             init = "random" if model.startswith("random-") else "imagenet"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if init == "imagenet":
-                module, note = _imagenet_resnet(arch), "ImageNet weights (torchvision)"
-            else:
-                module = torchvision.models.get_model(arch, weights=None)
-                note = f"random init (seed {seed})"
-        if path is not None:
-            _load_weights(module, path, f"torchvision's {arch}")
-            note = f"weights from {path}"
-        base = wrap_resnet(module, arch, arch, None)
+        if init == "imagenet":  # the registry's ImageNet ResNets (torchvision's weights API)
+            base, note = load_backbone(arch), "ImageNet weights (torchvision)"
+        elif path is not None:  # the registry's torchvision:<arch>@<checkpoint>
+            base, note = load_backbone(f"torchvision:{arch}@{path}"), f"weights from {path}"
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                module = new_resnet(arch)
+            base, note = ResNetBackbone.from_module(module, arch, description=f"torchvision {arch}"), f"random init (seed {seed})"
+        base.arch = arch  # what finetune.json records to rebuild it offline
     else:
         if init == "imagenet":
             raise TraitscopeError(f"--init imagenet is for torchvision ResNets; {model} loads its own weights "
@@ -113,8 +79,7 @@ def build_base(model: str, init: str, image_size: int | None, seed: int) -> tupl
         if init == "random":
             base, note = _reinit(base, seed), f"random init (seed {seed})"
         elif path is not None:
-            inner = getattr(base, "model", base)
-            _load_weights(inner, path, model)
+            load_weights(getattr(base, "model", base), path, f"--init {path}")
             note = f"weights from {path}"
     if image_size is not None:
         pre = base.preprocess

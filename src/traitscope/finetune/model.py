@@ -98,7 +98,7 @@ def base_spec(base: Backbone) -> dict:
     if isinstance(base, HFViTBackbone):
         return {"kind": "transformers", "class": type(base.model).__name__, "config": base.model.config.to_dict()}
     if getattr(base, "arch", None):
-        return {"kind": "torchvision", "arch": base.arch}
+        return {"kind": "torchvision", "arch": base.arch, "num_classes": base.model.fc.out_features}
     return {"kind": "registry", "name": base.name}
 
 
@@ -115,7 +115,7 @@ def rewrap(base: Backbone, preprocess: Preprocess) -> Backbone:
     if getattr(base, "arch", None):
         from traitscope.finetune.bases import wrap_resnet
 
-        return wrap_resnet(base.model, base.arch, base.name, preprocess)
+        return wrap_resnet(base.model, base.arch, base.name, preprocess, base.description)
     raise TraitscopeError(f"the image size of {base.name} ({base.family}) cannot be changed")
 
 
@@ -130,11 +130,9 @@ def build_from_spec(spec: dict, name: str, description: str, preprocess: Preproc
         model = model_class(model_class.config_class.from_dict(spec["config"])).eval()
         return HFViTBackbone(model, name, description, preprocess)
     if spec["kind"] == "torchvision":
-        import torchvision
+        from traitscope.finetune.bases import new_resnet, wrap_resnet
 
-        from traitscope.finetune.bases import wrap_resnet
-
-        return wrap_resnet(torchvision.models.get_model(spec["arch"], weights=None), spec["arch"], name, preprocess)
+        return wrap_resnet(new_resnet(spec["arch"], spec["num_classes"]), spec["arch"], name, preprocess, description)
     return rewrap(load_backbone(spec["name"]), preprocess)
 
 

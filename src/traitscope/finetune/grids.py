@@ -1,0 +1,244 @@
+"""Maximally activating images of image-level units, as 4x4 grids, and attribute enrichment.
+
+A unit is a dense dimension of the stored embedding or a feature of an image-level SAE. As in the
+faces experiment, each image's vector (embedding or SAE codes) is L2-normalised before ranking, so an
+image ranks high for a unit when that unit carries a large share of the image's vector, not merely
+when the vector is long. Ranks break ties by row (lower first). SAE features rank only images where
+they fire (> 0): a feature that fires on fewer than n images gets -1 in the remaining places.
+
+Rows index `Shards.images` (the kept images in the source's sorted listing order), so a row maps to
+the same file after a restart. The app's blind test uses `dense_top_images` / `sae_top_images` and
+`grid_image`; `traitscope grids` writes them as PNGs with an enrichment table.
+"""
+
+import json
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import scipy.stats
+import torch
+from PIL import Image
+
+from traitscope.backbones.base import Preprocess
+from traitscope.errors import TraitscopeError
+from traitscope.images import load_image, open_source
+from traitscope.sae import load_sae
+from traitscope.shards.store import Shards
+from traitscope.viz import image_grid
+
+GRID_SIDE = 4
+N_TOP = GRID_SIDE * GRID_SIDE
+
+
+class TopImages(NamedTuple):
+    """The top images of every unit of one kind."""
+
+    kind: str
+    """'dense' (dimensions of the stored embedding) or 'sae' (features of an SAE)."""
+    rows_un: np.ndarray
+    """(n_units, n) int64 rows into `Shards.images`, best first; -1 where fewer than n images qualify."""
+    values_un: np.ndarray
+    """(n_units, n) float32 the unit's value in each L2-normalised image vector (0 where rows are -1)."""
+
+    @property
+    def n_units(self) -> int:
+        return len(self.rows_un)
+
+    def full_units(self) -> np.ndarray:
+        """Units with all n places filled (what a blind test can show as a full grid)."""
+        return np.flatnonzero((self.rows_un >= 0).all(axis=1))
+
+
+def _batches(x_nd, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, len(x_nd), batch_size):
+        yield start, np.asarray(x_nd[start:start + batch_size], dtype=np.float32)
+
+
+def top_images(batches: Iterator[tuple[int, np.ndarray]], n: int = N_TOP, normalize: bool = True,
+               positive_only: bool = False, kind: str = "dense") -> TopImages:
+    """Top-n rows per column over (first_row, values_bu) batches of image rows, kept as a running top-n.
+
+    With `normalize`, each image row is L2-normalised first; with `positive_only`, values <= 0 never
+    count (their places are -1).
+    """
+    best_vals = best_rows = None
+    for start, x_bu in batches:
+        if normalize:
+            x_bu = x_bu / np.maximum(np.linalg.norm(x_bu, axis=1, keepdims=True), 1e-12)
+        rows_bu = np.broadcast_to(np.arange(start, start + len(x_bu))[:, None], x_bu.shape)
+        if best_vals is not None:
+            x_bu, rows_bu = np.concatenate([best_vals, x_bu]), np.concatenate([best_rows, rows_bu])
+        if len(x_bu) > n:
+            keep = np.argpartition(-x_bu, n - 1, axis=0)[:n]
+            x_bu, rows_bu = np.take_along_axis(x_bu, keep, 0), np.take_along_axis(rows_bu, keep, 0)
+        best_vals, best_rows = x_bu, rows_bu
+    if best_vals is None:
+        raise TraitscopeError("no images to rank")
+    order = np.lexsort((best_rows, -best_vals), axis=0)
+    vals_un = np.take_along_axis(best_vals, order, 0).T.astype(np.float32)
+    rows_un = np.take_along_axis(best_rows, order, 0).T.astype(np.int64)
+    if positive_only:
+        rows_un[vals_un <= 0] = -1
+    if rows_un.shape[1] < n:  # fewer images than places
+        pad = n - rows_un.shape[1]
+        rows_un = np.pad(rows_un, ((0, 0), (0, pad)), constant_values=-1)
+        vals_un = np.pad(vals_un, ((0, 0), (0, pad)))
+    vals_un[rows_un < 0] = 0
+    return TopImages(kind, np.ascontiguousarray(rows_un), np.ascontiguousarray(vals_un))
+
+
+def default_layer(shards: Shards) -> int:
+    """The deepest stored layer with CLS / pooled rows."""
+    if "cls" not in shards.token_kinds:
+        raise TraitscopeError(f"{shards.dpath} has no image-level (cls) rows; make shards with --tokens cls")
+    return max(shards.layers)
+
+
+def dense_top_images(shards: Shards, layer: int | None = None, n: int = N_TOP, normalize: bool = True,
+                     batch_size: int = 4096) -> TopImages:
+    """Top images per dimension of the stored CLS / pooled embedding of `layer` (default: deepest)."""
+    acts = shards.acts(default_layer(shards) if layer is None else layer, "cls")
+    return top_images(_batches(acts, batch_size), n, normalize, positive_only=False, kind="dense")
+
+
+def run_layer(run_dpath: str | Path) -> int | None:
+    """The layer an SAE run was trained on, from its config.json."""
+    config = json.loads((Path(run_dpath) / "config.json").read_text())
+    layer = (config.get("shards") or {}).get("layer")
+    return None if layer is None else int(layer)
+
+
+def sae_codes(shards: Shards, run_dpath: str | Path, layer: int | None = None,
+              batch_size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+    """(first_row, codes_bs) batches of an SAE's codes for the CLS rows of `layer` (default: the run's)."""
+    sae = load_sae(run_dpath)
+    if layer is None:
+        layer = run_layer(run_dpath)
+    layer = default_layer(shards) if layer is None else layer
+    acts = shards.acts(layer, "cls")
+    if acts.width != sae.d_model:
+        raise TraitscopeError(f"{run_dpath} reads {sae.d_model}-wide activations; layer {layer} of "
+                              f"{shards.dpath} is {acts.width} wide")
+    with torch.no_grad():
+        for start, x_bd in _batches(acts, batch_size):
+            yield start, sae.encode(torch.from_numpy(x_bd)).numpy()
+
+
+def sae_top_images(shards: Shards, run_dpath: str | Path, n: int = N_TOP, normalize: bool = True,
+                   layer: int | None = None) -> TopImages:
+    """Top images per SAE feature, ranked by codes L2-normalised per image (firing images only)."""
+    return top_images(sae_codes(shards, run_dpath, layer), n, normalize, positive_only=True, kind="sae")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures.
+
+
+class ShardImages:
+    """Opens the image behind a shard row, cut to the square the model saw; caches thumbnails."""
+
+    def __init__(self, shards: Shards, cell: int = 128):
+        self.shards = shards
+        self.cell = cell
+        self.preprocess = Preprocess.from_dict(shards.manifest["preprocess"])
+        self._source = None
+        self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
+
+    def open(self, row: int) -> Image.Image:
+        fpath = self.shards.image_fpath(row)
+        if fpath.is_file():
+            return load_image(fpath)
+        if self._source is None:  # not a folder (e.g. a Hugging Face dataset): reopen the source
+            self._source = open_source(self.shards.manifest["source"]["spec"])
+        return self._source.load(self.shards.images[row])
+
+    def _thumbnail(self, row: int) -> Image.Image:
+        image = self.open(row)
+        return image.crop(self.preprocess.crop_box(*image.size)).resize((self.cell, self.cell), Image.Resampling.BICUBIC)
+
+
+def grid_image(images: ShardImages, rows: np.ndarray) -> Image.Image:
+    """A 4x4 grid of the images of `rows` (best first, row-major); -1 leaves a cell empty."""
+    return image_grid([images.thumbnail(int(r)) if r >= 0 else None for r in rows], n_cols=GRID_SIDE,
+                      cell=images.cell)
+
+
+def save_grids(top: TopImages, images: ShardImages, out_dpath: str | Path, units=None) -> list[Path]:
+    """One PNG per unit, `<out>/<kind>/<kind>_<unit>.png`; units with no image at all are skipped."""
+    dpath = Path(out_dpath) / top.kind
+    dpath.mkdir(parents=True, exist_ok=True)
+    units = range(top.n_units) if units is None else units
+    fpaths = []
+    for u in units:
+        if top.rows_un[u, 0] < 0:
+            continue
+        fpath = dpath / f"{top.kind}_{u:05d}.png"
+        grid_image(images, top.rows_un[u]).save(fpath)
+        fpaths.append(fpath)
+    return fpaths
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribute enrichment.
+
+
+class Enrichment(NamedTuple):
+    """How much each attribute is over-represented among each unit's top images."""
+
+    top_count_ua: np.ndarray
+    """(n_units, n_attrs) int64 top images that have the attribute."""
+    n_top_u: np.ndarray
+    """(n_units,) int64 top images of the unit (fewer than n for a rarely firing feature)."""
+    base_rate_a: np.ndarray
+    """(n_attrs,) float64 fraction of all images with the attribute."""
+    lift_ua: np.ndarray
+    """(n_units, n_attrs) top-image rate / base rate (NaN where undefined)."""
+    p_ua: np.ndarray
+    """(n_units, n_attrs) one-sided hypergeometric p-value of at least that many by chance."""
+
+
+def enrichment(top: TopImages, labels_na: np.ndarray) -> Enrichment:
+    """Attribute enrichment of each unit's top images against all images (labels: (n_images, n_attrs) 0/1)."""
+    labels_na = np.asarray(labels_na, dtype=np.int64)
+    n_images = len(labels_na)
+    valid_un = top.rows_un >= 0
+    counts_ua = np.stack([labels_na[rows[ok]].sum(axis=0) for rows, ok in zip(top.rows_un, valid_un)])
+    n_top_u = valid_un.sum(axis=1)
+    positives_a = labels_na.sum(axis=0)
+    base_rate_a = positives_a / max(n_images, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lift_ua = (counts_ua / n_top_u[:, None]) / base_rate_a[None, :]
+    p_ua = scipy.stats.hypergeom.sf(counts_ua - 1, n_images, positives_a[None, :], n_top_u[:, None])
+    return Enrichment(counts_ua, n_top_u, base_rate_a, lift_ua, p_ua)
+
+
+def enrichment_rows(top: TopImages, enr: Enrichment, names: list[str]) -> list[dict]:
+    """Per unit with top images: its most significant attribute (lowest p, then highest lift)."""
+    rows = []
+    for u in range(top.n_units):
+        if enr.n_top_u[u] == 0:
+            continue
+        lift = np.nan_to_num(enr.lift_ua[u], nan=-1.0)
+        a = int(np.lexsort((-lift, enr.p_ua[u]))[0])
+        rows.append({"kind": top.kind, "unit": u, "n_top": int(enr.n_top_u[u]), "attribute": names[a],
+                     "top_count": int(enr.top_count_ua[u, a]), "top_rate": float(enr.top_count_ua[u, a] / enr.n_top_u[u]),
+                     "base_rate": float(enr.base_rate_a[a]), "lift": float(enr.lift_ua[u, a]),
+                     "p_value": float(enr.p_ua[u, a]),
+                     "p_bonferroni": float(min(1.0, enr.p_ua[u, a] * len(names)))})
+    return rows
+
+
+def enrichment_summary(rows: list[dict], alpha: float = 0.05) -> dict:
+    """Per kind: units, mean lift of the best attribute, and the fraction significant after Bonferroni
+    over attributes (p · n_attrs < alpha)."""
+    summary = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        mine = [r for r in rows if r["kind"] == kind]
+        summary[kind] = {"n_units": len(mine),
+                         "mean_best_lift": float(np.mean([r["lift"] for r in mine])),
+                         "frac_significant": float(np.mean([r["p_bonferroni"] < alpha for r in mine])),
+                         "alpha": alpha}
+    return summary
