@@ -1,0 +1,401 @@
+"""Do single features line up with known traits? Average precision of the best feature per label.
+
+For every label (per patch: synthetic traits, segmentation masks; per image: class folders, a CSV,
+CelebA attributes) and every method — the SAE, the dense dimensions, PCA components, k-means
+centroids (negative distance) — the feature with the highest average precision on *training* images
+is chosen, and its AP and purity@16 (share of positives among its 16 highest-scoring items) are
+reported on *held-out* images. A logistic-regression probe per label on the dense activations gives
+the ceiling. Coverage is the share of labels whose chosen feature reaches held-out AP >= 0.5.
+
+Levels: patch labels are scored per patch token (patch-level SAEs only); image labels per image,
+where a patch-level method's image score is its maximum over the image's patches (the SAE's exact
+per-image maxima come from the inference folder) and the probe reads mean-pooled activations.
+
+Sampling (fixed seed, so reruns agree): features are chosen on at most `select_tokens` training
+patches (default 50,000) or `select_images` training images (default 8,192); held-out scores use every
+held-out image, and at most `eval_tokens` held-out patches (default 500,000).
+
+Dominant labels — base rate above 0.5 on training data, or named 'background' — reach a high AP by
+base rate alone; they are reported separately and left out of mean AP and coverage. So are labels
+with no positive in the training or held-out data (AP undefined).
+
+Dense and PCA directions have no preferred sign: both signs are candidates (feature `-i` is the
+negation of dimension / component i). SAE and k-means features are used as they are.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score
+from sklearn.preprocessing import StandardScaler
+
+from traitscope.errors import TraitscopeError
+from traitscope.features.baselines import Baseline
+from traitscope.features.heldout import FIT_TOKENS, sample_tokens, token_indices
+from traitscope.features.inference import Inference
+from traitscope.features.inputs import RunInputs, split_rows
+
+PURITY_AT = 16
+COVERAGE_AP = 0.5
+DOMINANT_RATE = 0.5
+SELECT_IMAGES = 8192
+EVAL_TOKENS = 500_000
+CHUNK_TOKENS = 8192
+
+
+class LabelScore(NamedTuple):
+    """One (label, method) row of the alignment table."""
+
+    level: str
+    """'patch' or 'image'."""
+    label: str
+    dominant: bool
+    """Base rate > 0.5 or named 'background': reported apart, left out of the summary."""
+    base_rate: float
+    """Share of positives among the held-out items."""
+    n_pos: int
+    """Held-out positives."""
+    method: str
+    """'sae', 'dense', 'pca', 'kmeans' or 'probe'."""
+    feature: str
+    """Chosen feature index ('-i': negated dimension / component); '' for the probe."""
+    train_ap: float
+    """AP of the chosen feature on the training sample (the selection criterion)."""
+    ap: float
+    """AP on held-out items."""
+    purity: float
+    """Share of positives among the 16 highest-scoring held-out items."""
+
+
+class MethodSummary(NamedTuple):
+    level: str
+    method: str
+    mean_ap: float
+    coverage: float
+    """Share of (non-dominant, scorable) labels whose held-out AP >= 0.5."""
+    n_labels: int
+
+
+# --- average precision for many features at once ---------------------------------------------------
+
+def average_precision_matrix(scores_nf: torch.Tensor, y_nl: torch.Tensor) -> torch.Tensor:
+    """(n_features, n_labels) AP of every feature column against every label column.
+
+    The same value as `sklearn.metrics.average_precision_score` (tied scores form one threshold):
+    AP = Σ_i y_i · precision(end of i's tie group) / n_pos, with items sorted by score, descending.
+    NaN for labels without positives.
+    """
+    n, n_feat = scores_nf.shape
+    s_sorted, order = torch.sort(scores_nf, dim=0, descending=True)
+    is_end = torch.ones_like(s_sorted, dtype=torch.bool)
+    is_end[:-1] = s_sorted[:-1] != s_sorted[1:]
+    idx = torch.arange(n).unsqueeze(1).expand(n, n_feat)
+    end_pos = torch.where(is_end, idx, torch.full_like(idx, n))
+    group_end = torch.flip(torch.cummin(torch.flip(end_pos, [0]), dim=0).values, [0])
+    rank = torch.arange(1, n + 1, dtype=torch.float32).unsqueeze(1)
+    n_pos = y_nl.sum(0)
+    out = torch.empty(n_feat, y_nl.shape[1])
+    for j in range(y_nl.shape[1]):
+        y_sorted = y_nl[:, j][order]
+        precision = y_sorted.cumsum(0) / rank
+        out[:, j] = (y_sorted * precision.gather(0, group_end)).sum(0) / n_pos[j]
+    return out
+
+
+def best_features(block: Callable[[int, int], torch.Tensor], n_candidates: int,
+                  y_nl: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """For each label: the candidate feature with the highest AP (ties: lowest index), and that AP.
+
+    `block(start, stop)` gives the (n, stop - start) scores of a range of candidates. -1 / NaN for
+    labels without positives.
+    """
+    n = y_nl.shape[0]
+    y = y_nl.float()
+    width = max(1, (1 << 22) // max(n, 1))
+    best_ap = np.full(y.shape[1], -1.0)
+    best_idx = np.full(y.shape[1], -1, dtype=np.int64)
+    cols = np.arange(y.shape[1])
+    for start in range(0, n_candidates, width):
+        stop = min(start + width, n_candidates)
+        ap = average_precision_matrix(block(start, stop).float(), y).numpy()
+        ap = np.where(np.isnan(ap), -1.0, ap)
+        j = ap.argmax(0)
+        better = ap[j, cols] > best_ap
+        best_ap[better] = ap[j, cols][better]
+        best_idx[better] = start + j[better]
+    return best_idx, np.where(best_ap < 0, np.nan, best_ap)
+
+
+def heldout_scores(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """(AP, purity@16) of one score column on held-out items; NaN without positives."""
+    if y.sum() == 0:
+        return float("nan"), float("nan")
+    top = np.argsort(-s, kind="stable")[:PURITY_AT]
+    return float(average_precision_score(y, s)), float(y[top].mean())
+
+
+# --- score providers -----------------------------------------------------------------------------
+
+class _Method(NamedTuple):
+    """A method's candidate features at one level."""
+
+    n_features: int
+    """Base features; with `signed`, candidate n_features + i is the negation of feature i."""
+    signed: bool
+    block: Callable[[int, int], torch.Tensor]
+    """(start, stop) -> (n_train, stop - start) training scores of candidates [start, stop)."""
+    held: Callable[[np.ndarray], np.ndarray]
+    """candidate indices -> (n_held, len(indices)) held-out scores."""
+
+    @property
+    def n_candidates(self) -> int:
+        return self.n_features * (2 if self.signed else 1)
+
+    def name(self, idx: int) -> str:
+        return f"-{idx - self.n_features}" if idx >= self.n_features else str(idx)
+
+
+def _with_negations(scores: Callable[[slice], torch.Tensor], n_features: int) -> Callable[[int, int], torch.Tensor]:
+    """Candidate block function over [features, their negations] from a base-feature score function."""
+    def block(start: int, stop: int) -> torch.Tensor:
+        parts = []
+        if start < n_features:
+            parts.append(scores(slice(start, min(stop, n_features))))
+        if stop > n_features:
+            parts.append(-scores(slice(max(start, n_features) - n_features, stop - n_features)))
+        return torch.cat(parts, 1)
+    return block
+
+
+def _take(scores_nf: torch.Tensor, idx: np.ndarray, n_features: int) -> torch.Tensor:
+    """Candidate columns `idx` (signed: >= n_features are negated) of base scores."""
+    base = torch.as_tensor(idx % n_features)
+    sign = torch.as_tensor(np.where(idx >= n_features, -1.0, 1.0), dtype=scores_nf.dtype)
+    return scores_nf[:, base] * sign
+
+
+@torch.no_grad()
+def _sae_sparse_codes(inputs: RunInputs, x_nd: torch.Tensor):
+    """Codes of x as (token, feature, value) sorted by feature, and a block function over them."""
+    sae = inputs.sae
+    device = sae.W_enc.device
+    parts = []
+    for start in range(0, x_nd.shape[0], CHUNK_TOKENS):
+        codes = sae.encode(x_nd[start:start + CHUNK_TOKENS].to(device)).cpu()
+        tok, feat = codes.nonzero(as_tuple=True)
+        parts.append((tok + start, feat, codes[tok, feat]))
+    tok = torch.cat([p[0] for p in parts])
+    feat = torch.cat([p[1] for p in parts])
+    val = torch.cat([p[2] for p in parts])
+    order = torch.argsort(feat, stable=True)
+    tok, feat, val = tok[order], feat[order], val[order]
+    n = x_nd.shape[0]
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        lo, hi = torch.searchsorted(feat, torch.tensor([start, stop])).tolist()
+        out = torch.zeros(n, stop - start)
+        out[tok[lo:hi], feat[lo:hi] - start] = val[lo:hi]
+        return out
+
+    return block
+
+
+@torch.no_grad()
+def _pooled(inputs: RunInputs, image_rows: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor],
+            reduce: str) -> torch.Tensor:
+    """(n_images, width) per-image max (or mean) over tokens of fn(acts), streamed image by image."""
+    per_image = inputs.tokens_per_image
+    step = max(1, CHUNK_TOKENS // per_image)
+    out = []
+    for start in range(0, len(image_rows), step):
+        rows = image_rows[start:start + step]
+        x = torch.from_numpy(inputs.acts[token_indices(rows, per_image)].astype(np.float32))
+        s = fn(x).view(len(rows), per_image, -1)
+        out.append(s.amax(1) if reduce == "max" else s.mean(1))
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+# --- the alignment of one run --------------------------------------------------------------------
+
+def _is_dominant(name: str, base_rate: float) -> bool:
+    return base_rate > DOMINANT_RATE or name.strip().lower() == "background"
+
+
+def _probe(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray) -> np.ndarray:
+    """(n_held, n_labels) decision values of a logistic regression per label (NaN without both classes)."""
+    scaler = StandardScaler().fit(x_train)
+    xt, xh = scaler.transform(x_train), scaler.transform(x_held)
+    out = np.full((len(x_held), y_train.shape[1]), np.nan)
+    for j in range(y_train.shape[1]):
+        if 0 < y_train[:, j].sum() < len(y_train):
+            clf = LogisticRegression(max_iter=1000).fit(xt, y_train[:, j])
+            out[:, j] = clf.decision_function(xh)
+    return out
+
+
+class _Level(NamedTuple):
+    name: str
+    labels: list[str]
+    y_train: np.ndarray
+    y_held: np.ndarray
+    methods: dict[str, _Method]
+    probe_x: tuple[np.ndarray, np.ndarray]
+    """(training, held-out) dense inputs of the probe, aligned with y_train / y_held."""
+
+
+def _patch_level(inputs: RunInputs, baselines: list[Baseline], select_tokens: int, eval_tokens: int) -> _Level:
+    labels = inputs.shards.patch_label_names
+    label_arr = inputs.shards.patch_labels()
+    if label_arr.n_rows != inputs.acts.n_rows or label_arr.width != len(labels):
+        raise TraitscopeError(f"{inputs.shards.dpath}: patch labels are {label_arr.shape}, expected "
+                              f"({inputs.acts.n_rows}, {len(labels)}) to match the patch tokens")
+    train_rows, held_rows = split_rows(inputs)
+    idx_train = sample_tokens(inputs, train_rows, select_tokens, seed=1)
+    idx_held = sample_tokens(inputs, held_rows, eval_tokens, seed=2)
+    x_train = torch.from_numpy(inputs.acts[idx_train].astype(np.float32))
+    x_held = torch.from_numpy(inputs.acts[idx_held].astype(np.float32))
+    sae, device = inputs.sae, inputs.sae.W_enc.device
+
+    def chunked(fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        return torch.cat([fn(x_held[s:s + CHUNK_TOKENS]) for s in range(0, len(x_held), CHUNK_TOKENS)]).numpy()
+
+    methods = {"sae": _Method(sae.d_sae, False, _sae_sparse_codes(inputs, x_train),
+                              lambda idx: chunked(lambda x: sae.encode(x.to(device)).cpu()[:, torch.as_tensor(idx)]))}
+    for b in baselines:
+        base = lambda cols, b=b: b.scores(x_train, cols)  # noqa: E731
+        block = _with_negations(base, b.n_features) if b.signed else (lambda s0, s1, base=base: base(slice(s0, s1)))
+        methods[b.name] = _Method(b.n_features, b.signed, block,
+                                  lambda idx, b=b: chunked(lambda x: _take(b.scores(x), idx, b.n_features)))
+    return _Level("patch", labels, label_arr[idx_train], label_arr[idx_held], methods,
+                  (x_train.numpy(), x_held.numpy()))
+
+
+def _image_level(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_images: int) -> _Level:
+    labels = inputs.shards.image_label_names
+    y_all = inputs.shards.image_labels()
+    if y_all.shape != (inputs.n_images, len(labels)):
+        raise TraitscopeError(f"{inputs.shards.dpath}: image labels are {y_all.shape}, expected "
+                              f"({inputs.n_images}, {len(labels)})")
+    train_rows, held_rows = split_rows(inputs)
+    if len(train_rows) > select_images:
+        train_rows = np.sort(np.random.default_rng(3).choice(train_rows, size=select_images, replace=False))
+    image_max = inf.image_max()  # the SAE's exact per-image maxima
+    sae_train, sae_held = image_max[train_rows], image_max[held_rows]
+    methods = {"sae": _Method(inputs.sae.d_sae, False,
+                              lambda s0, s1: torch.from_numpy(sae_train[:, s0:s1].toarray()),
+                              lambda idx: sae_held[:, idx].toarray())}
+    for b in baselines:
+        # pooled per image, a negated feature is max(-s) = -min(s): pool the candidates themselves
+        cand = (lambda x, b=b: torch.cat([b.scores(x), -b.scores(x)], 1)) if b.signed else b.scores
+        train_pooled = _pooled(inputs, train_rows, cand, "max")
+        methods[b.name] = _Method(
+            b.n_features, b.signed, lambda s0, s1, t=train_pooled: t[:, s0:s1],
+            lambda idx, cand=cand: _pooled(inputs, held_rows, lambda x: cand(x)[:, torch.as_tensor(idx)], "max").numpy())
+    probe_x = (_pooled(inputs, train_rows, lambda x: x, "mean").numpy(),
+               _pooled(inputs, held_rows, lambda x: x, "mean").numpy())
+    return _Level("image", labels, y_all[train_rows], y_all[held_rows], methods, probe_x)
+
+
+@torch.no_grad()
+def align(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_tokens: int = FIT_TOKENS,
+          select_images: int = SELECT_IMAGES, eval_tokens: int = EVAL_TOKENS) -> list[LabelScore]:
+    """Score every label of the shards against the SAE, the baselines and the probe."""
+    shards = inputs.shards
+    levels = []
+    if shards.patch_label_names and inputs.token_kind == "patches":
+        levels.append(_patch_level(inputs, baselines, select_tokens, eval_tokens))
+    if shards.image_label_names:
+        levels.append(_image_level(inputs, inf, baselines, select_images))
+    if not levels:
+        why = "its patch labels need a patch-level SAE" if shards.patch_label_names else "it has no labels"
+        raise TraitscopeError(f"nothing to align in {shards.dpath}: {why} (make shards with --labels, "
+                              "segmentation masks or a synthetic trait set)")
+    rows: list[LabelScore] = []
+    for level in levels:
+        y_train, y_held = level.y_train.astype(np.float32), level.y_held.astype(np.float32)
+        base_train = y_train.mean(0) if len(y_train) else np.zeros(len(level.labels))
+        base_held = y_held.mean(0) if len(y_held) else np.full(len(level.labels), np.nan)
+
+        def row(j: int, method: str, feature: str, train_ap: float, held_scores: np.ndarray | None) -> LabelScore:
+            ap, purity = heldout_scores(y_held[:, j], held_scores) if held_scores is not None else (np.nan, np.nan)
+            name = level.labels[j]
+            return LabelScore(level.name, name, _is_dominant(name, float(base_train[j])), float(base_held[j]),
+                              int(y_held[:, j].sum()), method, feature, float(train_ap), ap, purity)
+
+        for method, m in level.methods.items():
+            idx, train_ap = best_features(m.block, m.n_candidates, torch.from_numpy(y_train))
+            valid = idx >= 0
+            held = np.full((len(y_held), len(level.labels)), np.nan)
+            if valid.any():
+                held[:, valid] = m.held(idx[valid])
+            rows += [row(j, method, m.name(int(idx[j])) if valid[j] else "", train_ap[j],
+                         held[:, j] if valid[j] else None) for j in range(len(level.labels))]
+        probe = _probe(level.probe_x[0], y_train, level.probe_x[1])
+        rows += [row(j, "probe", "", np.nan, None if np.isnan(probe[:, j]).any() else probe[:, j])
+                 for j in range(len(level.labels))]
+    return rows
+
+
+def summarise(rows: list[LabelScore]) -> list[MethodSummary]:
+    """Mean held-out AP and coverage per (level, method), over non-dominant labels with an AP."""
+    out = []
+    keys = dict.fromkeys((r.level, r.method) for r in rows)
+    for level, method in keys:
+        aps = [r.ap for r in rows if r.level == level and r.method == method and not r.dominant and not np.isnan(r.ap)]
+        out.append(MethodSummary(level, method, float(np.mean(aps)) if aps else float("nan"),
+                                 float(np.mean([a >= COVERAGE_AP for a in aps])) if aps else float("nan"), len(aps)))
+    return out
+
+
+# --- output --------------------------------------------------------------------------------------
+
+METHOD_ORDER = ("sae", "dense", "pca", "kmeans", "probe")
+
+
+def _fmt(v: float, spec: str = ".3f") -> str:
+    return "n/a" if v is None or np.isnan(v) else format(v, spec)
+
+
+def write_report(rows: list[LabelScore], csv_fpath: Path, md_fpath: Path) -> str:
+    """alignment.csv (one row per level, label and method) and alignment.md; returns the markdown."""
+    import csv
+
+    with open(csv_fpath, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(LabelScore._fields)
+        writer.writerows(rows)
+    methods = [m for m in METHOD_ORDER if any(r.method == m for r in rows)]
+    lines = []
+    for level in dict.fromkeys(r.level for r in rows):
+        at = [r for r in rows if r.level == level]
+        lines += [f"## {level}-level labels", "",
+                  "Held-out AP / purity@16 of each label's best single feature (chosen on training images; "
+                  "feature index in brackets); the probe is a logistic regression on the dense activations.", ""]
+        for dominant in (False, True):
+            labels = list(dict.fromkeys(r.label for r in at if r.dominant == dominant))
+            if not labels:
+                continue
+            if dominant:
+                lines += ["Dominant labels (base rate > 0.5 or 'background': high AP by base rate alone; "
+                          "not in the summary):", ""]
+            lines += ["| label | base rate | " + " | ".join(methods) + " |",
+                      "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+            for label in labels:
+                cells = {r.method: r for r in at if r.label == label}
+                any_row = next(iter(cells.values()))
+                text = [f"{_fmt(cells[m].ap)} / {_fmt(cells[m].purity, '.2f')}" +
+                        (f" [{cells[m].feature}]" if cells[m].feature else "") for m in methods]
+                lines.append(f"| {label} | {_fmt(any_row.base_rate, '.3f')} | " + " | ".join(text) + " |")
+            lines.append("")
+        lines += [f"Summary over {level}-level labels (not dominant, with held-out positives):", "",
+                  "| method | mean AP | coverage (AP >= 0.5) | labels |", "| --- | ---: | ---: | ---: |"]
+        for s in summarise(at):
+            lines.append(f"| {s.method} | {_fmt(s.mean_ap)} | {_fmt(s.coverage, '.0%')} | {s.n_labels} |")
+        lines.append("")
+    md = "\n".join(lines)
+    md_fpath.write_text(md)
+    return md

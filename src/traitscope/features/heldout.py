@@ -1,0 +1,101 @@
+"""Training / held-out token samples, fitted baselines, and the held-out metrics table of a run.
+
+Baselines are fitted on a sample of tokens from training images (at most `fit_tokens`, drawn with a
+fixed seed) and evaluated, like the SAE, on every token of the held-out images. Results are cached in
+the inference folder (which is itself recomputed when the SAE or the shards change) and reused when
+the settings match.
+"""
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from traitscope.features.baselines import Baseline, fit_baselines, load_baselines, save_baselines
+from traitscope.features.inference import Inference
+from traitscope.features.inputs import RunInputs, split_rows
+from traitscope.features.metrics import Metrics, MetricsAccumulator, write_table
+from traitscope.shards.store import atomic_write_json
+
+FIT_TOKENS = 50_000
+"""Default cap on training tokens used to fit the baselines (and to pick alignment features)."""
+
+
+def token_indices(image_rows: np.ndarray, tokens_per_image: int) -> np.ndarray:
+    """Rows of the flattened token array that belong to these images, image by image."""
+    rows = np.asarray(image_rows, dtype=np.int64)
+    return (rows[:, None] * tokens_per_image + np.arange(tokens_per_image)).reshape(-1)
+
+
+def sample_tokens(inputs: RunInputs, image_rows: np.ndarray, max_tokens: int, seed: int = 0) -> np.ndarray:
+    """Sorted token rows: every token of `image_rows`, or `max_tokens` of them drawn without replacement."""
+    idx = token_indices(image_rows, inputs.tokens_per_image)
+    if len(idx) > max_tokens:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_tokens, replace=False))
+    return idx
+
+
+def iter_tokens(inputs: RunInputs, token_rows: np.ndarray, chunk_tokens: int = 8192) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(token rows, (n, d_model) float32 activations) in chunks, in the order given."""
+    for start in range(0, len(token_rows), chunk_tokens):
+        rows = token_rows[start:start + chunk_tokens]
+        yield rows, torch.from_numpy(inputs.acts[rows].astype(np.float32))
+
+
+def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKENS, pca_k: int | None = None,
+                  n_clusters: int | None = None) -> tuple[list[Baseline], dict]:
+    """The run's fitted baselines, from the inference folder or fitted now (and saved there), and
+    what they were fitted with.
+
+    Defaults: PCA reconstructs with the SAE's k (or its mean L0 over the data set, for ReLU SAEs);
+    k-means has as many centroids as the SAE has latents.
+    """
+    if pca_k is None:
+        k = inputs.sae.cfg.k
+        pca_k = int(k) if k else max(1, int(round(float(np.asarray(inf.array("feature_freq"), np.float64).sum()))))
+    n_clusters = n_clusters or inputs.sae.d_sae
+    train_rows, _ = split_rows(inputs)
+    info = {"fit_tokens": int(fit_tokens), "pca_k": int(pca_k), "n_clusters": int(n_clusters),
+            "train_images": int(len(train_rows))}
+    fpath = inf.dpath / "baselines.safetensors"
+    if fpath.is_file():
+        baselines, old = load_baselines(fpath)
+        if old == info:
+            return baselines, info
+    idx = sample_tokens(inputs, train_rows, fit_tokens, seed=0)
+    x_fit = inputs.acts[idx].astype(np.float32)
+    baselines = fit_baselines(x_fit, pca_k, n_clusters, seed=0)
+    save_baselines(baselines, fpath, info)
+    return baselines, info
+
+
+@torch.no_grad()
+def heldout_metrics(inputs: RunInputs, inf: Inference, baselines: list[Baseline],
+                    baselines_info: dict) -> tuple[dict[str, Metrics], str]:
+    """Metrics of the SAE and each baseline on every held-out token; written (and reused) as
+    metrics.csv / metrics.md / metrics.json in the inference folder. Returns the rows and the markdown."""
+    _, held_rows = split_rows(inputs)
+    info = {"heldout_images": int(len(held_rows)), "baselines": baselines_info}
+    json_fpath = inf.dpath / "metrics.json"
+    if json_fpath.is_file():
+        old = json.loads(json_fpath.read_text())
+        if old.get("info") == info:
+            rows = {name: Metrics(**m) for name, m in old["rows"].items()}
+            return rows, (inf.dpath / "metrics.md").read_text()
+    sae = inputs.sae
+    device = sae.W_enc.device
+    d_model = sae.d_model
+    accs = {"sae": MetricsAccumulator(d_model, sae.d_sae)}
+    named = {b.label: b for b in baselines}
+    accs.update({label: MetricsAccumulator(d_model, b.n_codes) for label, b in named.items()})
+    for _, x in iter_tokens(inputs, token_indices(held_rows, inputs.tokens_per_image)):
+        codes = sae.encode(x.to(device))
+        accs["sae"].add(x, sae.decode(codes).cpu(), codes.cpu())
+        for label, b in named.items():
+            x_hat, b_codes = b.reconstruct(x)
+            accs[label].add(x, x_hat, b_codes)
+    rows = {name: acc.result() for name, acc in accs.items()}
+    md = write_table(rows, inf.dpath / "metrics.csv", inf.dpath / "metrics.md")
+    atomic_write_json(json_fpath, {"info": info, "rows": {k: m._asdict() for k, m in rows.items()}})
+    return rows, md

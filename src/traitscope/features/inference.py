@@ -1,0 +1,319 @@
+"""Every feature's activations over a data set, in one streaming pass through the SAE.
+
+For each feature: how often it fires, its mean, a histogram of log10 activations, its top-N images by
+maximum patch activation with the per-patch maps of those images, and (sparse) its maximum on every
+image. The pass reads the activations image by image in chunks (all patches of an image together),
+so per-image maxima and maps are exact, and keeps only running totals and the current top-N: memory
+is bounded by d_sae x top_n x n_patches, whatever the number of images.
+
+The result is `<run>/inference/<shards-hash>/` (see docs/formats.md). Its manifest names the SAE
+weights (sha256), the shards and the settings; a rerun with the same inputs reuses it, and a folder
+made from other weights, other shards or other settings is recomputed into a fresh folder that
+replaces it whole.
+"""
+
+import json
+import queue
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse
+import torch
+from tqdm import tqdm
+
+from traitscope.errors import TraitscopeError
+from traitscope.features.inputs import RunInputs, open_inputs
+from traitscope.shards.store import NpyAppender, atomic_save_npy, atomic_write_json
+
+FORMAT = "traitscope-inference/1"
+HIST_RANGE = (-5.0, 5.0)
+"""log10 range of the activation histogram; values outside it are counted in the first / last bin."""
+N_BINS = 100
+"""Histogram bins (0.1 decade each)."""
+CHUNK_TOKENS = 8192
+"""Tokens encoded per step (whole images: at least one image)."""
+
+
+class Inference:
+    """A finished inference folder, opened for reading (arrays are memory-mapped on first use)."""
+
+    def __init__(self, dpath: str | Path):
+        self.dpath = Path(dpath)
+        manifest_fpath = self.dpath / "manifest.json"
+        if not manifest_fpath.is_file():
+            raise TraitscopeError(f"{self.dpath} is not a finished inference folder (no manifest.json); "
+                                  "run `traitscope inference`")
+        self.manifest = json.loads(manifest_fpath.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise TraitscopeError(f"{manifest_fpath}: format {self.manifest.get('format')!r}, expected {FORMAT}; "
+                                  "rerun `traitscope inference` to recompute it")
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str) -> np.ndarray:
+        """One of the folder's .npy files by stem, memory-mapped read-only."""
+        if name not in self._arrays:
+            fpath = self.dpath / f"{name}.npy"
+            if not fpath.is_file():
+                raise TraitscopeError(f"{self.dpath} has no {name}.npy")
+            self._arrays[name] = np.load(fpath, mmap_mode="r", allow_pickle=False)
+        return self._arrays[name]
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.manifest["d_sae"])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.manifest["n_images"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        rows, cols = self.manifest["grid"]
+        return int(rows), int(cols)
+
+    @property
+    def top_rows(self) -> np.ndarray:
+        return self.array("top_rows")
+
+    @property
+    def top_values(self) -> np.ndarray:
+        return self.array("top_values")
+
+    def top_images(self, feature: int) -> list[tuple[int, float]]:
+        """(image row, max activation) of the feature's top images, best first (pads dropped)."""
+        rows, values = self.top_rows[feature], self.top_values[feature]
+        return [(int(r), float(v)) for r, v in zip(rows, values) if r >= 0]
+
+    def patch_map(self, feature: int, slot: int) -> np.ndarray:
+        """(grid rows, grid cols) float32 activation map of the feature's `slot`-th top image."""
+        return np.asarray(self.array("top_patch_acts")[feature, slot], dtype=np.float32).reshape(self.grid)
+
+    def image_max(self) -> scipy.sparse.csr_matrix:
+        """(n_images, d_sae) CSR per-image feature maxima."""
+        return scipy.sparse.csr_matrix(
+            (self.array("image_max_data"), self.array("image_max_indices"), self.array("image_max_indptr")),
+            shape=(self.n_images, self.d_sae))
+
+
+def inference_dpath(run_dpath: str | Path, shards_hash: str) -> Path:
+    return Path(run_dpath) / "inference" / shards_hash
+
+
+def _settings(inputs: RunInputs, top_n: int) -> dict:
+    """What the folder's content depends on: a folder whose manifest differs here is recomputed."""
+    return {"format": FORMAT, "sae_sha256": inputs.sae_sha256, "shards_hash": inputs.shards.hash,
+            "layer": inputs.layer, "token_kind": inputs.token_kind, "top_n": top_n,
+            "hist_range": list(HIST_RANGE), "n_bins": N_BINS}
+
+
+def _stale_reason(manifest_fpath: Path, settings: dict) -> str | None:
+    """None when the folder was made with exactly these settings, else why it is recomputed."""
+    if not manifest_fpath.is_file():
+        return "no finished result"
+    old = json.loads(manifest_fpath.read_text()).get("settings", {})
+    names = {"format": "an older format", "sae_sha256": "different SAE weights",
+             "shards_hash": "different shards", "top_n": "a different --top-n"}
+    for key, value in settings.items():
+        if old.get(key) != value:
+            return f"made from {names.get(key, f'a different {key}')}"
+    return None
+
+
+def run_inference(run_dpath: str | Path, shards_dpath: str | Path, top_n: int = 16, device: str = "cpu",
+                  chunk_tokens: int = CHUNK_TOKENS, progress: bool = True,
+                  inputs: RunInputs | None = None) -> tuple[Inference, bool]:
+    """Compute (or reuse) the inference folder of a run over a shard folder.
+
+    Returns the opened folder and whether it was computed now (False: reused).
+    """
+    if top_n < 1:
+        raise TraitscopeError(f"--top-n must be at least 1, got {top_n}")
+    inputs = inputs or open_inputs(run_dpath, shards_dpath, device=device)
+    dpath = inference_dpath(inputs.run_dpath, inputs.shards.hash)
+    settings = _settings(inputs, top_n)
+    reason = _stale_reason(dpath / "manifest.json", settings)
+    if reason is None:
+        return Inference(dpath), False
+    if dpath.exists() and progress:
+        print(f"recomputing {dpath}: {reason}")
+    work_dpath = dpath.with_name(dpath.name + ".partial")
+    shutil.rmtree(work_dpath, ignore_errors=True)
+    work_dpath.mkdir(parents=True)
+    _compute(inputs, work_dpath, top_n, chunk_tokens, progress)
+    manifest = {
+        "format": FORMAT, "sae_sha256": inputs.sae_sha256,
+        "shards": {"hash": inputs.shards.hash, "path": str(inputs.shards.dpath.resolve())},
+        "run": str(inputs.run_dpath.resolve()), "layer": inputs.layer, "token_kind": inputs.token_kind,
+        "n_images": inputs.n_images, "n_patches": inputs.tokens_per_image,
+        "grid": list(inputs.shards.grid(inputs.layer)) if inputs.token_kind == "patches" else [1, 1],
+        "top_n": top_n, "d_sae": inputs.sae.d_sae, "hist_range": list(HIST_RANGE), "n_bins": N_BINS,
+        "settings": settings,
+    }
+    atomic_write_json(work_dpath / "manifest.json", manifest)
+    shutil.rmtree(dpath, ignore_errors=True)  # an older result goes whole, never mixed with the new one
+    work_dpath.rename(dpath)
+    return Inference(dpath), True
+
+
+def _chunks(inputs: RunInputs, chunk_tokens: int):
+    """(first image row, (n_img * tokens_per_image, d_model) float array) in order, read one chunk ahead."""
+    per_image = inputs.tokens_per_image
+    images_per_chunk = max(1, chunk_tokens // per_image)
+    starts = range(0, inputs.n_images, images_per_chunk)
+    q: queue.Queue = queue.Queue(maxsize=2)
+
+    def reader():
+        for start in starts:
+            stop = min(start + images_per_chunk, inputs.n_images)
+            q.put((start, inputs.acts.read(start * per_image, stop * per_image)))
+        q.put(None)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    while (item := q.get()) is not None:
+        yield item
+    thread.join()
+
+
+class _TopN:
+    """Running top-N images per feature by value, with each image's patch map.
+
+    Ties go to the earlier image; an image whose value is 0 never enters (its slot stays -1 / 0).
+    Maps live in a pool of d_sae x top_n rows that each feature owns top_n of; a merge only permutes
+    the pool indices and writes the maps of the images that entered into the rows of those that left,
+    so its cost follows the number of changes, not d_sae x top_n x n_patches.
+    """
+
+    def __init__(self, d_sae: int, top_n: int, n_patches: int | None, device: torch.device):
+        self.top_n, self.d_sae, self.n_patches = top_n, d_sae, n_patches
+        self.values = torch.zeros(d_sae, top_n, device=device)
+        self.rows = torch.full((d_sae, top_n), -1, dtype=torch.int64, device=device)
+        self.pool_idx = torch.arange(d_sae * top_n, device=device).view(d_sae, top_n)
+        self.pool = torch.zeros(d_sae * top_n, n_patches, dtype=torch.float16, device=device) if n_patches else None
+
+    def update(self, first_row: int, image_max_is: torch.Tensor, tok: torch.Tensor | None = None,
+               feat: torch.Tensor | None = None, vals: torch.Tensor | None = None) -> None:
+        """Merge a chunk of images `first_row`...: image_max_is (n_img, d_sae) their maxima; the
+        chunk's non-zero codes as (token, feature, value) triplets (for the maps)."""
+        n_img, top_n = image_max_is.shape[0], self.top_n
+        # only features where some image of the chunk beats the current N-th value can change
+        changed = (image_max_is.amax(0) > self.values[:, -1]).nonzero().squeeze(1)
+        if changed.numel() == 0:
+            return
+        cand = torch.cat([self.values[changed], image_max_is[:, changed].T], dim=1)
+        # stable sort of [current top (earlier rows), chunk (rows ascending)]: ties keep the earlier image
+        values, order = torch.sort(cand, dim=1, descending=True, stable=True)
+        values, order = values[:, :top_n], order[:, :top_n]
+        is_new = order >= top_n
+        old_slot = order.clamp(max=top_n - 1)
+        chunk_rows = torch.arange(first_row, first_row + n_img, device=order.device)
+        self.values[changed] = values
+        self.rows[changed] = torch.where(is_new, chunk_rows[(order - top_n).clamp(min=0)],
+                                         self.rows[changed].gather(1, old_slot))
+        if self.pool is None:
+            return
+        # pool rows of the entries that left are reused for those that entered (same count per feature)
+        pool_idx = self.pool_idx[changed]
+        kept = torch.zeros(len(changed), top_n + 1, dtype=torch.bool, device=order.device)
+        kept.scatter_(1, torch.where(is_new, top_n, order), True)
+        freed = pool_idx[~kept[:, :top_n]]  # row-major: per feature, as many as it has new entries
+        self.pool_idx[changed] = torch.where(is_new, 0, pool_idx.gather(1, old_slot))
+        fi, si = is_new.nonzero(as_tuple=True)
+        self.pool_idx[changed[fi], si] = freed
+        # the entering maps, from the triplets: pair (image, feature) -> pool row
+        n_p = self.n_patches
+        target = torch.full((n_img * self.d_sae,), -1, dtype=torch.int64, device=order.device)
+        target[(order[fi, si] - top_n) * self.d_sae + changed[fi]] = freed
+        self.pool[freed] = 0
+        dest = target[(tok // n_p) * self.d_sae + feat]
+        hit = dest >= 0
+        self.pool[dest[hit], tok[hit] % n_p] = vals[hit].to(torch.float16)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        empty = self.values <= 0
+        self.rows[empty] = -1
+        self.values[empty] = 0
+        maps = None
+        if self.pool is not None:
+            maps = self.pool[self.pool_idx]
+            maps[empty] = 0
+            maps = maps.cpu().numpy()
+        return self.rows.cpu().numpy(), self.values.cpu().numpy(), maps
+
+
+@torch.no_grad()
+def _compute(inputs: RunInputs, out_dpath: Path, top_n: int, chunk_tokens: int, progress: bool) -> None:
+    sae, n_images, n_p = inputs.sae, inputs.n_images, inputs.tokens_per_image
+    d_sae = sae.d_sae
+    device = sae.W_enc.device
+    is_cls = inputs.token_kind == "cls"
+    lo, hi = HIST_RANGE
+    bin_width = (hi - lo) / N_BINS
+
+    fire_count = torch.zeros(d_sae, dtype=torch.int64, device=device)
+    image_fire_count = torch.zeros(d_sae, dtype=torch.int64, device=device)
+    act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+    hist = torch.zeros(d_sae * N_BINS, dtype=torch.int64, device=device)
+    top = _TopN(d_sae, top_n, None if is_cls else n_p, device)
+    indptr = np.zeros(n_images + 1, dtype=np.int64)
+    indices_out = NpyAppender(out_dpath / "image_max_indices.npy", np.int32, ())
+    data_out = NpyAppender(out_dpath / "image_max_data.npy", np.float32, ())
+    cls_out = NpyAppender(out_dpath / "cls_codes.npy", np.float32, (d_sae,)) if is_cls else None
+
+    bar = tqdm(total=n_images, unit="img", desc="inference", disable=not progress)
+    try:
+        for first_row, acts_np in _chunks(inputs, chunk_tokens):
+            n_img = acts_np.shape[0] // n_p
+            x_bd = torch.from_numpy(acts_np).to(device=device, dtype=torch.float32, non_blocking=True)
+            codes_bs = sae.encode(x_bd)
+            # everything below works on the non-zero entries only (TopK: k per token)
+            tok, feat = codes_bs.nonzero(as_tuple=True)
+            vals = codes_bs[tok, feat]
+            pos = vals > 0
+            if not bool(pos.all()):
+                tok, feat, vals = tok[pos], feat[pos], vals[pos]
+            fire_count += torch.bincount(feat, minlength=d_sae)
+            act_sum.index_add_(0, feat, vals.double())
+            bins = ((torch.log10(vals) - lo) / bin_width).floor().clamp_(0, N_BINS - 1).long()
+            hist += torch.bincount(feat * N_BINS + bins, minlength=d_sae * N_BINS)
+            image_max_is = torch.zeros(n_img * d_sae, device=device).scatter_reduce_(
+                0, (tok // n_p) * d_sae + feat, vals, reduce="amax").view(n_img, d_sae)
+            image_fire_count += (image_max_is > 0).sum(0)
+            img_i, feat_i = image_max_is.nonzero(as_tuple=True)
+            indices_out.append(feat_i.to(torch.int32).cpu().numpy())
+            data_out.append(image_max_is[img_i, feat_i].cpu().numpy())
+            indptr[first_row + 1:first_row + n_img + 1] = torch.bincount(img_i, minlength=n_img).cpu().numpy()
+            top.update(first_row, image_max_is, tok, feat, vals)
+            if cls_out is not None:
+                cls_out.append(codes_bs.cpu().numpy())
+            bar.update(n_img)
+        indices_out.close()
+        data_out.close()
+        if cls_out is not None:
+            cls_out.close()
+    except BaseException:
+        for appender in (indices_out, data_out, cls_out):
+            if appender is not None:
+                appender.abort()
+        raise
+    finally:
+        bar.close()
+
+    n_tokens = max(1, n_images * n_p)
+    rows, values, maps = top.finish()
+    arrays = {
+        "feature_freq": (fire_count.double() / n_tokens).float(),
+        "feature_image_freq": (image_fire_count.double() / max(1, n_images)).float(),
+        "feature_mean": (act_sum / n_tokens).float(),
+        "feature_hist": hist.view(d_sae, N_BINS),
+        "hist_edges": torch.linspace(lo, hi, N_BINS + 1, dtype=torch.float64),
+    }
+    for name, tensor in arrays.items():
+        atomic_save_npy(out_dpath / f"{name}.npy", tensor.cpu().numpy())
+    atomic_save_npy(out_dpath / "image_max_indptr.npy", np.cumsum(indptr))
+    atomic_save_npy(out_dpath / "top_rows.npy", rows)
+    atomic_save_npy(out_dpath / "top_values.npy", values)
+    if maps is not None:
+        atomic_save_npy(out_dpath / "top_patch_acts.npy", maps)

@@ -1,0 +1,123 @@
+"""An SAE run folder and a shard folder opened together, checked to belong together.
+
+An SAE reads one layer and one token kind of one model. Applying it to another data set (a different
+shards hash of the same model, layer and width) is allowed; a different model, layer or width is an
+error, never a silent mix.
+"""
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from traitscope.errors import TraitscopeError
+from traitscope.sae import SAE, load_sae
+from traitscope.shards import Shards, TokenArray
+from traitscope.shards.store import file_sha256
+
+
+class RunInputs(NamedTuple):
+    """What inference, metrics and alignment read."""
+
+    run_dpath: Path
+    config: dict
+    """The run's config.json."""
+    sae: SAE
+    sae_sha256: str
+    """sha256 of sae.safetensors: names the weights an inference folder was made from."""
+    shards: Shards
+    layer: int
+    """Stored layer index the SAE reads."""
+    token_kind: str
+    """'patches' (patch-level SAE, or one trained on all tokens) or 'cls' (image-level SAE)."""
+    acts: TokenArray
+    """(n_images * tokens_per_image, d_model) activations of that layer and token kind."""
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.acts.rows_per_item
+
+    @property
+    def n_images(self) -> int:
+        return self.shards.n_images
+
+
+def _model_of(entry: dict) -> tuple[str | None, str | None]:
+    """(model name, weights sha256) from a run config's `shards` entry."""
+    model = entry.get("model")
+    if isinstance(model, dict):
+        return model.get("name"), model.get("weights_sha256", entry.get("weights_sha256"))
+    return model, entry.get("weights_sha256")
+
+
+def open_inputs(run_dpath: str | Path, shards_dpath: str | Path, device: str = "cpu") -> RunInputs:
+    """Open a run and a shard folder, and check that the SAE was trained on this model, layer and width."""
+    run_dpath, shards = Path(run_dpath), Shards(shards_dpath)
+    sae = load_sae(run_dpath, device=device)
+    config = json.loads((run_dpath / "config.json").read_text())
+    entry = config.get("shards")
+    if not isinstance(entry, dict) or "layer" not in entry:
+        raise TraitscopeError(f"{run_dpath}/config.json has no 'shards' entry with the layer the SAE was "
+                              "trained on; cannot check that it fits these shards")
+    name, weights = _model_of(entry)
+    if weights and shards.model.get("weights_sha256") and weights != shards.model["weights_sha256"]:
+        raise TraitscopeError(
+            f"the SAE in {run_dpath} was trained on activations of model {name!r} (weights sha256 "
+            f"{weights[:12]}…) but {shards.dpath} holds model {shards.model.get('name')!r} "
+            f"(weights sha256 {shards.model['weights_sha256'][:12]}…)")
+    if name and not weights and name != shards.model.get("name"):
+        raise TraitscopeError(f"the SAE in {run_dpath} was trained on model {name!r}, but {shards.dpath} "
+                              f"holds model {shards.model.get('name')!r}")
+    stored_layer = int(entry["layer"])
+    if stored_layer not in shards.layers:
+        raise TraitscopeError(f"the SAE in {run_dpath} reads layer {stored_layer}, which {shards.dpath} does "
+                              f"not store (stored layers: {shards.layers})")
+    layer = shards.resolve(stored_layer)
+    token_kind = entry.get("token_kind", "patches")
+    if token_kind == "all":  # trained on patch and CLS tokens: features are looked at on the patches
+        token_kind = "patches"
+    if token_kind not in shards.token_kinds:
+        raise TraitscopeError(f"the SAE in {run_dpath} reads {token_kind!r} tokens, which {shards.dpath} does "
+                              f"not store (stored: {shards.token_kinds})")
+    if shards.d_model(layer) != sae.d_model:
+        raise TraitscopeError(f"the SAE in {run_dpath} reads width {sae.d_model} but layer {layer} of "
+                              f"{shards.dpath} has width {shards.d_model(layer)}")
+    return RunInputs(run_dpath, config, sae, file_sha256(run_dpath / "sae.safetensors"), shards, layer,
+                     token_kind, shards.acts(layer, token_kind))
+
+
+HELDOUT_FRACTION = 0.1
+"""Share of images held out when the run's config names no validation images (see `heldout_rows`)."""
+
+
+def heldout_rows(inputs: RunInputs) -> np.ndarray:
+    """Sorted image rows held out from training: metrics and alignment are reported on these.
+
+    The run's own validation images (config `train.val_rows`, stored by the trainer) when it was
+    trained on these shards; otherwise (another data set, or no stored split) a fixed split by image:
+    the first `HELDOUT_FRACTION` of a seed-0 permutation of the rows.
+    """
+    n_images = inputs.n_images
+    same_shards = inputs.config.get("shards", {}).get("hash") == inputs.shards.hash
+    stored = _stored_val_rows(inputs.config) if same_shards else None
+    if stored is not None:
+        rows = np.unique(np.asarray(stored, dtype=np.int64))
+        if rows.size and (rows[0] < 0 or rows[-1] >= n_images):
+            raise TraitscopeError(f"{inputs.run_dpath}: validation rows outside 0..{n_images - 1}")
+        return rows
+    perm = np.random.default_rng(0).permutation(n_images)
+    n_held = max(1, int(round(HELDOUT_FRACTION * n_images))) if n_images > 1 else 0
+    return np.sort(perm[:n_held])
+
+
+def _stored_val_rows(config: dict) -> list[int] | None:
+    rows = (config.get("train") or {}).get("val_rows")
+    return rows if isinstance(rows, list) and rows else None
+
+
+def split_rows(inputs: RunInputs) -> tuple[np.ndarray, np.ndarray]:
+    """(training image rows, held-out image rows), both sorted."""
+    held = heldout_rows(inputs)
+    train = np.setdiff1d(np.arange(inputs.n_images), held)
+    return train, held

@@ -1,0 +1,126 @@
+"""Which SAE runs are worth keeping: the Pareto frontier of sparsity (L0) against error (NMSE).
+
+A run is on the frontier when no other run is at least as good on both (L0 and NMSE no higher) and
+strictly better on one. Reads local run folders only (config.json + metrics.json): no account, no
+network.
+"""
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+from traitscope.errors import TraitscopeError
+
+
+class RunPoint(NamedTuple):
+    """One run's row of the frontier table."""
+
+    run: str
+    """Run folder, relative to the folder searched."""
+    variant: str
+    k: int | None
+    """Active latents per token (TopK family)."""
+    l1_coeff: float | None
+    """λ of the L1 penalty (ReLU/L1)."""
+    d_sae: int | None
+    l0: float
+    nmse: float
+    dead_frac: float
+    on_frontier: bool = False
+
+
+def find_runs(runs_dpath: str | Path) -> tuple[list[RunPoint], list[str]]:
+    """Every run folder under `runs_dpath` (itself included) with config.json and metrics.json.
+
+    Returns the points and a note for each folder skipped (a run without final metrics yet).
+    """
+    root = Path(runs_dpath)
+    if not root.is_dir():
+        raise TraitscopeError(f"--runs {root}: no such folder")
+    points, skipped = [], []
+    for config_fpath in sorted(root.rglob("config.json")):
+        dpath = config_fpath.parent
+        if "checkpoint" in dpath.relative_to(root).parts or "inference" in dpath.relative_to(root).parts:
+            continue
+        try:
+            config = json.loads(config_fpath.read_text())
+        except json.JSONDecodeError as err:
+            skipped.append(f"{dpath}: config.json is not JSON ({err})")
+            continue
+        if "sae" not in config:
+            continue  # not an SAE run folder
+        metrics_fpath = dpath / "metrics.json"
+        if not metrics_fpath.is_file():
+            skipped.append(f"{dpath}: no metrics.json (unfinished run?)")
+            continue
+        metrics = json.loads(metrics_fpath.read_text())
+        missing = [key for key in ("l0", "nmse") if key not in metrics]
+        if missing:
+            skipped.append(f"{dpath}: metrics.json lacks {', '.join(missing)}")
+            continue
+        sae = config["sae"]
+        points.append(RunPoint(run=str(dpath.relative_to(root)) if dpath != root else dpath.name,
+                               variant=str(sae.get("variant", "?")), k=sae.get("k"), l1_coeff=sae.get("l1_coeff"),
+                               d_sae=sae.get("d_sae"), l0=float(metrics["l0"]), nmse=float(metrics["nmse"]),
+                               dead_frac=float(metrics.get("dead_frac", math.nan))))
+    return points, skipped
+
+
+def mark_frontier(points: list[RunPoint]) -> list[RunPoint]:
+    """The points with `on_frontier` set: not dominated on (L0, NMSE), both lower-is-better."""
+    def dominated(p: RunPoint) -> bool:
+        return any(q.l0 <= p.l0 and q.nmse <= p.nmse and (q.l0 < p.l0 or q.nmse < p.nmse) for q in points)
+
+    return [p._replace(on_frontier=not (math.isnan(p.l0) or math.isnan(p.nmse)) and not dominated(p))
+            for p in points]
+
+
+def write_csv(points: list[RunPoint], fpath: Path) -> None:
+    with open(fpath, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "variant", "k", "l1_coeff", "d_sae", "l0", "nmse", "dead_frac", "on_frontier"])
+        for p in points:
+            writer.writerow(["" if v is None else v for v in p])
+
+
+def plot(points: list[RunPoint], fpath: Path, labels: bool = False) -> None:
+    """L0 (x) against NMSE (y), one colour per variant, the frontier as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    for variant in sorted({p.variant for p in points}):
+        at = [p for p in points if p.variant == variant]
+        ax.scatter([p.l0 for p in at], [p.nmse for p in at], label=variant, s=36, zorder=3)
+    front = sorted((p for p in points if p.on_frontier), key=lambda p: p.l0)
+    if front:
+        ax.plot([p.l0 for p in front], [p.nmse for p in front], color="black", lw=1.2, drawstyle="steps-post",
+                zorder=2, label="frontier")
+        ax.scatter([p.l0 for p in front], [p.nmse for p in front], s=90, facecolors="none", edgecolors="black",
+                   zorder=4)
+    if labels:
+        for p in points:
+            ax.annotate(p.run, (p.l0, p.nmse), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("NMSE (held-out)")
+    if points and min(p.l0 for p in points) > 0 and max(p.l0 for p in points) > 10 * min(p.l0 for p in points):
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Sparsity vs reconstruction error")
+    fig.tight_layout()
+    fig.savefig(fpath)
+    plt.close(fig)
+
+
+def frontier_table(points: list[RunPoint]) -> str:
+    """Markdown table of the frontier runs, sparsest first."""
+    lines = ["| run | variant | k / λ | L0 | NMSE | dead |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for p in sorted((p for p in points if p.on_frontier), key=lambda p: p.l0):
+        setting = p.k if p.k is not None else (p.l1_coeff if p.l1_coeff is not None else "")
+        lines.append(f"| {p.run} | {p.variant} | {setting} | {p.l0:.1f} | {p.nmse:.4f} | {p.dead_frac:.1%} |")
+    return "\n".join(lines) + "\n"
