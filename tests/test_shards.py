@@ -325,3 +325,18 @@ def test_full_disk_gives_one_line_and_resumes(photos, tmp_path, capsys):
         assert _file_digests(dpath) == _file_digests(tmp_path / "clean" / dpath.name)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_streamed_npy_has_the_bytes_of_np_save(tmp_path):
+    """Shard files are written row batch by row batch; readers get exactly what `np.save` would write."""
+    from traitscope.shards.store import NpyAppender
+
+    rows = np.random.default_rng(0).normal(size=(23, 5, 7)).astype(np.float16)
+    appender = NpyAppender(tmp_path / "streamed.npy", np.float16, (5, 7))
+    for start in range(0, 23, 4):
+        appender.append(rows[start:start + 4])
+    assert not (tmp_path / "streamed.npy").exists()  # only the .tmp until it is closed
+    appender.close()
+    np.save(tmp_path / "saved.npy", rows)
+    assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+    assert not (tmp_path / "streamed.npy.tmp").exists()
