@@ -1,0 +1,507 @@
+"""What the app reads, without Streamlit: datasets (shard folders), SAE runs, inference outputs, labels.
+
+Everything is opened read-only and memory-mapped (`np.load(mmap_mode='r', allow_pickle=False)`), so a
+feature page of a 100k-image dataset reads a few kilobytes. Files come only from the folders named
+on the command line; an image is opened only when its resolved path lies under the dataset's
+`images_root` (see `safe_child`), whatever the image index or a query parameter says.
+Derived tables the formats do not store (dense-dimension top images, label co-occurrence) are computed
+once in a bounded pass and cached as .npy under a cache folder, keyed by what they depend on.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import scipy.sparse
+from PIL import Image
+
+from traitscope.backbones.base import Preprocess
+from traitscope.errors import TraitscopeError
+from traitscope.features import Inference
+from traitscope.finetune.grids import top_images
+from traitscope.images import load_image, open_source
+from traitscope.shards.store import Shards, atomic_save_npy, content_hash
+
+MAX_IMAGE_PIXELS = 80_000_000
+"""Refuse to decode larger images (decompression bombs), from the dataset or uploaded."""
+MAX_RUN_DEPTH = 3
+"""How deep under --runs to look for run folders."""
+
+Progress = Callable[[float, str], None]
+"""progress(fraction_done, message): how long computations report where they are."""
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    pass
+
+
+def safe_child(root: Path, rel: str | os.PathLike) -> Path:
+    """`root / rel`, resolved, refused (TraitscopeError) unless it lies inside `root`.
+
+    Catches '..', absolute paths and symlinks that lead out of `root`.
+    """
+    root = Path(root).resolve()
+    fpath = (root / rel).resolve()
+    if not fpath.is_relative_to(root):
+        raise TraitscopeError(f"refusing {rel!r}: it resolves outside {root}")
+    return fpath
+
+
+def load_npy(fpath: Path, mmap: bool = True) -> np.ndarray:
+    """A .npy file, memory-mapped by default, never unpickled."""
+    return np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def open_image_file(fpath_or_file) -> Image.Image:
+    """Decode an image (a path or a file-like object) to upright RGB, as the shards saw it.
+
+    Refuses images over MAX_IMAGE_PIXELS before decoding them (decompression bombs).
+    """
+    try:
+        with Image.open(fpath_or_file) as image:
+            n_pixels = image.width * image.height
+    except Exception as err:  # Pillow raises many kinds for bad data
+        raise TraitscopeError(f"not an image Pillow can read: {err}") from None
+    if n_pixels > MAX_IMAGE_PIXELS:
+        raise TraitscopeError(f"image too large to decode safely ({n_pixels} pixels)")
+    if hasattr(fpath_or_file, "seek"):
+        fpath_or_file.seek(0)
+    return load_image(fpath_or_file)
+
+
+def parse_int(value, lo: int, hi: int) -> int | None:
+    """An integer in [lo, hi) from untrusted input (query parameter, form), or None."""
+    try:
+        text = str(value).strip()
+        if not re.fullmatch(r"-?\d{1,12}", text):
+            return None
+        number = int(text)
+    except (TypeError, ValueError):
+        return None
+    return number if lo <= number < hi else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+class Dataset:
+    """A shard folder as the app sees it: images (under a checked root), preprocessing, labels."""
+
+    def __init__(self, dpath: str | Path):
+        self.shards = Shards(dpath)
+        self.dpath = self.shards.dpath.resolve()
+        self.manifest = self.shards.manifest
+        self.root = Path(self.manifest["images_root"]).resolve()
+        self.preprocess = Preprocess.from_dict(self.manifest["preprocess"])
+        self.images = self.shards.images
+        self._labels: tuple[list[str], scipy.sparse.csr_matrix] | None = None
+        self._source = None
+
+    @property
+    def hash(self) -> str:
+        return self.shards.hash
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]["name"]
+
+    def title(self) -> str:
+        return f"{self.hash} · {self.model_name} · {self.n_images} images"
+
+    def image_fpath(self, row: int) -> Path:
+        """The file behind image `row`, checked to lie under `images_root`."""
+        row = int(row)
+        if not 0 <= row < self.n_images:
+            raise TraitscopeError(f"image row {row} is out of range (0..{self.n_images - 1})")
+        return safe_child(self.root, self.images[row]["path"])
+
+    @property
+    def from_dataset_hub(self) -> bool:
+        """Images come from a Hugging Face dataset (named in the manifest), not from files."""
+        return str(self.manifest.get("source", {}).get("spec", "")).startswith("hf:")
+
+    def open_image(self, row: int) -> Image.Image:
+        """Image `row` as upright RGB: a file under `images_root`, or a record of the manifest's dataset."""
+        fpath = self.image_fpath(row)
+        if self.from_dataset_hub and not fpath.is_file():
+            if self._source is None:
+                self._source = open_source(self.manifest["source"]["spec"])
+            return self._source.load(self.images[row])
+        return open_image_file(fpath)
+
+    def grid(self, layer: int) -> tuple[int, int]:
+        return self.shards.grid(layer)
+
+    def labels(self) -> tuple[list[str], scipy.sparse.csr_matrix]:
+        """Image-level labels: names and an (n_images, n_labels) 0/1 CSR matrix.
+
+        Gathered from the three places shards keep labels: per-image multi-hot labels, the `label`
+        string of each image record (one name per distinct value), and per-patch labels (an image has
+        a patch label when any of its patches has it).
+        """
+        if self._labels is None:
+            names: list[str] = []
+            blocks: list[scipy.sparse.csr_matrix] = []
+            image_labels = self.shards.image_labels()
+            if image_labels is not None:
+                names += self.shards.image_label_names
+                blocks.append(scipy.sparse.csr_matrix(image_labels.astype(bool)))
+            values = [rec.get("label") for rec in self.images]
+            distinct = sorted({str(v) for v in values if v not in (None, "")} - set(names))
+            if distinct:
+                col_of = {name: j for j, name in enumerate(distinct)}
+                rows = [i for i, v in enumerate(values) if v not in (None, "") and str(v) in col_of]
+                cols = [col_of[str(values[i])] for i in rows]
+                blocks.append(scipy.sparse.csr_matrix(
+                    (np.ones(len(rows), dtype=bool), (rows, cols)), shape=(self.n_images, len(distinct))))
+                names += distinct
+            patch_names = [n for n in self.shards.patch_label_names if n not in names]
+            if patch_names:
+                keep = [j for j, n in enumerate(self.shards.patch_label_names) if n in patch_names]
+                blocks.append(scipy.sparse.csr_matrix(self._any_patch_labels()[:, keep]))
+                names += patch_names
+            matrix = (scipy.sparse.hstack(blocks, format="csr").astype(bool) if blocks
+                      else scipy.sparse.csr_matrix((self.n_images, 0), dtype=bool))
+            self._labels = (names, matrix)
+        return self._labels
+
+    def _any_patch_labels(self, chunk_images: int = 4096) -> np.ndarray:
+        labels = self.shards.patch_labels()
+        n_patches = labels.rows_per_item
+        out = np.zeros((self.n_images, labels.width), dtype=bool)
+        for start in range(0, self.n_images, chunk_images):
+            stop = min(start + chunk_images, self.n_images)
+            block = labels.read(start * n_patches, stop * n_patches).reshape(stop - start, n_patches, -1)
+            out[start:stop] = block.any(axis=1)
+        return out
+
+    def image_label_names(self, row: int) -> list[str]:
+        names, matrix = self.labels()
+        return [names[j] for j in matrix.indices[matrix.indptr[row]:matrix.indptr[row + 1]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs and their inference outputs
+
+
+class Run:
+    """An SAE run folder: config.json, metrics.json, sae.safetensors, inference/<shards-hash>/."""
+
+    def __init__(self, dpath: Path, name: str):
+        self.dpath = dpath.resolve()
+        self.name = name
+        self.config = json.loads((self.dpath / "config.json").read_text())
+        metrics_fpath = self.dpath / "metrics.json"
+        self.metrics = json.loads(metrics_fpath.read_text()) if metrics_fpath.is_file() else {}
+
+    @property
+    def sae_config(self) -> dict:
+        return self.config.get("sae", {})
+
+    @property
+    def shards_info(self) -> dict:
+        return self.config.get("shards", {})
+
+    @property
+    def layer(self) -> int | None:
+        return self.shards_info.get("layer")
+
+    @property
+    def token_kind(self) -> str:
+        return self.shards_info.get("token_kind", "patches")
+
+    @property
+    def has_weights(self) -> bool:
+        return (self.dpath / "sae.safetensors").is_file()
+
+    def title(self) -> str:
+        sae = self.sae_config
+        parts = [self.name, str(sae.get("variant", "?")), f"d_sae={sae.get('d_sae', '?')}"]
+        if sae.get("k"):
+            parts.append(f"k={sae['k']}")
+        for key in ("l0", "nmse"):
+            if isinstance(self.metrics.get(key), (int, float)):
+                parts.append(f"{key}={self.metrics[key]:.3g}")
+        return " · ".join(parts)
+
+    def inference_dpath(self, shards_hash: str) -> Path:
+        if not re.fullmatch(r"[0-9A-Za-z_-]{1,128}", shards_hash):
+            raise TraitscopeError(f"invalid shards hash {shards_hash!r}")
+        return self.dpath / "inference" / shards_hash
+
+    def has_inference(self, shards_hash: str) -> bool:
+        return (self.inference_dpath(shards_hash) / "manifest.json").is_file()
+
+    def can_encode(self, dataset: Dataset) -> bool:
+        """Whether this SAE reads the dataset's activations (same layer, token kind and width)."""
+        layer = self.layer
+        if layer is None or not self.has_weights:
+            return False
+        try:
+            return (self.token_kind in dataset.shards.token_kinds
+                    and dataset.shards.d_model(layer) == self.sae_config.get("d_model"))
+        except TraitscopeError:
+            return False
+
+
+def find_runs(runs_dpath: str | Path) -> list[Run]:
+    """Run folders (holding config.json) at or under `runs_dpath`, up to MAX_RUN_DEPTH levels deep."""
+    root = Path(runs_dpath).resolve()
+    if not root.is_dir():
+        raise TraitscopeError(f"--runs {runs_dpath}: not a folder")
+    runs: list[Run] = []
+
+    def visit(dpath: Path, depth: int) -> None:
+        if (dpath / "config.json").is_file():
+            try:
+                runs.append(Run(dpath, str(dpath.relative_to(root)) if dpath != root else root.name))
+            except (json.JSONDecodeError, OSError):
+                pass
+            return
+        if depth >= MAX_RUN_DEPTH:
+            return
+        for child in sorted(dpath.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and child.resolve().is_relative_to(root):
+                visit(child, depth + 1)
+
+    visit(root, 0)
+    return runs
+
+
+class FeatureData(NamedTuple):
+    """Everything a feature page shows about one SAE feature."""
+
+    index: int
+    freq: float
+    """Fraction of patch tokens where it fires."""
+    image_freq: float
+    """Fraction of images where it fires on any patch."""
+    mean: float
+    """Mean activation over all patch tokens."""
+    hist_counts: np.ndarray
+    """(n_bins,) counts of log10 of its non-zero activations."""
+    hist_edges: np.ndarray
+    """(n_bins + 1,) log10 bin edges."""
+    rows: np.ndarray
+    """(n,) image rows of its top images, best first (padding removed)."""
+    values: np.ndarray
+    """(n,) max activation over patches in each of those images."""
+    maps_nhw: np.ndarray
+    """(n, grid_rows, grid_cols) float32 per-patch activations in each top image ((n, 1, 1) for cls SAEs)."""
+
+    @property
+    def has_patch_maps(self) -> bool:
+        return self.maps_nhw.shape[1] * self.maps_nhw.shape[2] > 1
+
+
+class InferenceView(Inference):
+    """An inference folder (`traitscope.features.Inference`) with what a feature page reads.
+
+    Shapes are checked against the manifest once, so a page never indexes past an array.
+    """
+
+    def __init__(self, dpath: str | Path):
+        super().__init__(Path(dpath).resolve())
+        self.top_n = int(self.manifest["top_n"])
+        self.freq = self.array("feature_freq")
+        self.image_freq = self.array("feature_image_freq")
+        self.mean = self.array("feature_mean")
+        self.hist = self.array("feature_hist")
+        self.hist_edges = np.asarray(self.array("hist_edges"), dtype=np.float64)
+        maps_fpath = self.dpath / "top_patch_acts.npy"
+        self.top_patch_acts = self.array("top_patch_acts") if maps_fpath.is_file() else None
+        self.im_indptr = self.array("image_max_indptr")
+        self.im_indices = self.array("image_max_indices")
+        self.im_data = self.array("image_max_data")
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        s, n, p = self.d_sae, self.top_n, self.grid[0] * self.grid[1]
+        top_rows, top_values = self.top_rows, self.top_values
+        expected = {"feature_freq": (self.freq.shape, (s,)), "feature_image_freq": (self.image_freq.shape, (s,)),
+                    "feature_mean": (self.mean.shape, (s,)), "top_rows": (top_rows.shape, (s, n)),
+                    "top_values": (top_values.shape, (s, n)),
+                    "image_max_indptr": (self.im_indptr.shape, (self.n_images + 1,))}
+        if self.top_patch_acts is not None:
+            expected["top_patch_acts"] = (self.top_patch_acts.shape, (s, n, p))
+        for name, (got, want) in expected.items():
+            if tuple(got) != want:
+                raise TraitscopeError(f"{self.dpath}/{name}.npy has shape {tuple(got)}, expected {want}")
+        if self.hist.ndim != 2 or self.hist.shape[0] != s or self.hist_edges.shape != (self.hist.shape[1] + 1,):
+            raise TraitscopeError(f"{self.dpath}: feature_hist.npy / hist_edges.npy shapes disagree")
+
+    @property
+    def shards_hash(self) -> str:
+        return self.manifest["shards"]["hash"]
+
+    def feature(self, f: int) -> FeatureData:
+        f = int(f)
+        if not 0 <= f < self.d_sae:
+            raise TraitscopeError(f"feature {f} is out of range (0..{self.d_sae - 1})")
+        rows = np.asarray(self.top_rows[f])
+        keep = rows >= 0
+        if self.top_patch_acts is not None:
+            maps = np.asarray(self.top_patch_acts[f][keep], dtype=np.float32).reshape(-1, *self.grid)
+        else:  # image-level SAE: one value per image
+            maps = np.asarray(self.top_values[f][keep], dtype=np.float32).reshape(-1, 1, 1)
+        return FeatureData(f, float(self.freq[f]), float(self.image_freq[f]), float(self.mean[f]),
+                           np.asarray(self.hist[f]), self.hist_edges, rows[keep],
+                           np.asarray(self.top_values[f][keep], dtype=np.float32), maps)
+
+    def image_features(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features, max activations) of the features firing in image `row`, strongest first."""
+        row = int(row)
+        if not 0 <= row < self.n_images:
+            raise TraitscopeError(f"image row {row} is out of range")
+        lo, hi = int(self.im_indptr[row]), int(self.im_indptr[row + 1])
+        features, values = np.asarray(self.im_indices[lo:hi]), np.asarray(self.im_data[lo:hi], dtype=np.float32)
+        order = np.argsort(-values, kind="stable")
+        return features[order].astype(np.int64), values[order]
+
+    def fire_counts(self) -> np.ndarray:
+        """(d_sae,) number of images where each feature fires."""
+        return np.rint(np.asarray(self.image_freq, dtype=np.float64) * self.n_images).astype(np.int64)
+
+    def features_by_frequency(self, lo: float = 0.0, hi: float = 1.0, descending: bool = True) -> np.ndarray:
+        """Features whose image frequency lies in [lo, hi], most (or least) frequent first."""
+        freq = np.asarray(self.image_freq)
+        candidates = np.flatnonzero((freq >= lo) & (freq <= hi))
+        order = np.argsort(-freq[candidates] if descending else freq[candidates], kind="stable")
+        return candidates[order]
+
+    def image_max_block(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        """Rows [start, stop) of the per-image maxima as a CSR matrix (read from the memory maps)."""
+        lo, hi = int(self.im_indptr[start]), int(self.im_indptr[stop])
+        indptr = np.asarray(self.im_indptr[start:stop + 1], dtype=np.int64) - lo
+        return scipy.sparse.csr_matrix(
+            (np.asarray(self.im_data[lo:hi], dtype=np.float32), np.asarray(self.im_indices[lo:hi]), indptr),
+            shape=(stop - start, self.d_sae))
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived tables, cached as .npy
+
+
+def _cache_dpath(cache_root: Path, key: dict) -> Path:
+    dpath = Path(cache_root) / content_hash(key)
+    dpath.mkdir(parents=True, exist_ok=True)
+    return dpath
+
+
+class Enrichment(NamedTuple):
+    """Image-level co-occurrence of features and labels, for enrichment tables and label search."""
+
+    names: list[str]
+    """Label names."""
+    n_images: int
+    label_counts: np.ndarray
+    """(n_labels,) images with each label."""
+    fire_counts: np.ndarray
+    """(d_sae,) images where each feature fires."""
+    both_fl: scipy.sparse.csr_matrix
+    """(d_sae, n_labels) images where the feature fires and the label is present."""
+    both_lf: scipy.sparse.csr_matrix
+    """The same, transposed (fast per-label columns)."""
+
+    def table(self, counts: np.ndarray, labels: np.ndarray, fire: np.ndarray) -> dict[str, np.ndarray]:
+        base = self.label_counts[labels] / max(1, self.n_images)
+        precision = counts / np.maximum(fire, 1)
+        return {"count": counts, "precision": precision,
+                "recall": counts / np.maximum(self.label_counts[labels], 1),
+                "lift": np.where(base > 0, precision / np.where(base > 0, base, 1), 0.0)}
+
+    def for_feature(self, f: int, top: int = 10) -> list[dict]:
+        """The labels most enriched among the images where feature f fires (by lift, then count)."""
+        row = self.both_fl.getrow(f)
+        labels, counts = row.indices, row.data.astype(np.int64)
+        if not len(labels):
+            return []
+        t = self.table(counts, labels, np.full(len(labels), self.fire_counts[f]))
+        order = np.lexsort((-t["count"], -t["lift"]))[:top]
+        return [{"label": self.names[labels[i]], "images": int(t["count"][i]),
+                 "precision": float(t["precision"][i]), "recall": float(t["recall"][i]),
+                 "lift": float(t["lift"][i])} for i in order]
+
+    def features_for_label(self, label: int, min_count: int = 3, top: int = 200) -> tuple[np.ndarray, np.ndarray]:
+        """(features, lift) most enriched for a label, among those firing on >= min_count labelled images."""
+        col = self.both_lf.getrow(label)
+        features, counts = col.indices, col.data.astype(np.int64)
+        keep = counts >= min_count
+        features, counts = features[keep], counts[keep]
+        t = self.table(counts, np.full(len(features), label), self.fire_counts[features])
+        order = np.lexsort((-t["count"], -t["lift"]))[:top]
+        return features[order].astype(np.int64), t["lift"][order]
+
+    def search(self, text: str) -> list[int]:
+        """Labels whose name contains `text` (case-insensitive)."""
+        text = text.strip().lower()
+        return [j for j, name in enumerate(self.names) if text in name.lower()]
+
+
+def label_enrichment(inference: InferenceView, dataset: Dataset, cache_root: Path,
+                     chunk_images: int = 16384, progress: Progress = _no_progress) -> Enrichment:
+    """Co-occurrence counts of firing features and labels: one bounded pass over the CSR, cached."""
+    names, labels = dataset.labels()
+    if inference.n_images != dataset.n_images:
+        raise TraitscopeError(f"inference {inference.dpath} has {inference.n_images} images, "
+                              f"dataset {dataset.dpath} has {dataset.n_images}")
+    key = {"what": "label-cooccurrence/1", "inference": str(inference.dpath),
+           "sae": inference.manifest.get("sae_sha256"), "shards": dataset.hash, "labels": names}
+    dpath = _cache_dpath(cache_root, key)
+    parts = {name: dpath / f"{name}.npy" for name in ("data", "indices", "indptr")}
+    label_counts = np.asarray(labels.sum(axis=0)).ravel().astype(np.int64)
+    if all(p.is_file() for p in parts.values()):
+        both = scipy.sparse.csr_matrix(
+            (load_npy(parts["data"], mmap=False), load_npy(parts["indices"], mmap=False),
+             load_npy(parts["indptr"], mmap=False)), shape=(inference.d_sae, len(names)))
+    else:
+        both = scipy.sparse.csr_matrix((inference.d_sae, len(names)), dtype=np.int64)
+        labels_i = labels.astype(np.int64)
+        for start in range(0, inference.n_images, chunk_images):
+            stop = min(start + chunk_images, inference.n_images)
+            fires = inference.image_max_block(start, stop)
+            fires.data = (fires.data > 0).astype(np.int64)
+            both = both + (fires.T @ labels_i[start:stop]).tocsr()
+            progress(stop / inference.n_images, f"label co-occurrence: {stop}/{inference.n_images} images")
+        both = both.tocsr()
+        both.sort_indices()
+        for name, array in (("data", both.data), ("indices", both.indices), ("indptr", both.indptr)):
+            atomic_save_npy(parts[name], array)
+    return Enrichment(names, inference.n_images, label_counts, inference.fire_counts(), both, both.T.tocsr())
+
+
+def dense_top_images(dataset: Dataset, layer: int, kind: str, top_n: int, cache_root: Path,
+                     chunk_images: int = 256, progress: Progress = _no_progress) -> np.ndarray:
+    """(d_model, top_n) image rows where each raw dimension is largest, best first (the dense baseline).
+
+    An image's value is its CLS / pooled value (`kind='cls'`) or its maximum over patches
+    (`kind='patches'`), raw (not normalised), as the SAE's top images are ranked by raw maxima too.
+    One bounded pass over the shard (a running top-n, `chunk_images` images at a time), cached.
+    """
+    shards = dataset.shards
+    layer = shards.resolve(layer)
+    key = {"what": "dense-top/1", "shards": dataset.hash, "layer": layer, "kind": kind, "top_n": top_n}
+    rows_fpath = _cache_dpath(cache_root, key) / "dense_top_rows.npy"
+    if rows_fpath.is_file():
+        return load_npy(rows_fpath, mmap=False)
+    acts = shards.acts(layer, kind)
+    per_image, n = acts.rows_per_item, dataset.n_images
+
+    def batches():
+        for start in range(0, n, chunk_images):
+            stop = min(start + chunk_images, n)
+            block = acts.read(start * per_image, stop * per_image).astype(np.float32)
+            yield start, block.reshape(stop - start, per_image, acts.width).max(axis=1)
+            progress(stop / n, f"dense dimensions: {stop}/{n} images")
+
+    rows = top_images(batches(), top_n, normalize=False, kind="dense").rows_un
+    atomic_save_npy(rows_fpath, rows)
+    return rows
