@@ -206,6 +206,20 @@ def test_half_written_shard_is_never_taken_as_complete(photos, tmp_path, backbon
     assert _file_digests(again.dpath) == want
 
 
+def test_a_second_run_on_the_same_folder_is_refused(photos, tmp_path, backbone):
+    import fcntl
+
+    from traitscope.shards.build import plan_shards
+
+    dpath = plan_shards(FolderSource(photos), backbone, [-2], tmp_path / "out").dpath
+    dpath.mkdir(parents=True)
+    with open(dpath / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in another process holds it
+        with pytest.raises(TraitscopeError, match="another `traitscope shards` run is writing"):
+            build_shards(FolderSource(photos), backbone, [-2], tmp_path / "out", verbose=False)
+    assert build_shards(FolderSource(photos), backbone, [-2], tmp_path / "out", verbose=False).n_images == 7
+
+
 def test_unreadable_files_are_skipped_and_listed(photos, tmp_path, backbone, capsys):
     good = (photos / "fish0.jpg").read_bytes()
     (photos / "truncated.jpg").write_bytes(good[: len(good) // 2])
@@ -298,6 +312,8 @@ def test_bad_input_gives_one_error_line(photos, tmp_path, capsys):
     assert "unknown model" in _one_error_line(capsys, base + ["--images", str(photos), "--model", "no-such-model"])
     line = _one_error_line(capsys, base + ["--images", str(photos), "--model", MODEL, "--layers", "7"])
     assert "layer 7 is out of range" in line
+    assert "not a layer index" in _one_error_line(capsys, base + ["--images", str(photos), "--layers", "x"])
+    assert "not a token kind" in _one_error_line(capsys, base + ["--images", str(photos), "--tokens", "regs"])
     (photos / "notes.jpg").write_text("a text file with an image's name\n")
     line = _one_error_line(capsys, base + ["--images", str(photos), "--model", MODEL, "--strict"])
     assert str(photos / "notes.jpg") in line and "--strict" in line
