@@ -231,14 +231,14 @@ def enrichment_rows(top: TopImages, enr: Enrichment, names: list[str]) -> list[d
     return rows
 
 
-def enrichment_summary(rows: list[dict], alpha: float = 0.05) -> dict:
-    """Per kind: units, mean lift of the best attribute, and the fraction significant after Bonferroni
-    over attributes (p · n_attrs < alpha)."""
+def enrichment_summary(rows: list[dict], min_top: int = N_TOP // 2, alpha: float = 0.05) -> dict:
+    """Per kind, over units with at least `min_top` top images (a feature that fires on one or two
+    images has a large and meaningless lift): how many, the mean lift of their best attribute, and the
+    fraction significant after Bonferroni over attributes."""
     summary = {}
     for kind in sorted({r["kind"] for r in rows}):
-        mine = [r for r in rows if r["kind"] == kind]
-        summary[kind] = {"n_units": len(mine),
-                         "mean_best_lift": float(np.mean([r["lift"] for r in mine])),
-                         "frac_significant": float(np.mean([r["p_bonferroni"] < alpha for r in mine])),
-                         "alpha": alpha}
+        kept = [r for r in rows if r["kind"] == kind and r["n_top"] >= min_top]
+        summary[kind] = {"n_units": len(kept), "min_top": min_top, "alpha": alpha,
+                         "mean_best_lift": float(np.mean([r["lift"] for r in kept])) if kept else None,
+                         "frac_significant": float(np.mean([r["p_bonferroni"] < alpha for r in kept])) if kept else None}
     return summary

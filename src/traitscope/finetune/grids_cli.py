@@ -70,10 +70,13 @@ def run(args: argparse.Namespace) -> int:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        summary = grids.enrichment_summary(rows)
+        summary = grids.enrichment_summary(rows, min_top=max(1, args.n // 2))
         for kind, s in summary.items():
-            print(f"enrichment ({kind}): {s['n_units']} units, mean lift of the best attribute "
-                  f"{s['mean_best_lift']:.2f}, {100 * s['frac_significant']:.0f}% significant "
+            if not s["n_units"]:
+                print(f"enrichment ({kind}): no unit has {s['min_top']} or more top images")
+                continue
+            print(f"enrichment ({kind}, {s['n_units']} units with >= {s['min_top']} top images): mean lift of the best "
+                  f"attribute {s['mean_best_lift']:.2f}, {100 * s['frac_significant']:.0f}% significant "
                   f"(Bonferroni over {len(names)} attributes, alpha {s['alpha']})")
         print(f"table: {out_dpath / 'enrichment.csv'}")
     atomic_write_json(out_dpath / "grids.json", {
