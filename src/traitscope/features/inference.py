@@ -12,6 +12,7 @@ made from other weights, other shards or other settings is recomputed into a fre
 replaces it whole.
 """
 
+import contextlib
 import json
 import queue
 import shutil
@@ -32,7 +33,7 @@ HIST_RANGE = (-5.0, 5.0)
 """log10 range of the activation histogram; values outside it are counted in the first / last bin."""
 N_BINS = 100
 """Histogram bins (0.1 decade each)."""
-CHUNK_TOKENS = 8192
+CHUNK_TOKENS = 4096
 """Tokens encoded per step (whole images: at least one image)."""
 
 
@@ -243,76 +244,113 @@ class _TopN:
         return self.rows.cpu().numpy(), self.values.cpu().numpy(), maps
 
 
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """Run the per-chunk bookkeeping on one CPU thread: its ops are small (about k x chunk entries),
+    and on a busy machine every multi-threaded op waits for its slowest thread (10x slower here)."""
+    if device.type != "cpu":
+        yield
+        return
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+class _Totals:
+    """Everything but the top-N, accumulated over chunks from the non-zero codes."""
+
+    def __init__(self, d_sae: int, n_images: int, out_dpath: Path, device: torch.device):
+        self.d_sae = d_sae
+        self.fire_count = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.image_fire_count = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(d_sae * N_BINS, dtype=torch.int64, device=device)
+        self.row_nnz = np.zeros(n_images, dtype=np.int64)
+        self.indices_out = NpyAppender(out_dpath / "image_max_indices.npy", np.int32, ())
+        self.data_out = NpyAppender(out_dpath / "image_max_data.npy", np.float32, ())
+
+    def add(self, first_row: int, n_img: int, n_p: int, tok: torch.Tensor, feat: torch.Tensor,
+            vals: torch.Tensor) -> torch.Tensor:
+        """Add a chunk's non-zero codes (token within the chunk, feature, value > 0); returns the
+        chunk's (n_img, d_sae) per-image maxima."""
+        lo, hi = HIST_RANGE
+        self.fire_count.index_add_(0, feat, torch.ones_like(feat))
+        self.act_sum.index_add_(0, feat, vals.double())
+        bins = ((torch.log10(vals) - lo) * (N_BINS / (hi - lo))).floor_().clamp_(0, N_BINS - 1).long()
+        self.hist.index_add_(0, feat * N_BINS + bins, torch.ones_like(bins))
+        image_max_is = torch.zeros(n_img * self.d_sae, device=vals.device).scatter_reduce_(
+            0, (tok // n_p) * self.d_sae + feat, vals, reduce="amax").view(n_img, self.d_sae)
+        img_i, feat_i = image_max_is.nonzero(as_tuple=True)
+        self.image_fire_count.index_add_(0, feat_i, torch.ones_like(feat_i))
+        self.indices_out.append(feat_i.to(torch.int32).cpu().numpy())
+        self.data_out.append(image_max_is[img_i, feat_i].cpu().numpy())
+        self.row_nnz[first_row:first_row + n_img] = torch.bincount(img_i, minlength=n_img).cpu().numpy()
+        return image_max_is
+
+    def close(self) -> None:
+        self.indices_out.close()
+        self.data_out.close()
+
+    def abort(self) -> None:
+        self.indices_out.abort()
+        self.data_out.abort()
+
+    def save(self, out_dpath: Path, n_tokens: int, n_images: int) -> None:
+        arrays = {
+            "feature_freq": (self.fire_count.double() / max(1, n_tokens)).float(),
+            "feature_image_freq": (self.image_fire_count.double() / max(1, n_images)).float(),
+            "feature_mean": (self.act_sum / max(1, n_tokens)).float(),
+            "feature_hist": self.hist.view(self.d_sae, N_BINS),
+            "hist_edges": torch.linspace(*HIST_RANGE, N_BINS + 1, dtype=torch.float64),
+        }
+        for name, tensor in arrays.items():
+            atomic_save_npy(out_dpath / f"{name}.npy", tensor.cpu().numpy())
+        atomic_save_npy(out_dpath / "image_max_indptr.npy", np.concatenate([[0], np.cumsum(self.row_nnz)]))
+
+
 @torch.no_grad()
 def _compute(inputs: RunInputs, out_dpath: Path, top_n: int, chunk_tokens: int, progress: bool) -> None:
+    """The streaming pass: encode a chunk of whole images, then update totals and top-N from its
+    non-zero codes."""
     sae, n_images, n_p = inputs.sae, inputs.n_images, inputs.tokens_per_image
-    d_sae = sae.d_sae
     device = sae.W_enc.device
     is_cls = inputs.token_kind == "cls"
-    lo, hi = HIST_RANGE
-    bin_width = (hi - lo) / N_BINS
-
-    fire_count = torch.zeros(d_sae, dtype=torch.int64, device=device)
-    image_fire_count = torch.zeros(d_sae, dtype=torch.int64, device=device)
-    act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
-    hist = torch.zeros(d_sae * N_BINS, dtype=torch.int64, device=device)
-    top = _TopN(d_sae, top_n, None if is_cls else n_p, device)
-    indptr = np.zeros(n_images + 1, dtype=np.int64)
-    indices_out = NpyAppender(out_dpath / "image_max_indices.npy", np.int32, ())
-    data_out = NpyAppender(out_dpath / "image_max_data.npy", np.float32, ())
-    cls_out = NpyAppender(out_dpath / "cls_codes.npy", np.float32, (d_sae,)) if is_cls else None
-
+    totals = _Totals(sae.d_sae, n_images, out_dpath, device)
+    top = _TopN(sae.d_sae, top_n, None if is_cls else n_p, device)
+    cls_out = NpyAppender(out_dpath / "cls_codes.npy", np.float32, (sae.d_sae,)) if is_cls else None
     bar = tqdm(total=n_images, unit="img", desc="inference", disable=not progress)
     try:
         for first_row, acts_np in _chunks(inputs, chunk_tokens):
             n_img = acts_np.shape[0] // n_p
-            x_bd = torch.from_numpy(acts_np).to(device=device, dtype=torch.float32, non_blocking=True)
+            x_bd = torch.from_numpy(acts_np).to(device=device, dtype=torch.float32)
             codes_bs = sae.encode(x_bd)
-            # everything below works on the non-zero entries only (TopK: k per token)
             tok, feat = codes_bs.nonzero(as_tuple=True)
             vals = codes_bs[tok, feat]
-            pos = vals > 0
-            if not bool(pos.all()):
-                tok, feat, vals = tok[pos], feat[pos], vals[pos]
-            fire_count += torch.bincount(feat, minlength=d_sae)
-            act_sum.index_add_(0, feat, vals.double())
-            bins = ((torch.log10(vals) - lo) / bin_width).floor().clamp_(0, N_BINS - 1).long()
-            hist += torch.bincount(feat * N_BINS + bins, minlength=d_sae * N_BINS)
-            image_max_is = torch.zeros(n_img * d_sae, device=device).scatter_reduce_(
-                0, (tok // n_p) * d_sae + feat, vals, reduce="amax").view(n_img, d_sae)
-            image_fire_count += (image_max_is > 0).sum(0)
-            img_i, feat_i = image_max_is.nonzero(as_tuple=True)
-            indices_out.append(feat_i.to(torch.int32).cpu().numpy())
-            data_out.append(image_max_is[img_i, feat_i].cpu().numpy())
-            indptr[first_row + 1:first_row + n_img + 1] = torch.bincount(img_i, minlength=n_img).cpu().numpy()
-            top.update(first_row, image_max_is, tok, feat, vals)
             if cls_out is not None:
                 cls_out.append(codes_bs.cpu().numpy())
+            del codes_bs
+            with _one_thread(device):
+                pos = vals > 0  # a feature fires when its code is positive
+                if not bool(pos.all()):
+                    tok, feat, vals = tok[pos], feat[pos], vals[pos]
+                image_max_is = totals.add(first_row, n_img, n_p, tok, feat, vals)
+                top.update(first_row, image_max_is, tok, feat, vals)
             bar.update(n_img)
-        indices_out.close()
-        data_out.close()
+        totals.close()
         if cls_out is not None:
             cls_out.close()
     except BaseException:
-        for appender in (indices_out, data_out, cls_out):
-            if appender is not None:
-                appender.abort()
+        totals.abort()
+        if cls_out is not None:
+            cls_out.abort()
         raise
     finally:
         bar.close()
-
-    n_tokens = max(1, n_images * n_p)
+    totals.save(out_dpath, n_images * n_p, n_images)
     rows, values, maps = top.finish()
-    arrays = {
-        "feature_freq": (fire_count.double() / n_tokens).float(),
-        "feature_image_freq": (image_fire_count.double() / max(1, n_images)).float(),
-        "feature_mean": (act_sum / n_tokens).float(),
-        "feature_hist": hist.view(d_sae, N_BINS),
-        "hist_edges": torch.linspace(lo, hi, N_BINS + 1, dtype=torch.float64),
-    }
-    for name, tensor in arrays.items():
-        atomic_save_npy(out_dpath / f"{name}.npy", tensor.cpu().numpy())
-    atomic_save_npy(out_dpath / "image_max_indptr.npy", np.cumsum(indptr))
     atomic_save_npy(out_dpath / "top_rows.npy", rows)
     atomic_save_npy(out_dpath / "top_values.npy", values)
     if maps is not None:
