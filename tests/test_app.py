@@ -242,6 +242,13 @@ def test_ratings_file_survives_a_torn_last_line_and_refuses_garbage(tmp_path):
         blind.load_session(tmp_path / "bad.jsonl")
 
 
+def test_a_stale_click_never_changes_an_earlier_rating(tmp_path):
+    fpath = write_ratings(tmp_path, {0: 3})
+    session = blind.load_session(fpath).answer(0, 7)  # the previous page's button, clicked late
+    session = session.answer(1, 5)
+    assert blind.load_session(fpath).ratings == {0: 3, 1: 5} == session.ratings
+
+
 def test_ratings_cli_prints_the_summary_and_saves_the_histogram(tmp_path, capsys):
     fpath = write_ratings(tmp_path, {0: 2, 1: 6, 2: 3, 3: 7})
     png = tmp_path / "hist.png"

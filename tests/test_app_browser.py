@@ -46,7 +46,7 @@ def world(tmp_path_factory):
     shards = fx.make_shards(root / "shards", root / "images", N_IMAGES)
     labels = [rec["label"] for rec in shards.images]
     for i, name in enumerate(("topk-a", "topk-b")):
-        run = fx.make_run(root / "runs" / name, shards, d_sae=D_SAE, weights=False)
+        run = fx.make_run(root / "runs" / name, shards, d_sae=D_SAE, weights=True)
         fx.write_inference(run, shards.hash, N_IMAGES, D_SAE, label_of_image=labels, seed=i)
     return {"root": root, "shards": shards}
 
@@ -202,6 +202,14 @@ def test_compare_runs_side_by_side(server, browser):
     shot(browser, "04-compare-runs")
 
 
+def test_image_page_draws_each_features_map_over_the_image(server, browser):
+    browser.get(server + "?page=Image&row=7")
+    wait(browser, 60).until(lambda d: len(tile_titles(d)) >= 4)
+    wait_idle(browser)
+    assert all(t.startswith("feature ") for t in tile_titles(browser))
+    shot(browser, "05-image-page")
+
+
 def test_blind_test_survives_a_reload(server, world, browser):
     browser.get(server + "?page=Blind+test")
     name_box = wait(browser, 60).until(EC.presence_of_element_located(
@@ -216,18 +224,20 @@ def test_blind_test_survives_a_reload(server, world, browser):
     for position, rating in enumerate(ratings):
         wait(browser, 60).until(lambda d: f"item {position + 1} of 4" in d.find_element(By.TAG_NAME, "body").text)
         wait_idle(browser)
-        wait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img'))
+        # this item's own buttons (Streamlit tags a keyed widget's container with st-key-<key>)
+        button = f".st-key-rate-{position}-{rating} button"
+        wait(browser, 60).until(EC.element_to_be_clickable((By.CSS_SELECTOR, button)))
         if position == 0:
             time.sleep(0.5)
-            shot(browser, "05-blind-item")
+            shot(browser, "06-blind-item")
         text = browser.find_element(By.TAG_NAME, "body").text
         assert "dense" not in text.lower() and "sae feature" not in text.lower().replace("an sae feature", "")
-        click_button(browser, str(rating))
+        browser.find_element(By.CSS_SELECTOR, button).click()
         if position == 1:  # reload mid-way: nothing is lost, the session resumes at item 3
             wait(browser, 30).until(lambda d: "item 3 of 4" in d.find_element(By.TAG_NAME, "body").text)
             browser.refresh()
     wait(browser, 60).until(lambda d: "Welch" in d.find_element(By.TAG_NAME, "body").text)
     wait_idle(browser)
-    shot(browser, "06-blind-summary")
+    shot(browser, "07-blind-summary")
     lines = [json.loads(x) for x in (world["root"] / "ratings" / "browser1.jsonl").read_text().splitlines()]
     assert [x["rating"] for x in lines if x["type"] == "rating"] == ratings

@@ -94,6 +94,11 @@ class Session(NamedTuple):
         """Position of the first unrated item, or None when every item is rated."""
         return next((i for i in range(len(self.items)) if i not in self.ratings), None)
 
+    def answer(self, position: int, rating: int) -> "Session":
+        """Rate the item now shown, `position`; an item already rated keeps its rating (a click on a
+        button of the page before, still on screen while the next item loads, changes nothing)."""
+        return self.rate(position, rating) if position == self.next_item else self
+
     def rate(self, position: int, rating: int) -> "Session":
         """Record a rating durably (appended and fsync'ed before this returns)."""
         if not 0 <= position < len(self.items):

@@ -141,7 +141,7 @@ def tiles_html(tiles: list[dict], n_cols: int = 4) -> str:
     cells = []
     for i, t in enumerate(tiles):
         path = html.escape(str(t["path"]))
-        caption = f"#{i + 1} · {t['value']:.3g}"
+        caption = t.get("caption") or f"#{i + 1} · {t['value']:.3g}"
         if t.get("label"):
             caption += f" · {html.escape(str(t['label']))}"
         if "b64" in t:
@@ -337,9 +337,10 @@ def page_compare(runs: list[Run], dataset: Dataset) -> None:
 
 
 def page_image(runs: list[Run], dataset: Dataset) -> None:
-    encodable = [r for r in runs if r.can_encode(dataset) or r.has_weights]
+    encodable = [r for r in runs if r.can_encode(dataset)]
     if not encodable:
-        st.info("None of the picked runs has SAE weights (sae.safetensors) to encode an image with.")
+        st.info("None of the picked runs can encode this dataset's images: that needs SAE weights "
+                "(sae.safetensors) for a layer and token kind these shards store.")
         return
     names = [r.name for r in encodable]
     run = encodable[names.index(st.selectbox("Run", names, key="img-run"))]
@@ -376,8 +377,9 @@ def page_image(runs: list[Run], dataset: Dataset) -> None:
     for f, v in zip(features, values):
         acts_hw = codes[:, f].reshape(grid)
         drawn = overlay_heatmap(image, acts_hw, dataset.preprocess, vmax=vmax, max_side=THUMB_SIDE)
-        tiles.append({"row": -1, "value": float(v), "path": f"feature {int(f)}", "b64": jpeg_b64(drawn)})
-    st.markdown(f"**The {len(tiles)} strongest features** (colour scale shared; click for the feature number)")
+        tiles.append({"row": -1, "value": float(v), "path": f"feature {int(f)}", "b64": jpeg_b64(drawn),
+                      "caption": f"feature {int(f)} · max {float(v):.3g}"})
+    st.markdown(f"**The {len(tiles)} strongest features** (one colour scale for all)")
     st.markdown(tiles_html(tiles), unsafe_allow_html=True)
     st.markdown("Open a feature: " + " · ".join(f"[{int(f)}]({feature_link(run, int(f))})" for f in features))
 
@@ -446,8 +448,8 @@ def page_blind(runs: list[Run], dataset: Dataset) -> None:
         st.rerun()
 
 
-def _rate(fpath: Path, position: int, rating: int) -> None:
-    blind.load_session(fpath).rate(position, rating)
+def _answer(fpath: Path, position: int, rating: int) -> None:
+    blind.load_session(fpath).answer(position, rating)
 
 
 def blind_item(session: blind.Session, position: int, run: Run, dataset: Dataset) -> None:
@@ -462,7 +464,7 @@ def blind_item(session: blind.Session, position: int, run: Run, dataset: Dataset
     st.image(blind_grid_png(str(dataset.dpath), tuple(int(r) for r in rows)), width=740)
     st.markdown(f"**{blind.QUESTION}**")
     for level, column in zip(blind.LEVELS, st.columns(len(blind.LEVELS))):
-        column.button(str(level), key=f"rate-{position}-{level}", on_click=_rate,
+        column.button(str(level), key=f"rate-{position}-{level}", on_click=_answer,
                       args=(session.fpath, position, level), width="stretch")
 
 
