@@ -199,3 +199,16 @@ def write_inference(run_dpath: Path, shards_hash: str, n_images: int, d_sae: int
                 "d_sae": d_sae, "hist_range": [-5.0, 5.0], "n_bins": n_bins}
     (dpath / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dpath
+
+
+def make_world(root: Path, n_images: int = 48, d_sae: int = 128, fresh_run: bool = False) -> dict:
+    """Images, a shard folder and SAE runs under `root`: 'topk-a' and 'topk-b' with generated
+    inference folders (seeds 0 and 1) and, with `fresh_run`, 'fresh' without one."""
+    shards = make_shards(root / "shards", root / "images", n_images)
+    labels = [rec["label"] for rec in shards.images]
+    for i, name in enumerate(("topk-a", "topk-b")):
+        run = make_run(root / "runs" / name, shards, d_sae=d_sae)
+        write_inference(run, shards.hash, n_images, d_sae, label_of_image=labels, seed=i)
+    if fresh_run:
+        make_run(root / "runs" / "fresh", shards, d_sae=d_sae)
+    return {"root": root, "shards": shards, "ratings": root / "ratings", "cache": root / "cache"}

@@ -28,14 +28,7 @@ N_IMAGES, D_SAE = 48, 128
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("app")
-    shards = fx.make_shards(root / "shards", root / "images", N_IMAGES)
-    labels = [rec["label"] for rec in shards.images]
-    for i, name in enumerate(("topk-a", "topk-b")):
-        run = fx.make_run(root / "runs" / name, shards, d_sae=D_SAE, weights=True)
-        fx.write_inference(run, shards.hash, N_IMAGES, D_SAE, label_of_image=labels, seed=i)
-    fx.make_run(root / "runs" / "fresh", shards, d_sae=D_SAE, weights=True)
-    return {"root": root, "shards": shards, "ratings": root / "ratings", "cache": root / "cache"}
+    return fx.make_world(tmp_path_factory.mktemp("app"), N_IMAGES, D_SAE, fresh_run=True)
 
 
 def app(world, monkeypatch, **query) -> AppTest:

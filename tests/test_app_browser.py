@@ -42,13 +42,7 @@ N_IMAGES, D_SAE = 48, 128
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    shards = fx.make_shards(root / "shards", root / "images", N_IMAGES)
-    labels = [rec["label"] for rec in shards.images]
-    for i, name in enumerate(("topk-a", "topk-b")):
-        run = fx.make_run(root / "runs" / name, shards, d_sae=D_SAE, weights=True)
-        fx.write_inference(run, shards.hash, N_IMAGES, D_SAE, label_of_image=labels, seed=i)
-    return {"root": root, "shards": shards}
+    return fx.make_world(tmp_path_factory.mktemp("browser"), N_IMAGES, D_SAE)
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +196,22 @@ def test_compare_runs_side_by_side(server, browser):
     shot(browser, "04-compare-runs")
 
 
-def test_image_page_draws_each_features_map_over_the_image(server, browser):
+def test_image_page_draws_each_features_map_over_the_image(server, world, browser):
     browser.get(server + "?page=Image&row=7")
     wait(browser, 60).until(lambda d: len(tile_titles(d)) >= 4)
     wait_idle(browser)
-    assert all(t.startswith("feature ") for t in tile_titles(browser))
+    from_dataset = tile_titles(browser)
+    assert all(t.startswith("feature ") for t in from_dataset)
     shot(browser, "05-image-page")
+
+    # upload the same file: the backbone named in the manifest runs on it, the same features fire
+    browser.find_element(By.XPATH, "//div[@role='radiogroup']//p[text()='upload']").click()
+    upload = wait(browser).until(EC.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
+    upload.send_keys(str(world["shards"].image_fpath(7)))
+    wait(browser, 90).until(lambda d: len(tile_titles(d)) >= 4)
+    wait_idle(browser)
+    assert tile_titles(browser)[:3] == from_dataset[:3]
+    shot(browser, "06-image-upload")
 
 
 def test_blind_test_survives_a_reload(server, world, browser):
@@ -229,7 +233,7 @@ def test_blind_test_survives_a_reload(server, world, browser):
         wait(browser, 60).until(EC.element_to_be_clickable((By.CSS_SELECTOR, button)))
         if position == 0:
             time.sleep(0.5)
-            shot(browser, "06-blind-item")
+            shot(browser, "07-blind-item")
         text = browser.find_element(By.TAG_NAME, "body").text
         assert "dense" not in text.lower() and "sae feature" not in text.lower().replace("an sae feature", "")
         browser.find_element(By.CSS_SELECTOR, button).click()
@@ -238,6 +242,6 @@ def test_blind_test_survives_a_reload(server, world, browser):
             browser.refresh()
     wait(browser, 60).until(lambda d: "Welch" in d.find_element(By.TAG_NAME, "body").text)
     wait_idle(browser)
-    shot(browser, "07-blind-summary")
+    shot(browser, "08-blind-summary")
     lines = [json.loads(x) for x in (world["root"] / "ratings" / "browser1.jsonl").read_text().splitlines()]
     assert [x["rating"] for x in lines if x["type"] == "rating"] == ratings
