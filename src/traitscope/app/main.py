@@ -452,6 +452,16 @@ def _answer(fpath: Path, position: int, rating: int) -> None:
     blind.load_session(fpath).answer(position, rating)
 
 
+def dense_rows(dataset: Dataset, run: Run) -> np.ndarray:
+    """(d_model, 16) top images of the raw dimensions: one pass over the shards the first time, with
+    a progress bar, then read from the cache."""
+    bar = st.progress(0.0, text="Finding the top images of every dense dimension (once per dataset) ...")
+    rows = dense_top_images(dataset, run.layer, run.token_kind, 16, ARGS.cache,
+                            progress=lambda done, text: bar.progress(done, text=text))
+    bar.empty()
+    return rows
+
+
 def blind_item(session: blind.Session, position: int, run: Run, dataset: Dataset) -> None:
     n_items = len(session.items)
     st.progress(position / n_items, text=f"item {position + 1} of {n_items}")
@@ -460,7 +470,7 @@ def blind_item(session: blind.Session, position: int, run: Run, dataset: Dataset
         inference = inference_of(run, dataset)
         rows = np.asarray(inference.top_rows[item.index][:16])
     else:
-        rows = dense_top_images(dataset, run.layer, run.token_kind, 16, ARGS.cache)[item.index]
+        rows = dense_rows(dataset, run)[item.index]
     st.image(blind_grid_png(str(dataset.dpath), tuple(int(r) for r in rows)), width=740)
     st.markdown(f"**{blind.QUESTION}**")
     for level, column in zip(blind.LEVELS, st.columns(len(blind.LEVELS))):
