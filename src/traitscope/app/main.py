@@ -27,7 +27,7 @@ from traitscope.app import blind
 from traitscope.app.data import (Dataset, Enrichment, FeatureData, InferenceView, Run, dense_top_images, find_runs,
                                  label_enrichment, open_image_file, parse_int)
 from traitscope.errors import TraitscopeError
-from traitscope.viz import image_grid, overlay_heatmap
+from traitscope.viz import fit_thumbnail, image_grid, overlay_heatmap
 
 PAGES = ("Features", "Compare runs", "Image", "Blind test")
 THUMB_SIDE = 256  # longer side of a heatmap thumbnail, in pixels
@@ -85,7 +85,7 @@ def enrichment_of(inference: InferenceView, dataset: Dataset) -> Enrichment | No
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def get_sae(run_dpath: str):
-    from traitscope.app.encode import load_sae
+    from traitscope.sae import load_sae
     return load_sae(run_dpath)
 
 
@@ -101,7 +101,7 @@ def jpeg_b64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-@st.cache_data(show_spinner=False, max_entries=512)
+@st.cache_data(show_spinner=False, max_entries=256)
 def feature_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, feature: int) -> list[dict]:
     """Heatmap thumbnails of a feature's top images: base64 JPEG, path, row and value, best first."""
     inference, dataset = get_inference(inference_dpath, mtime), get_dataset(dataset_dpath)
@@ -114,7 +114,7 @@ def feature_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, featur
         try:
             image = dataset.open_image(int(row))
             drawn = (overlay_heatmap(image, acts_hw, dataset.preprocess, vmax=vmax, max_side=THUMB_SIDE)
-                     if fd.has_patch_maps else image_grid([image], 1, THUMB_SIDE, 0))
+                     if fd.has_patch_maps else fit_thumbnail(image, THUMB_SIDE))
             tile["b64"] = jpeg_b64(drawn)
         except TraitscopeError as err:
             tile["error"] = str(err)
@@ -251,7 +251,11 @@ def pick_feature(inference: InferenceView, dataset: Dataset, key: str, initial: 
 
 
 def compute_on_the_fly(run: Run, dataset: Dataset) -> None:
-    """Run `traitscope inference` for this run and dataset here, with a progress bar."""
+    """Run `traitscope inference` for this run and dataset here, with a progress bar.
+
+    `run_inference` reports progress through its tqdm bar ('inference'); it runs in a thread here and
+    the page polls that bar (tqdm keeps its live bars in `tqdm._instances`).
+    """
     from tqdm import tqdm
     from traitscope.features.inference import run_inference
 
