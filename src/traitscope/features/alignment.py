@@ -89,20 +89,58 @@ def average_precision_matrix(scores_nf: torch.Tensor, y_nl: torch.Tensor) -> tor
     AP = Σ_i y_i · precision(end of i's tie group) / n_pos, with items sorted by score, descending.
     NaN for labels without positives.
     """
-    n, n_feat = scores_nf.shape
-    s_sorted, order = torch.sort(scores_nf, dim=0, descending=True)
+    n_feat, n = scores_nf.shape[1], scores_nf.shape[0]
+    s_sorted, order = torch.sort(scores_nf.T.contiguous(), dim=1, descending=True)  # (n_features, n)
     is_end = torch.ones_like(s_sorted, dtype=torch.bool)
-    is_end[:-1] = s_sorted[:-1] != s_sorted[1:]
-    idx = torch.arange(n).unsqueeze(1).expand(n, n_feat)
-    end_pos = torch.where(is_end, idx, torch.full_like(idx, n))
-    group_end = torch.flip(torch.cummin(torch.flip(end_pos, [0]), dim=0).values, [0])
-    rank = torch.arange(1, n + 1, dtype=torch.float32).unsqueeze(1)
-    n_pos = y_nl.sum(0)
-    out = torch.empty(n_feat, y_nl.shape[1])
+    is_end[:, :-1] = s_sorted[:, :-1] != s_sorted[:, 1:]
+    del s_sorted
+    group_end = _group_ends(is_end)
+    rank = torch.arange(1, n + 1, dtype=torch.float64)
+    y = y_nl.double()
+    out = torch.empty(n_feat, y.shape[1], dtype=torch.float64)
+    for j in range(y.shape[1]):
+        y_sorted = y[:, j][order]
+        precision = y_sorted.cumsum(1) / rank
+        out[:, j] = (y_sorted * precision.gather(1, group_end)).sum(1) / y[:, j].sum()
+    return out
+
+
+def _group_ends(is_end: torch.Tensor) -> torch.Tensor:
+    """For each position along the last axis: the position of the end of its tie group."""
+    n = is_end.shape[-1]
+    pos = torch.arange(n).expand_as(is_end)
+    end_pos = torch.where(is_end, pos, torch.full_like(pos, n))
+    return torch.flip(torch.cummin(torch.flip(end_pos, [-1]), dim=-1).values, [-1])
+
+
+def sparse_average_precision(items: torch.Tensor, features: torch.Tensor, values: torch.Tensor,
+                             n_features: int, y_nl: torch.Tensor) -> torch.Tensor:
+    """(n_features, n_labels) AP of non-negative sparse scores: entry (item, feature, value > 0);
+    every item not listed for a feature scores 0 (one tie group, ranked last).
+
+    The same value as the dense computation, in O(nnz log nnz): with P positives among n items and
+    TP of them scored above 0, AP = Σ_{listed i} y_i · precision(end of i's tie group) / P + (P − TP) / n.
+    """
+    n = y_nl.shape[0]
+    order = torch.argsort(values, descending=True, stable=True)
+    order = order[torch.argsort(features[order], stable=True)]  # by feature, then value descending
+    f, v, it = features[order], values[order], items[order]
+    counts = torch.bincount(f, minlength=n_features)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = (torch.arange(len(f)) - starts[f] + 1).double()
+    is_end = torch.ones(len(f), dtype=torch.bool)
+    is_end[:-1] = (f[:-1] != f[1:]) | (v[:-1] != v[1:])
+    group_end = _group_ends(is_end)
+    out = torch.empty(n_features, y_nl.shape[1], dtype=torch.float64)
     for j in range(y_nl.shape[1]):
-        y_sorted = y_nl[:, j][order]
-        precision = y_sorted.cumsum(0) / rank
-        out[:, j] = (y_sorted * precision.gather(0, group_end)).sum(0) / n_pos[j]
+        y = y_nl[:, j].double()
+        n_pos = y.sum()
+        y_sorted = y[it]
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), y_sorted.cumsum(0)])
+        tp = cum[1:] - cum[starts[f]]  # positives so far within the feature
+        listed = torch.zeros(n_features, dtype=torch.float64).index_add_(0, f, y_sorted * (tp / rank)[group_end])
+        tp_listed = cum[starts + counts] - cum[starts]
+        out[:, j] = listed / n_pos + (n_pos - tp_listed) / n
     return out
 
 
@@ -114,20 +152,29 @@ def best_features(block: Callable[[int, int], torch.Tensor], n_candidates: int,
     labels without positives.
     """
     n = y_nl.shape[0]
-    y = y_nl.float()
     width = max(1, (1 << 22) // max(n, 1))
-    best_ap = np.full(y.shape[1], -1.0)
-    best_idx = np.full(y.shape[1], -1, dtype=np.int64)
-    cols = np.arange(y.shape[1])
+    best_ap = np.full(y_nl.shape[1], -1.0)
+    best_idx = np.full(y_nl.shape[1], -1, dtype=np.int64)
     for start in range(0, n_candidates, width):
         stop = min(start + width, n_candidates)
-        ap = average_precision_matrix(block(start, stop).float(), y).numpy()
-        ap = np.where(np.isnan(ap), -1.0, ap)
-        j = ap.argmax(0)
-        better = ap[j, cols] > best_ap
-        best_ap[better] = ap[j, cols][better]
-        best_idx[better] = start + j[better]
+        idx, ap = _argmax_ap(average_precision_matrix(block(start, stop).float(), y_nl))
+        better = ap > best_ap
+        best_ap[better], best_idx[better] = ap[better], start + idx[better]
     return best_idx, np.where(best_ap < 0, np.nan, best_ap)
+
+
+def _argmax_ap(ap_fl: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per label: the first feature with the highest AP, and that AP (-1 where undefined)."""
+    ap = np.nan_to_num(ap_fl.numpy(), nan=-1.0)
+    idx = ap.argmax(0)
+    return idx, ap[idx, np.arange(ap.shape[1])]
+
+
+def best_sparse_features(items: torch.Tensor, features: torch.Tensor, values: torch.Tensor, n_features: int,
+                         y_nl: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """`best_features` for non-negative sparse scores (an SAE's codes)."""
+    idx, ap = _argmax_ap(sparse_average_precision(items, features, values, n_features, y_nl))
+    return np.where(ap < 0, -1, idx), np.where(ap < 0, np.nan, ap)
 
 
 def heldout_scores(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
@@ -146,17 +193,19 @@ class _Method(NamedTuple):
     n_features: int
     """Base features; with `signed`, candidate n_features + i is the negation of feature i."""
     signed: bool
-    block: Callable[[int, int], torch.Tensor]
-    """(start, stop) -> (n_train, stop - start) training scores of candidates [start, stop)."""
+    select: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+    """training labels (n_train, n_labels) -> per label the best candidate (-1: none) and its AP."""
     held: Callable[[np.ndarray], np.ndarray]
     """candidate indices -> (n_held, len(indices)) held-out scores."""
 
-    @property
-    def n_candidates(self) -> int:
-        return self.n_features * (2 if self.signed else 1)
-
     def name(self, idx: int) -> str:
         return f"-{idx - self.n_features}" if idx >= self.n_features else str(idx)
+
+
+def _dense_method(n_features: int, signed: bool, block: Callable[[int, int], torch.Tensor],
+                  held: Callable[[np.ndarray], np.ndarray]) -> _Method:
+    n_candidates = n_features * (2 if signed else 1)
+    return _Method(n_features, signed, lambda y: best_features(block, n_candidates, y), held)
 
 
 def _with_negations(scores: Callable[[slice], torch.Tensor], n_features: int) -> Callable[[int, int], torch.Tensor]:
@@ -179,29 +228,14 @@ def _take(scores_nf: torch.Tensor, idx: np.ndarray, n_features: int) -> torch.Te
 
 
 @torch.no_grad()
-def _sae_sparse_codes(inputs: RunInputs, x_nd: torch.Tensor):
-    """Codes of x as (token, feature, value) sorted by feature, and a block function over them."""
-    sae = inputs.sae
-    device = sae.W_enc.device
+def _sae_triplets(sae, x_nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The positive codes of x as (token, feature, value), encoded in chunks."""
     parts = []
     for start in range(0, x_nd.shape[0], CHUNK_TOKENS):
-        codes = sae.encode(x_nd[start:start + CHUNK_TOKENS].to(device)).cpu()
-        tok, feat = codes.nonzero(as_tuple=True)
+        codes = sae.encode(x_nd[start:start + CHUNK_TOKENS].to(sae.W_enc.device)).cpu()
+        tok, feat = (codes > 0).nonzero(as_tuple=True)
         parts.append((tok + start, feat, codes[tok, feat]))
-    tok = torch.cat([p[0] for p in parts])
-    feat = torch.cat([p[1] for p in parts])
-    val = torch.cat([p[2] for p in parts])
-    order = torch.argsort(feat, stable=True)
-    tok, feat, val = tok[order], feat[order], val[order]
-    n = x_nd.shape[0]
-
-    def block(start: int, stop: int) -> torch.Tensor:
-        lo, hi = torch.searchsorted(feat, torch.tensor([start, stop])).tolist()
-        out = torch.zeros(n, stop - start)
-        out[tok[lo:hi], feat[lo:hi] - start] = val[lo:hi]
-        return out
-
-    return block
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
 
 @torch.no_grad()
@@ -263,13 +297,14 @@ def _patch_level(inputs: RunInputs, baselines: list[Baseline], select_tokens: in
     def chunked(fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
         return torch.cat([fn(x_held[s:s + CHUNK_TOKENS]) for s in range(0, len(x_held), CHUNK_TOKENS)]).numpy()
 
-    methods = {"sae": _Method(sae.d_sae, False, _sae_sparse_codes(inputs, x_train),
+    triplets = _sae_triplets(sae, x_train)
+    methods = {"sae": _Method(sae.d_sae, False, lambda y: best_sparse_features(*triplets, sae.d_sae, y),
                               lambda idx: chunked(lambda x: sae.encode(x.to(device)).cpu()[:, torch.as_tensor(idx)]))}
     for b in baselines:
         base = lambda cols, b=b: b.scores(x_train, cols)  # noqa: E731
         block = _with_negations(base, b.n_features) if b.signed else (lambda s0, s1, base=base: base(slice(s0, s1)))
-        methods[b.name] = _Method(b.n_features, b.signed, block,
-                                  lambda idx, b=b: chunked(lambda x: _take(b.scores(x), idx, b.n_features)))
+        methods[b.name] = _dense_method(b.n_features, b.signed, block,
+                                        lambda idx, b=b: chunked(lambda x: _take(b.scores(x), idx, b.n_features)))
     return _Level("patch", labels, label_arr[idx_train], label_arr[idx_held], methods,
                   (x_train.numpy(), x_held.numpy()))
 
@@ -284,15 +319,16 @@ def _image_level(inputs: RunInputs, inf: Inference, baselines: list[Baseline], s
     if len(train_rows) > select_images:
         train_rows = np.sort(np.random.default_rng(3).choice(train_rows, size=select_images, replace=False))
     image_max = inf.image_max()  # the SAE's exact per-image maxima
-    sae_train, sae_held = image_max[train_rows], image_max[held_rows]
-    methods = {"sae": _Method(inputs.sae.d_sae, False,
-                              lambda s0, s1: torch.from_numpy(sae_train[:, s0:s1].toarray()),
+    sae_train, sae_held = image_max[train_rows].tocoo(), image_max[held_rows]
+    triplets = (torch.from_numpy(sae_train.row.astype(np.int64)), torch.from_numpy(sae_train.col.astype(np.int64)),
+                torch.from_numpy(sae_train.data.astype(np.float32)))
+    methods = {"sae": _Method(inputs.sae.d_sae, False, lambda y: best_sparse_features(*triplets, inputs.sae.d_sae, y),
                               lambda idx: sae_held[:, idx].toarray())}
     for b in baselines:
         # pooled per image, a negated feature is max(-s) = -min(s): pool the candidates themselves
         cand = (lambda x, b=b: torch.cat([b.scores(x), -b.scores(x)], 1)) if b.signed else b.scores
         train_pooled = _pooled(inputs, train_rows, cand, "max")
-        methods[b.name] = _Method(
+        methods[b.name] = _dense_method(
             b.n_features, b.signed, lambda s0, s1, t=train_pooled: t[:, s0:s1],
             lambda idx, cand=cand: _pooled(inputs, held_rows, lambda x: cand(x)[:, torch.as_tensor(idx)], "max").numpy())
     probe_x = (_pooled(inputs, train_rows, lambda x: x, "mean").numpy(),
@@ -327,7 +363,7 @@ def align(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_t
                               int(y_held[:, j].sum()), method, feature, float(train_ap), ap, purity)
 
         for method, m in level.methods.items():
-            idx, train_ap = best_features(m.block, m.n_candidates, torch.from_numpy(y_train))
+            idx, train_ap = m.select(torch.from_numpy(y_train))
             valid = idx >= 0
             held = np.full((len(y_held), len(level.labels)), np.nan)
             if valid.any():
