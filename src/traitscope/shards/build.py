@@ -11,6 +11,12 @@ there are); the files are renamed into place when the shard ends, and only then 
 record written. A rerun skips shards with a record and recomputes the others with the same batches,
 so a run killed part-way and rerun ends with the same bytes as one that was never interrupted.
 
+Under `torchrun` (a process group joined with `traitscope.dist.session`) every rank runs the same
+`build_shards` call: the shards not yet done are dealt round-robin over the ranks, each rank writes
+its own shard files and progress records, and after a barrier rank 0 assembles the image index and
+the manifest. A shard's bytes depend only on its images, so the folder is the same, byte for byte,
+as a one-process run (and can be resumed by any number of processes).
+
 fp16 (the default) cannot hold values beyond +-65504: such values are clamped to +-65504, counted per
 layer and token kind, reported in the manifest (`n_clamped`) and in a warning line. NaN or infinite
 values from the model itself are an error: nothing of that shard is kept.
@@ -18,7 +24,6 @@ values from the model itself are an error: nothing of that shard is kept.
 
 import contextlib
 import fcntl
-import os
 import queue
 import sys
 import threading
@@ -33,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import traitscope
+from traitscope import dist
 from traitscope.backbones.base import Backbone, Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.images.source import ImageError, ImageSource
@@ -384,19 +390,29 @@ class _Writer(threading.Thread):
 
 @contextlib.contextmanager
 def _folder_lock(dpath: Path):
-    """One writer per shard folder: a second run on the same folder fails with a clear line."""
-    dpath.mkdir(parents=True, exist_ok=True)
+    """One job per shard folder: a second run on the same folder fails with a clear line.
+
+    In a distributed job rank 0 holds the lock for all ranks and tells them whether it got it.
+    """
     lock_fpath = dpath / ".lock"
-    with open(lock_fpath, "w") as f:
+    f, busy = None, False
+    if dist.world().is_main:
+        dpath.mkdir(parents=True, exist_ok=True)
+        f = open(lock_fpath, "w")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise TraitscopeError(f"another `traitscope shards` run is writing {dpath}; wait for it to end") from None
-        try:
-            yield
-        finally:
+            f.close()
+            f, busy = None, True
+    if dist.broadcast(busy):
+        raise TraitscopeError(f"another `traitscope shards` run is writing {dpath}; wait for it to end")
+    try:
+        yield
+    finally:
+        if f is not None:
             with contextlib.suppress(OSError):
                 lock_fpath.unlink()
+            f.close()
 
 
 def _say(verbose: bool, msg: str, warning: bool = False) -> None:
@@ -406,7 +422,8 @@ def _say(verbose: bool, msg: str, warning: bool = False) -> None:
 
 
 def default_workers() -> int:
-    return max(1, min(16, os.cpu_count() or 1))
+    """Decoding threads: this process's share of the machine's cores, at most 16."""
+    return max(1, min(16, dist.cpus_per_rank()))
 
 
 def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_dpath: str | Path,
@@ -418,32 +435,62 @@ def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out
     Returns the finished folder opened for reading. If it is already complete nothing is computed;
     if an earlier run was interrupted, its finished shards are kept and the rest are computed.
     `strict` fails on the first unreadable image instead of skipping it.
+
+    In a distributed job (see the module doc) every rank calls this with the same arguments, computes
+    its round-robin share of the shards, and gets the finished folder back; rank 0 alone prints.
     """
     if batch_size < 1:
         raise TraitscopeError(f"batch size must be at least 1, not {batch_size}")
+    world = dist.world()
+    verbose_here = verbose and world.is_main
     plan = plan_shards(source, backbone, layers, out_dpath, token_kinds, dtype, images_per_shard)
-    if (plan.dpath / "manifest.json").is_file():
+    if world.distributed:  # the same folder and the same listing everywhere, or no rank starts
+        dist.check_agree("the shard folder and image listing",
+                         (plan.dpath.name, len(plan.records), content_hash({"records": plan.records})))
+    if dist.broadcast((plan.dpath / "manifest.json").is_file()):
         shards = Shards(plan.dpath)
-        _say(verbose, f"{plan.dpath} is already complete ({shards.n_images} images, {shards.n_shards} shards)")
+        _say(verbose_here, f"{plan.dpath} is already complete ({shards.n_images} images, {shards.n_shards} shards)")
         return shards
 
     with _folder_lock(plan.dpath):
+        todo = None
+        if world.is_main:  # before any rank writes: clear what an interrupted run left, list what is left to do
+            store = ShardWriter(plan.dpath, plan.header)
+            store.remove_stale_tmp()
+            todo = [s for s in range(plan.n_shards) if not store.shard_done(s)]
+        todo = dist.broadcast(todo)
         store = ShardWriter(plan.dpath, plan.header)
-        store.remove_stale_tmp()
-        todo = [s for s in range(plan.n_shards) if not store.shard_done(s)]
         n_done = sum(len(plan.shard_records(s)) for s in range(plan.n_shards) if s not in set(todo))
         if n_done:
-            _say(verbose, f"resuming {plan.dpath}: {plan.n_shards - len(todo)} of {plan.n_shards} shards "
-                          "already written")
+            _say(verbose_here, f"resuming {plan.dpath}: {plan.n_shards - len(todo)} of {plan.n_shards} shards "
+                               "already written")
+        mine = todo[world.rank::world.size]  # round-robin: disjoint, and balanced even when resuming
+        if world.distributed:
+            _say(verbose_here, f"{len(todo)} shards over {world.size} processes "
+                               f"(rank 0 writes {len(mine)}; the progress bar is rank 0's share)")
         t0 = time.perf_counter()
-        if todo:
-            _compute(plan, source, backbone, store, todo, n_done, batch_size, strict,
-                     n_workers or default_workers(), verbose)
+        error = None
+        try:
+            if mine:
+                n_mine = sum(len(plan.shard_records(s)) for s in mine)
+                bar = ((len(plan.records), n_done) if not world.distributed else (n_mine, 0))
+                _compute(plan, source, backbone, store, mine, bar, batch_size, strict,
+                         n_workers or default_workers(), verbose_here)
+        except Exception as err:  # every rank learns of it, instead of waiting for the failed one
+            error = err
+        dist.raise_if_any(error)
         elapsed = time.perf_counter() - t0
-        shards = _finish(plan, store, verbose)
+        shards, error = None, None
+        if world.is_main:
+            try:
+                shards = _finish(plan, store, verbose_here)
+            except Exception as err:
+                error = err
+        dist.raise_if_any(error)
+        shards = shards or Shards(plan.dpath)
     n_computed = len(plan.records) - n_done
     if n_computed:
-        _say(verbose, f"read {n_computed} images in {elapsed:.1f} s ({n_computed / max(elapsed, 1e-9):.1f} images/s)")
+        _say(verbose_here, f"read {n_computed} images in {elapsed:.1f} s ({n_computed / max(elapsed, 1e-9):.1f} images/s)")
     return shards
 
 
@@ -467,7 +514,8 @@ def _row_specs(plan: ShardPlan, source: ImageSource, backbone: Backbone) -> dict
 
 
 def _compute(plan: ShardPlan, source: ImageSource, backbone: Backbone, store: ShardWriter, todo: list[int],
-             n_done: int, batch_size: int, strict: bool, n_workers: int, verbose: bool) -> None:
+             bar_range: tuple[int, int], batch_size: int, strict: bool, n_workers: int, verbose: bool) -> None:
+    """Compute and write the shards `todo`; `bar_range` is the progress bar's (total, initial) in images."""
     device = next(iter(backbone.parameters())).device
     cuda = device.type == "cuda"
     out_dtype = DTYPES[plan.header["dtype"]]
@@ -476,7 +524,7 @@ def _compute(plan: ShardPlan, source: ImageSource, backbone: Backbone, store: Sh
 
     loader = _Loader(plan, source, backbone, todo, batch_size, n_workers, strict, pin=cuda)
     writer = _Writer(store, _row_specs(plan, source, backbone))
-    bar = tqdm(total=len(plan.records), initial=n_done, unit="img", desc="shards", dynamic_ncols=True,
+    bar = tqdm(total=bar_range[0], initial=bar_range[1], unit="img", desc="shards", dynamic_ncols=True,
                disable=not verbose, file=sys.stderr, smoothing=0.1)
     loader.start()
     writer.start()

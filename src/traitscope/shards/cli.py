@@ -4,19 +4,21 @@
 
 The last line of stdout is the shard folder (written now or found already complete), so a script can
 take it with `tail -n 1`. A progress bar goes to stderr.
+
+On several GPUs or machines, launch the same command with torchrun (see docs/distributed.md):
+
+    torchrun --standalone --nproc-per-node 8 -m traitscope.cli shards --images photos/ --out shards/
+
+Each process runs the model on its own GPU over its share of the shards; rank 0 prints and writes the
+manifest. The folder is the same as a one-process run's.
 """
 
 import argparse
 import os
 
-import torch
-
+from traitscope import dist
 from traitscope.errors import TraitscopeError
 from traitscope.shards.store import TOKEN_KINDS
-
-
-def _device_default() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per forward pass (default: 128 on a GPU, 32 on the CPU)")
     parser.add_argument("--images-per-shard", type=int, default=1024, metavar="N",
                         help="images per shard file; an interrupted run resumes at a shard boundary (default: 1024)")
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
-                        help="where the model runs (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", choices=dist.DEVICE_CHOICES,
+                        help="where the model runs: auto (default) picks cuda, else mps, else cpu; under torchrun "
+                             "each process takes the GPU of its LOCAL_RANK")
     parser.add_argument("--workers", type=int, default=None,
-                        help="threads decoding and preprocessing images (default: the number of CPU cores, at most 16)")
+                        help="threads decoding and preprocessing images (default: the CPU cores, shared among the "
+                             "processes on the machine, at most 16)")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable image instead of skipping it")
 
@@ -78,13 +82,6 @@ def parse_tokens(value: str) -> list[str]:
     return kinds
 
 
-def _check_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TraitscopeError("--device cuda: no CUDA GPU is available to torch here; use --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise TraitscopeError("--device mps: Apple's MPS backend is not available here; use --device cpu")
-
-
 def run(args: argparse.Namespace) -> int:
     from traitscope.backbones import default_model, load_backbone
     from traitscope.images import open_source
@@ -92,27 +89,29 @@ def run(args: argparse.Namespace) -> int:
 
     layers = parse_layers(args.layers)
     token_kinds = parse_tokens(args.tokens)
-    device = args.device or _device_default()
-    _check_device(device)
+    device = dist.pick_device(args.device)
     for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers),
                         ("--images-per-shard", args.images_per_shard)):
         if value is not None and value < 1:
             raise TraitscopeError(f"{flag} must be at least 1, not {value}")
-    batch_size = args.batch_size or (128 if device == "cuda" else 32)
+    batch_size = args.batch_size or (32 if device.type == "cpu" else 128)
 
-    source = open_source(args.images, labels=args.labels, masks=args.masks)
-    model_name = args.model
-    if model_name is None:
-        choice = default_model()
-        model_name = choice.name
-        print(choice.reason, flush=True)  # which model, and why
-    backbone = load_backbone(model_name, device=device)
-    about = "" if args.model is None else f" ({backbone.description})"
-    print(f"recording layers {','.join(map(str, layers))} of {backbone.name}{about} on {device} "
-          f"over {source.spec}", flush=True)
+    with dist.session(device) as world:
+        model_name = args.model
+        if model_name is None:  # one choice for every rank (it may depend on the network)
+            choice = dist.broadcast(default_model() if world.is_main else None)
+            model_name = choice.name
+            dist.say(choice.reason)  # which model, and why
+        with dist.main_first():  # rank 0 first: a generated or downloaded image set lands in a shared cache once
+            source = open_source(args.images, labels=args.labels, masks=args.masks)
+        backbone = load_backbone(model_name, device=str(device))  # hub downloads lock their cache files
+        about = "" if args.model is None else f" ({backbone.description})"
+        where = f"{device}" if not world.distributed else f"{world.size} processes ({device.type})"
+        dist.say(f"recording layers {','.join(map(str, layers))} of {backbone.name}{about} on {where} "
+                 f"over {source.spec}")
 
-    shards = build_shards(source, backbone, layers, args.out, token_kinds=token_kinds, dtype=args.dtype,
-                          batch_size=batch_size, images_per_shard=args.images_per_shard, strict=args.strict,
-                          n_workers=args.workers)
-    print(os.fspath(shards.dpath), flush=True)
+        shards = build_shards(source, backbone, layers, args.out, token_kinds=token_kinds, dtype=args.dtype,
+                              batch_size=batch_size, images_per_shard=args.images_per_shard, strict=args.strict,
+                              n_workers=args.workers)
+        dist.say(os.fspath(shards.dpath))
     return 0
