@@ -21,10 +21,9 @@ _PER_FOLDER = ("format", "hash", "n_listed", "n_images", "n_skipped", "shards")
 
 
 def l2_normalize_rows(x_nd: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Each row divided by its Euclidean norm (computed in float64; all-zero rows stay zero)."""
-    x_nd = np.asarray(x_nd, dtype=np.float64)
-    norms_n1 = np.linalg.norm(x_nd, axis=1, keepdims=True)
-    return x_nd / np.maximum(norms_n1, eps)
+    """Each row divided by its Euclidean norm, in float32 or wider (all-zero rows stay zero)."""
+    x_nd = np.asarray(x_nd, dtype=np.promote_types(np.asarray(x_nd).dtype, np.float32))
+    return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), eps)
 
 
 def normalized_shards(shards: Shards, layer: int, out_dpath: str | Path) -> Shards:

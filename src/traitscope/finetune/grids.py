@@ -24,6 +24,7 @@ from PIL import Image
 
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
+from traitscope.finetune.embed import l2_normalize_rows
 from traitscope.images import load_image, open_source
 from traitscope.sae import load_sae
 from traitscope.shards.store import Shards
@@ -67,7 +68,7 @@ def top_images(batches: Iterator[tuple[int, np.ndarray]], n: int = N_TOP, normal
     best_vals = best_rows = None
     for start, x_bu in batches:
         if normalize:
-            x_bu = x_bu / np.maximum(np.linalg.norm(x_bu, axis=1, keepdims=True), 1e-12)
+            x_bu = l2_normalize_rows(x_bu)
         rows_bu = np.broadcast_to(np.arange(start, start + len(x_bu))[:, None], x_bu.shape)
         if best_vals is not None:
             x_bu, rows_bu = np.concatenate([best_vals, x_bu]), np.concatenate([best_rows, rows_bu])
