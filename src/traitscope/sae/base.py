@@ -43,24 +43,30 @@ class ForwardOutput(NamedTuple):
 
     x_hat_bd: torch.Tensor
     """Reconstruction."""
-    codes_bs: torch.Tensor
-    """Latent activations (dense tensor, mostly zeros)."""
     loss: torch.Tensor
     """Total loss to minimise."""
-    parts: dict[str, float]
-    """Named loss parts for logging (mse, l1, auxk, ...)."""
+    parts: dict[str, torch.Tensor]
+    """Named loss parts for logging (nmse, l1, auxk, ...), detached scalars."""
+    n_fired_s: torch.Tensor
+    """(d_sae,) int64 number of tokens of the batch on which each latent fired."""
 
 
 class SAE(torch.nn.Module):
-    """Base class: subclasses set `variant` and implement `encode` (and `forward` for training)."""
+    """Base class: subclasses set `variant` and implement `encode` and `forward` (training loss)."""
 
     variant: ClassVar[str]
+    unit_norm_decoder: ClassVar[bool] = True
+    """Decoder rows are kept at unit norm during training (the ReLU/L1 variant weights its L1 instead)."""
+    input_scaled: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
+    """Parameters and buffers in input units: divided by the input scale when it is folded in."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
         d, s = cfg.d_model, cfg.d_sae
-        self.W_enc = torch.nn.Parameter(torch.empty(d, s))
+        # W_enc is (d_model, d_sae) but stored latent-major (a transposed view of (d_sae, d_model)): a
+        # sparse training step writes its gradient one latent row at a time, with no transposing copy.
+        self.W_enc = torch.nn.Parameter(torch.empty(s, d).t())
         self.b_enc = torch.nn.Parameter(torch.zeros(s))
         self.W_dec = torch.nn.Parameter(torch.empty(s, d))
         self.b_dec = torch.nn.Parameter(torch.zeros(d))
@@ -87,8 +93,57 @@ class SAE(torch.nn.Module):
     def decode(self, codes_bs: torch.Tensor) -> torch.Tensor:
         return codes_bs @ self.W_dec + self.b_dec
 
-    def forward(self, x_bd: torch.Tensor) -> ForwardOutput:
+    def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, l1_scale: float = 1.0,
+                k_aux: int | None = None, auxk_alpha: float = 1 / 32) -> ForwardOutput:
+        """Training pass on (scaled) activations: reconstruction, loss and its parts.
+
+        `dead_s` (bool, d_sae) marks latents that have not fired for a while (AuxK revives them);
+        `l1_scale` is the warm-up factor of the L1 penalty (ReLU/L1); `k_aux` (default d_model / 2)
+        and `auxk_alpha` set the AuxK loss of the TopK family.
+        """
         raise NotImplementedError
+
+    # --- training-time constraints ---
+    @torch.no_grad()
+    def init_b_dec_(self, b_dec_d: torch.Tensor) -> None:
+        """Start the decoder bias at a data statistic (mean or geometric median of the inputs)."""
+        self.b_dec.copy_(b_dec_d)
+
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        """Remove from each decoder row's gradient its component along the row (unit-norm variants;
+        the rows are unit vectors, kept so by `normalize_decoder_` after every step)."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        W, g = self.W_dec, self.W_dec.grad
+        g.addcmul_(W, torch.linalg.vecdot(g, W).unsqueeze(1), value=-1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Put decoder rows back on the unit sphere after an optimiser step (unit-norm variants)."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # --- making a saved SAE take raw activations ---
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """An SAE trained on `scale * x` becomes one that takes raw `x`, with codes in raw units.
+
+        Every activation function here is positively homogeneous (ReLU, TopK, JumpReLU with its
+        threshold scaled alike), so dividing b_enc, b_dec (and thresholds) by `scale` gives
+        codes_raw = codes / scale and x̂_raw = x̂ / scale with the same (unit-norm) decoder rows.
+        """
+        tensors = dict(self.named_parameters()) | dict(self.named_buffers())
+        for name in self.input_scaled:
+            tensors[name].div_(scale)
+
+    @torch.no_grad()
+    def unit_decoder_rows_(self) -> None:
+        """Rescale latents so every decoder row has unit norm; reconstructions are unchanged."""
+        norms_s = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec.div_(norms_s[:, None])
+        self.W_enc.mul_(norms_s[None, :])
+        self.b_enc.mul_(norms_s)
 
     # --- persistence: sae.safetensors + config.json ---
     def save(self, dpath: str | Path, extra_config: dict | None = None) -> None:

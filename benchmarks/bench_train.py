@@ -1,0 +1,171 @@
+"""Training speed: tokens/s of an SAE training step against the encoder-GEMM floor, same run; and the
+shuffled loader against a plain sequential read of the same shard files.
+
+Step: d_model 384, d_sae 6144, k 32, batch 4096, float32, torch.set_num_threads(2). The *floor* is
+the tokens/s a step would reach if it cost only x @ W_enc for the same batch. A step is the trainer's
+own `train_step` (forward, sparse backward, decoder-gradient projection, clipping, fused Adam, decoder
+renormalisation, dead-latent counters). Target: TopK and BatchTopK >= 50% of the floor. Floor and
+steps are timed in alternation, REPEATS rounds, and the best of each is kept, so a busy machine
+affects them alike. ReLU/L1 (dense by nature), Matryoshka and a bfloat16-product TopK step are
+printed too, and the whole `train()` loop (loader included) for TopK.
+
+Loader: random float32 activations written with `write_arrays` to a temp dir (page cache warmed by a
+first read); shuffled batches of 4096 from a running `ShuffledLoader` (steady state: chunked random
+reads, shuffle buffer, background prefetch, validation rows dropped), an epoch at a time, against a
+sequential read of the same files in large chunks. Target: shuffled >= 30% of sequential.
+
+    python benchmarks/bench_train.py [--repeats N]
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from traitscope.sae import SAEConfig, build_sae
+from traitscope.shards.store import write_arrays
+from traitscope.train import RunSettings, TrainConfig, train
+from traitscope.train.loader import ShuffledLoader, TokenSplit
+from traitscope.train.trainer import Run, adam_impl, train_step
+
+D_MODEL, D_SAE, K, BATCH = 384, 6144, 32, 4096
+N_IMAGES, GRID = 800, (16, 16)
+STEP_TARGET, LOADER_TARGET = 0.5, 0.3
+
+
+def make_shards(root: Path):
+    rng = np.random.default_rng(0)
+    n_p = GRID[0] * GRID[1]
+    acts = rng.standard_normal((N_IMAGES, n_p, D_MODEL), dtype=np.float32)
+    header = {"model": {"name": "bench", "family": "random", "n_layers": 12, "d_model": D_MODEL,
+                        "weights_sha256": "0" * 64},
+              "layers": [10], "token_kinds": ["patches"], "d_model": {"10": D_MODEL}, "grid": {"10": list(GRID)},
+              "layout": {"n_cls": 1, "n_registers": 0}, "preprocess": {}, "dtype": "float32",
+              "images_root": str(root), "patch_labels": [], "image_labels": []}
+    listing = [{"index": i, "path": f"{i}.png", "width": 224, "height": 224, "label": None, "row": i,
+                "skipped": None} for i in range(N_IMAGES)]
+    return write_arrays(root / "shards", header, listing, {"L10/patches": acts}, images_per_shard=100)
+
+
+# --- loader ---
+
+def sequential_tokens_per_s(split: TokenSplit, chunk_rows: int = 8192) -> float:
+    """Plain sequential read of every shard file in large chunks into a reused buffer."""
+    buf = np.empty((chunk_rows, split.d_model), dtype=split.dtype)
+    n = 0
+    t0 = time.perf_counter()
+    for rows in split.arrays[0].maps:
+        for start in range(0, len(rows), chunk_rows):
+            part = rows[start:start + chunk_rows]
+            np.copyto(buf[:len(part)], part)
+            n += len(part)
+    return n / (time.perf_counter() - t0)
+
+
+def shuffled_tokens_per_s(loader: ShuffledLoader, n_batches: int) -> float:
+    """Shuffled batches of BATCH float32 tokens from a loader that is already running (steady state)."""
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(loader)
+    return n_batches * BATCH / (time.perf_counter() - t0)
+
+
+# --- training step ---
+
+def make_run(variant: str, device: torch.device) -> Run:
+    settings = RunSettings(variant=variant, k=None if variant == "relu" else K, d_sae=D_SAE).resolved(D_MODEL)
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(**settings.sae_config(D_MODEL))).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=settings.lr, **adam_impl(device))
+    return Run(Path("."), settings, {}, sae, opt, torch.zeros(D_SAE, dtype=torch.long, device=device))
+
+
+def best_seconds(fn, n: int) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def step_figures(x_bd: torch.Tensor, repeats: int) -> dict[str, tuple[float, float]]:
+    """variant -> (floor tokens/s, step tokens/s), each the best over alternating rounds."""
+    W_enc = make_run("topk", x_bd.device).sae.W_enc.detach()
+    pre_bs = torch.empty(BATCH, D_SAE)
+    floor = lambda: torch.mm(x_bd, W_enc, out=pre_bs)  # noqa: E731
+    cases = {"topk": ("topk", False), "batchtopk": ("batchtopk", False), "matryoshka": ("matryoshka", False),
+             "relu": ("relu", False), "topk bf16": ("topk", True)}
+    runs = {name: make_run(variant, x_bd.device) for name, (variant, _) in cases.items()}
+    best_floor = {name: float("inf") for name in cases}
+    best_step = {name: float("inf") for name in cases}
+    for name, (_, bf16) in cases.items():  # warm-up: buffers, thresholds, allocator
+        for step in range(3):
+            train_step(runs[name], x_bd, step, 10_000, bf16=bf16)
+    for rnd in range(repeats):
+        for name, (_, bf16) in cases.items():
+            if name == "relu" and rnd >= max(1, repeats // 2):
+                continue  # the dense step is slow; fewer rounds
+            best_floor[name] = min(best_floor[name], best_seconds(floor, 2))
+            run, step0 = runs[name], 3 + rnd * 2
+            best_step[name] = min(best_step[name], best_seconds(
+                lambda: train_step(run, x_bd, step0, 10_000, bf16=bf16), 2))
+    return {name: (BATCH / best_floor[name], BATCH / best_step[name]) for name in cases}
+
+
+def end_to_end_tokens_per_s(shards, root: Path) -> float:
+    """The whole `train()` loop (loader, every step, metrics lines) for TopK; the median logged rate."""
+    cfg = TrainConfig(shards=str(shards.dpath), tokens=60 * BATCH, batch_size=BATCH, out=str(root / "runs"),
+                      quiet=True, log_every=10, checkpoint_every=10**12, val_tokens=BATCH)
+    (result,) = train(cfg, [RunSettings(variant="topk", k=K, d_sae=D_SAE)], echo=lambda *a: None)
+    records = [json.loads(ln) for ln in (result.dpath / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["tokens_per_s"] for r in records[1:])  # the first window includes start-up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="alternating timing rounds (default: 5)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d_model {D_MODEL}, d_sae {D_SAE}, "
+          f"k {K}, batch {BATCH}, float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shards = make_shards(root)
+        split = TokenSplit(shards, 10, "patches", val_frac=0.05, seed=0)
+        sequential_tokens_per_s(split)  # warm the page cache
+        epoch_batches = split.n_train_tokens // BATCH
+        with ShuffledLoader(split, BATCH, seed=0) as loader:
+            shuffled_tokens_per_s(loader, 3 * epoch_batches // 2)  # every block buffer allocated and in use
+            seq = shuf = 0.0
+            for _ in range(args.repeats):  # alternating, best of each
+                seq = max(seq, sequential_tokens_per_s(split))
+                shuf = max(shuf, shuffled_tokens_per_s(loader, epoch_batches))
+        print(f"\nloader ({split.n_train_tokens:,} training tokens of {N_IMAGES * GRID[0] * GRID[1]:,}, float32, "
+              f"warm page cache):")
+        print(f"  sequential read   {seq:12,.0f} tokens/s")
+        print(f"  shuffled loader   {shuf:12,.0f} tokens/s   = {shuf / seq:.0%} of sequential "
+              f"(target >= {LOADER_TARGET:.0%}: {'met' if shuf / seq >= LOADER_TARGET else 'NOT met'})")
+
+        x_bd = torch.from_numpy(split.arrays[0].read(0, BATCH).astype(np.float32))
+        x_bd /= x_bd.pow(2).sum(1).mean().sqrt()  # the trainer's unit mean squared norm
+        figures = step_figures(x_bd, args.repeats)
+        print("\ntraining step (tokens/s; floor = x @ W_enc alone on the same batch, timed alternately):")
+        for name, (floor, step) in figures.items():
+            target = name in ("topk", "batchtopk")
+            verdict = f" (target >= {STEP_TARGET:.0%}: {'met' if step / floor >= STEP_TARGET else 'NOT met'})" \
+                if target else ""
+            print(f"  {name:11s} step {step:9,.0f}   floor {floor:9,.0f}   = {step / floor:.0%} of the floor{verdict}")
+        e2e = end_to_end_tokens_per_s(shards, root)
+        floor_topk = figures["topk"][0]
+        print(f"\nwhole train() loop, TopK (loader, steps, metrics): {e2e:,.0f} tokens/s "
+              f"= {e2e / floor_topk:.0%} of the floor")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""BatchTopK SAE (Bussmann et al. 2024): the batch keeps its batch × k largest pre-activations.
+
+Training selects across the whole batch, so a token may use more or fewer than k latents while the
+batch averages k. The batch's cut (the smallest kept value) is tracked as a running average, the
+`threshold` buffer; at inference the SAE is a JumpReLU with that threshold,
+
+    f = ReLU(pre) · [pre > threshold]
+
+so a token's codes never depend on what else is in the batch.
+"""
+
+import torch
+
+from traitscope.sae.base import SAE, SAEConfig, register
+from traitscope.sae.sparse import Selection, batch_topk_flat, make_selection
+from traitscope.sae.topk import TopKSAE
+
+THRESHOLD_DECAY = 0.99
+"""Running-average decay of the per-batch cut (about the last 100 steps count)."""
+
+
+@register
+class BatchTopKSAE(TopKSAE):
+    variant = "batchtopk"
+    input_scaled = SAE.input_scaled + ("threshold",)
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
+        pre_bs = self.pre_acts(x_bd)
+        return pre_bs.relu() * (pre_bs > self.threshold)
+
+    def select(self, pre_bs: torch.Tensor) -> tuple[torch.Tensor, Selection]:
+        flat_idx, values = batch_topk_flat(pre_bs, pre_bs.shape[0] * self.cfg.k)
+        if self.training and values.numel():
+            self._update_threshold(values.min())
+        rows, cols = flat_idx // self.d_sae, flat_idx % self.d_sae
+        return values, self.selection(rows, cols, pre_bs.shape[0])
+
+    def selection(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> Selection:
+        """Entries (sorted by token, then latent) grouped into one bag per token."""
+        return make_selection(rows, cols, rows, n_rows, self.d_sae)
+
+    @torch.no_grad()
+    def _update_threshold(self, cut: torch.Tensor) -> None:
+        if float(self.threshold) <= 0:
+            self.threshold.copy_(cut)
+        else:
+            self.threshold.lerp_(cut.to(self.threshold.dtype), 1 - THRESHOLD_DECAY)

@@ -1,0 +1,58 @@
+"""ReLU SAE with an L1 penalty: the classic form (Anthropic, 'Towards Monosemanticity' and its
+April 2024 update), as used in the faces experiment.
+
+    x̄ = x − b_dec;  f = ReLU(W_encᵀ x̄ + b_enc);  x̂ = W_dec f + b_dec
+    loss = ‖x − x̂‖² + λ' Σ_i f_i ‖W_dec[i]‖,   λ' = l1_scale · λ / √d_model
+
+The decoder rows are free; the L1 term is weighted by their norms, so shrinking a row cannot buy a
+smaller penalty. λ is in the convention where inputs are scaled to E‖x‖² = d_model (λ = 5 is the
+update's starting point); training scales inputs to E‖x‖² = 1, hence the 1/√d_model. The trainer warms
+λ up linearly (l1_scale). On save, latents are rescaled so decoder rows have unit norm (codes then
+measure each feature's contribution), which leaves reconstructions unchanged.
+"""
+
+import math
+
+import torch
+
+from traitscope.errors import TraitscopeError
+from traitscope.sae.base import SAE, ForwardOutput, SAEConfig, register
+
+DEFAULT_L1 = 5.0
+INIT_ROW_NORM = 0.1
+"""Decoder rows start as random directions of this norm (the April 2024 update's initialisation)."""
+
+
+@register
+class ReluSAE(SAE):
+    variant = "relu"
+    unit_norm_decoder = False
+
+    def __init__(self, cfg: SAEConfig):
+        if cfg.l1_coeff is None:
+            cfg.l1_coeff = DEFAULT_L1
+        if cfg.l1_coeff < 0:
+            raise TraitscopeError(f"relu SAE: the L1 coefficient must be >= 0, not {cfg.l1_coeff}")
+        super().__init__(cfg)
+        with torch.no_grad():
+            self.W_dec.mul_(INIT_ROW_NORM)
+            self.W_enc.copy_(self.W_dec.T)
+
+    def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
+        return self.pre_acts(x_bd).relu()
+
+    def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, l1_scale: float = 1.0,
+                k_aux: int | None = None, auxk_alpha: float = 1 / 32) -> ForwardOutput:
+        codes_bs = self.encode(x_bd)
+        x_hat_bd = self.decode(codes_bs).float()
+        sse = ((x_hat_bd - x_bd) ** 2).sum()
+        l1 = (codes_bs.float() @ self.W_dec.norm(dim=1)).sum()
+        n = x_bd.shape[0]
+        lam = l1_scale * self.cfg.l1_coeff / math.sqrt(self.d_model)
+        loss = (sse + lam * l1) / n
+        with torch.no_grad():
+            sst = ((x_bd - x_bd.mean(0)) ** 2).sum().clamp_min(1e-12)
+            n_fired_s = (codes_bs > 0).sum(0)
+        parts = {"nmse": (sse / sst).detach(), "mse": (sse / n).detach(), "l1": (l1 / n).detach(),
+                 "l0": n_fired_s.sum() / n}
+        return ForwardOutput(x_hat_bd, loss, parts, n_fired_s)

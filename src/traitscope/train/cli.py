@@ -1,0 +1,122 @@
+"""`traitscope train`: train sparse autoencoders on stored activations, several in one pass.
+
+    traitscope train --shards shards/<hash> --layer -2 --sae topk --k 16,32,64 --expansion 16 --tokens 50M
+
+trains three SAEs on one pass over the data and prints each run folder. Comma lists of --sae, --k,
+--l1, --d-sae, --expansion and --lr make a grid; --sweep FILE (JSON or TOML) lists runs explicitly.
+Rerunning the same command resumes unfinished runs from their checkpoints and skips finished ones.
+"""
+
+import argparse
+import dataclasses
+import sys
+
+from traitscope.errors import TraitscopeError
+from traitscope.train.config import RunSettings, TrainConfig, coerce, field_docs, load_sweep, plan_runs
+
+# Per-run fields that take comma lists on the command line (a grid), with their flags.
+GRID_FLAGS = {"variant": "--sae", "k": "--k", "l1_coeff": "--l1", "d_sae": "--d-sae", "expansion": "--expansion",
+              "lr": "--lr"}
+TOKEN_KINDS = ("patches", "cls", "all")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__
+    shared, per_run = field_docs(TrainConfig), field_docs(RunSettings)
+    defaults_t, defaults_r = TrainConfig(), RunSettings()
+    data = parser.add_argument_group("data (shared by every SAE of the pass)")
+    data.add_argument("--shards", required=True, metavar="DIR", help=shared["shards"])
+    data.add_argument("--sweep", metavar="FILE", help="JSON or TOML file listing the runs (see the docs); "
+                      "keys are the long option names with underscores ('sae' and 'l1' work too)")
+    grid = parser.add_argument_group("SAEs (comma lists make a grid)")
+    grid.add_argument("--sae", action="append", metavar="VARIANT", help=per_run["variant"] + " (default: topk)")
+    grid.add_argument("--k", metavar="K[,K...]", help=per_run["k"])
+    grid.add_argument("--l1", dest="l1_coeff", metavar="L1[,L1...]", help=per_run["l1_coeff"])
+    grid.add_argument("--d-sae", metavar="N[,N...]", help=per_run["d_sae"])
+    grid.add_argument("--expansion", metavar="X[,X...]", help=per_run["expansion"])
+    grid.add_argument("--lr", metavar="LR[,LR...]", help=per_run["lr"])
+    grid.add_argument("--prefixes", metavar="N,N,...", help=per_run["prefixes"])
+    optim = parser.add_argument_group("optimiser and losses (per SAE)")
+    for f in dataclasses.fields(RunSettings):
+        if f.name in GRID_FLAGS or f.name == "prefixes":
+            continue
+        optim.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(),
+                           help=f"{per_run[f.name]} (default: {getattr(defaults_r, f.name)})")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "shards":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{shared[f.name]} (default: {_show(getattr(defaults_t, f.name))})"
+        if f.type is bool:
+            data.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+        else:
+            data.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=help_text)
+
+
+def _show(value) -> str:
+    return f"{value:,}".replace(",", "_") if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000 \
+        else str(value)
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def config_from_args(args: argparse.Namespace):
+    """(TrainConfig, [RunSettings]) from the command line and an optional sweep file."""
+    shared_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    run_fields = {f.name for f in dataclasses.fields(RunSettings)}
+    if args.tokens is not None and str(args.tokens).strip().lower() in TOKEN_KINDS:
+        raise TraitscopeError(f"--tokens is the token budget (e.g. 50M); for the token kind use --token-kind {args.tokens}")
+    given = {name: coerce(name, getattr(args, name)) for name in shared_fields | run_fields
+             if name not in GRID_FLAGS and name != "prefixes" and getattr(args, name, None) is not None}
+    if args.prefixes:
+        given["prefixes"] = coerce("prefixes", args.prefixes)
+    if given.get("token_kind") not in (None, *TOKEN_KINDS):
+        raise TraitscopeError(f"--token-kind must be one of {', '.join(TOKEN_KINDS)}, not {given['token_kind']!r}")
+    grid: dict[str, list] = {}
+    variants = [v for value in (args.sae or []) for v in _split(value)]
+    if variants:
+        grid["variant"] = variants
+    for name, flag in GRID_FLAGS.items():
+        if name == "variant":
+            continue
+        values = _split(getattr(args, name))
+        if values:
+            grid[name] = [coerce(name, v) for v in values]
+    base = TrainConfig(**{k: v for k, v in given.items() if k in shared_fields})
+    run_defaults = {k: v for k, v in given.items() if k in run_fields}
+    if args.sweep:
+        if grid:
+            flags = ", ".join(GRID_FLAGS[k] for k in grid)
+            raise TraitscopeError(f"give the runs either as a grid ({flags}) or in --sweep, not both")
+        top, entries = load_sweep(args.sweep)
+        sweep_shared = {k: v for k, v in top.items() if k in shared_fields}
+        run_defaults.update({k: v for k, v in top.items() if k in run_fields})
+        for key, value in sweep_shared.items():
+            if key in given and given[key] != value:
+                raise TraitscopeError(f"{key} is {given[key]!r} on the command line but {value!r} in {args.sweep}")
+        return plan_runs(base, run_defaults, {}, entries, shared_overrides=sweep_shared)
+    return plan_runs(base, run_defaults, grid, None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from traitscope.train.trainer import train
+
+    cfg, settings = config_from_args(args)
+    results = train(cfg, settings)
+    print()
+    failed = 0
+    for r in results:
+        if r.status in ("trained", "already trained") and r.metrics:
+            m = r.metrics
+            print(f"{r.dpath}  {r.status}: NMSE {m['nmse']:.4f}, L0 {m['l0']:.1f}, "
+                  f"dead {m['dead_frac']:.1%}, dense {m['dense_frac']:.1%}")
+        elif r.status == "stopped":
+            print(f"{r.dpath}  stopped with a checkpoint; rerun the same command to continue")
+        else:
+            failed += 1
+            print(f"{r.dpath}  failed: {r.message}", file=sys.stderr)
+    return 1 if failed else 0
+

@@ -1,0 +1,342 @@
+"""Training settings: what a whole pass over the data shares, and what each SAE of the pass may vary.
+
+`TrainConfig` is shared by every SAE trained in one pass (the data, its order, the token budget);
+`RunSettings` describes one SAE and its optimiser. A grid or sweep file is a list of RunSettings over
+one TrainConfig; settings that would need a different pass over the data are refused up front.
+The docstring under each field is also the command line's help.
+"""
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import re
+from pathlib import Path
+
+from traitscope.errors import TraitscopeError
+
+TOKEN_KINDS = ("patches", "cls", "all")
+VARIANTS_WITH_K = ("topk", "batchtopk", "matryoshka")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings shared by every SAE of one pass over the data."""
+
+    shards: str = ""
+    """Shard folder (made by `traitscope shards`)."""
+    layer: int | None = None
+    """Layer to train on, as stored or as a negative index of the model (default: the last stored)."""
+    token_kind: str = "patches"
+    """Tokens to train on: patches, cls (the CLS / pooled token) or all (both)."""
+    tokens: int = 50_000_000
+    """Token budget: training tokens seen (50M, 1e6, ...); more than the data set means several epochs."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    seed: int = 0
+    """Seed of the validation split, the data order and the initialisation."""
+    val_frac: float = 0.05
+    """Share of images held out for validation (every token of a held-out image)."""
+    val_tokens: int = 262_144
+    """At most this many validation tokens are evaluated at the end."""
+    dtype: str = "float32"
+    """float32, or bfloat16 for the encoder product (weights and optimiser stay float32)."""
+    chunk_rows: int = 4096
+    """Rows per contiguous read of the shuffled loader."""
+    buffer_mb: int = 256
+    """Size of the loader's shuffle buffer in MB (chunks from random places are mixed inside it)."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda if available)."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's own choice)."""
+    out: str = "runs"
+    """Folder under which each SAE gets its run folder."""
+    name: str | None = None
+    """Run folder name instead of the content-addressed one (a single SAE only)."""
+    log_every: int = 50
+    """Steps between lines of metrics.jsonl."""
+    checkpoint_every: int = 5_000_000
+    """Tokens between checkpoints (a killed run resumes from the last one)."""
+    stop_after: int | None = None
+    """Stop with a checkpoint after this many tokens, as if interrupted; rerun without it to go on."""
+    log_to: str = "none"
+    """Also log to 'tensorboard' or 'wandb' (only when installed; nothing is sent by default)."""
+    restart: bool = False
+    """Discard existing checkpoints and results of these runs and train them from scratch."""
+    quiet: bool = False
+    """No progress bar."""
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """Settings of one SAE: architecture, sparsity, and optimiser."""
+
+    variant: str = "topk"
+    """SAE variant: relu, topk, batchtopk or matryoshka."""
+    k: int | None = None
+    """Active latents per token (topk, batchtopk, matryoshka; default 32)."""
+    l1_coeff: float | None = None
+    """L1 coefficient λ (relu), in the convention of inputs scaled to E‖x‖² = d_model (default 5)."""
+    d_sae: int | None = None
+    """Number of latents; or give expansion."""
+    expansion: float | None = None
+    """d_sae as a multiple of d_model (default 16 when d_sae is not given)."""
+    prefixes: list[int] | None = None
+    """Matryoshka nested dictionary sizes, the last equal to d_sae (default d_sae/16, /8, /4, /2, 1)."""
+    lr: float | None = None
+    """Peak learning rate of Adam (default: 2e-4 / sqrt(d_sae / 16384) for the TopK family, 5e-5 for relu)."""
+    lr_warmup: int = 1000
+    """Steps of linear learning-rate warm-up (at most a tenth of the steps)."""
+    lr_decay: str = "linear"
+    """Learning-rate decay to zero: linear, cosine or none."""
+    decay_start: float = 0.8
+    """Fraction of training after which the learning rate decays."""
+    beta1: float = 0.9
+    """Adam β1."""
+    beta2: float = 0.999
+    """Adam β2."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    b_dec_init: str = "mean"
+    """Initial decoder bias: the data's mean or geometric median ('median')."""
+    l1_warmup: float = 0.05
+    """Fraction of training over which λ ramps up linearly from 0 (relu)."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many tokens without firing (AuxK then trains it)."""
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss per token (default d_model / 2)."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss (0 turns it off)."""
+
+    def resolved(self, d_model: int) -> "RunSettings":
+        """A copy with every default filled in for inputs of width d_model; impossible values refused."""
+        s = dataclasses.replace(self)
+        if s.variant not in ("relu", *VARIANTS_WITH_K):
+            raise TraitscopeError(f"unknown SAE variant {s.variant!r}; known: relu, topk, batchtopk, matryoshka")
+        if s.d_sae is not None and s.expansion is not None and s.d_sae != round(s.expansion * d_model):
+            raise TraitscopeError(f"give d_sae or expansion, not both (d_sae={s.d_sae}, expansion={s.expansion} "
+                                  f"× d_model {d_model} = {s.expansion * d_model:g})")
+        if s.d_sae is None:
+            s.d_sae = int(round((s.expansion if s.expansion is not None else 16) * d_model))
+        s.expansion = None
+        if s.d_sae < 1:
+            raise TraitscopeError(f"d_sae must be at least 1, not {s.d_sae}")
+        if s.variant in VARIANTS_WITH_K:
+            s.k = 32 if s.k is None else s.k
+            if not 1 <= s.k <= s.d_sae:
+                raise TraitscopeError(f"{s.variant}: k={s.k} must be between 1 and d_sae={s.d_sae}")
+            if s.l1_coeff is not None:
+                raise TraitscopeError(f"{s.variant} takes k, not an L1 coefficient (l1_coeff={s.l1_coeff})")
+        else:
+            if s.k is not None:
+                raise TraitscopeError(f"relu takes an L1 coefficient, not k (k={s.k})")
+            s.l1_coeff = 5.0 if s.l1_coeff is None else float(s.l1_coeff)
+            if s.l1_coeff < 0:
+                raise TraitscopeError(f"relu: the L1 coefficient must be >= 0, not {s.l1_coeff}")
+        if s.variant == "matryoshka":
+            if s.prefixes is None:
+                s.prefixes = sorted({max(1, s.d_sae >> shift) for shift in (4, 3, 2, 1, 0)})
+            p = [int(v) for v in s.prefixes]
+            if not p or p[-1] != s.d_sae or p[0] < 1 or any(a >= b for a, b in zip(p, p[1:])):
+                raise TraitscopeError(f"matryoshka prefixes {p} must increase strictly and end at d_sae={s.d_sae}")
+            s.prefixes = p
+        elif s.prefixes is not None:
+            raise TraitscopeError(f"prefixes apply to matryoshka SAEs only, not {s.variant}")
+        if s.lr is None:
+            s.lr = 5e-5 if s.variant == "relu" else 2e-4 / math.sqrt(s.d_sae / 2 ** 14)
+        checks = [(s.lr > 0, f"lr must be > 0, not {s.lr}"), (s.lr_warmup >= 0, "lr_warmup must be >= 0"),
+                  (s.lr_decay in ("linear", "cosine", "none"), f"lr_decay must be linear, cosine or none, not {s.lr_decay!r}"),
+                  (0 <= s.decay_start <= 1, "decay_start must be between 0 and 1"),
+                  (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1, "Adam betas must be in [0, 1)"),
+                  (s.grad_clip >= 0, "grad_clip must be >= 0"),
+                  (s.b_dec_init in ("mean", "median"), f"b_dec_init must be mean or median, not {s.b_dec_init!r}"),
+                  (0 <= s.l1_warmup <= 1, "l1_warmup must be between 0 and 1"),
+                  (s.dead_tokens >= 1, "dead_tokens must be >= 1"),
+                  (s.k_aux is None or s.k_aux >= 1, "k_aux must be >= 1"),
+                  (s.auxk_alpha >= 0, "auxk_alpha must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise TraitscopeError(message)
+        return s
+
+    def sae_config(self, d_model: int) -> dict:
+        """Fields of `traitscope.sae.SAEConfig` (call on a resolved copy)."""
+        return {"variant": self.variant, "d_model": d_model, "d_sae": self.d_sae, "k": self.k,
+                "l1_coeff": self.l1_coeff, "prefixes": self.prefixes}
+
+    def label(self) -> str:
+        """Short human part of the run folder name: variant, sparsity, width."""
+        sparsity = f"k{self.k}" if self.k is not None else f"l1_{self.l1_coeff:g}"
+        return f"{self.variant}-{sparsity}-{self.d_sae}"
+
+
+# Fields of TrainConfig that decide the data a pass sees: they are part of each run's identity.
+DATA_FIELDS = ("layer", "token_kind", "tokens", "batch_size", "seed", "val_frac", "dtype", "chunk_rows",
+               "buffer_mb")
+
+
+def run_identity(cfg: TrainConfig, settings: RunSettings, shards_hash: str, layer: int) -> dict:
+    """Everything that decides a run's result: its folder name hashes this."""
+    shared = {f: getattr(cfg, f) for f in DATA_FIELDS} | {"layer": layer}
+    return {"shards": shards_hash, **shared, **dataclasses.asdict(settings)}
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# --- numbers, files and grids ---
+
+_SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
+
+
+def parse_count(text: str | int | float) -> int:
+    """'50M', '1e6', '250k', '2.5M', 4096 -> an integer count."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgb]?)\s*", str(text).replace("_", ""),
+                             re.IGNORECASE)
+        if not match:
+            raise TraitscopeError(f"{text!r} is not a count (examples: 50M, 1e6, 250k, 4096)")
+        value = float(match.group(1)) * _SUFFIXES.get(match.group(2).lower(), 1)
+    if value != int(value) or value < 0:
+        raise TraitscopeError(f"{text!r} is not a whole, non-negative count")
+    return int(value)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string literal after its annotation)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: " ".join(nxt.value.value.split())
+            for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
+
+
+ALIASES = {"sae": "variant", "l1": "l1_coeff"}
+COUNT_FIELDS = {"tokens", "val_tokens", "checkpoint_every", "stop_after", "dead_tokens"}
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    return hints
+
+
+def coerce(name: str, value):
+    """A sweep-file or command-line value as the field's type."""
+    if value is None:
+        return None
+    if name in COUNT_FIELDS:
+        return parse_count(value)
+    if name == "prefixes":
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return [parse_count(v) for v in value]
+    tp = (_field_types(TrainConfig) | _field_types(RunSettings))[name]
+    text = str(tp)
+    try:
+        if "bool" in text:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if "int" in text and "float" not in text:
+            return parse_count(value) if name in ("d_sae", "k", "k_aux", "batch_size", "chunk_rows") else int(value)
+        if "float" in text:
+            return float(value)
+    except (TypeError, ValueError):
+        raise TraitscopeError(f"{name}: {value!r} is not a valid value") from None
+    return value
+
+
+def load_sweep(fpath: str | Path) -> tuple[dict, list[dict]]:
+    """(shared settings, list of per-run settings) from a JSON or TOML sweep file.
+
+    JSON: a list of objects, or an object with shared keys and a "runs" list. TOML: shared keys at the
+    top and one [[run]] table per SAE. Keys are field names of TrainConfig / RunSettings ('sae' and
+    'l1' are accepted for 'variant' and 'l1_coeff').
+    """
+    fpath = Path(fpath)
+    if not fpath.is_file():
+        raise TraitscopeError(f"sweep file {fpath} does not exist")
+    text = fpath.read_text()
+    try:
+        if fpath.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as err:
+        raise TraitscopeError(f"sweep file {fpath} is not valid {fpath.suffix.lstrip('.').upper() or 'JSON'}: {err}") from None
+    if isinstance(data, list):
+        shared, entries = {}, data
+    elif isinstance(data, dict):
+        entries = data.get("runs", data.get("run", []))
+        shared = {k: v for k, v in data.items() if k not in ("runs", "run")}
+    else:
+        raise TraitscopeError(f"sweep file {fpath}: expected a list of runs or an object with 'runs'")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise TraitscopeError(f"sweep file {fpath}: needs at least one run (a list of objects / [[run]] tables)")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(RunSettings)}
+    out_entries = []
+    for i, entry in enumerate([shared, *entries]):
+        clean = {}
+        for key, value in entry.items():
+            key = ALIASES.get(key, key).replace("-", "_")
+            if key not in known:
+                where = "top level" if i == 0 else f"run {i}"
+                raise TraitscopeError(f"sweep file {fpath} ({where}): unknown setting {key!r}")
+            clean[key] = coerce(key, value)
+        out_entries.append(clean)
+    return out_entries[0], out_entries[1:]
+
+
+def plan_runs(base: TrainConfig, run_defaults: dict, grid: dict[str, list], entries: list[dict] | None,
+              shared_overrides: dict | None = None) -> tuple[TrainConfig, list[RunSettings]]:
+    """One TrainConfig and the RunSettings of every SAE of the pass.
+
+    `grid` maps per-run fields to lists of values (a Cartesian product, each field applied only to
+    the variants it fits); `entries` (from a sweep file) lists runs explicitly. Shared settings given
+    per run must agree across runs, else the pass is impossible and refused.
+    """
+    run_fields = {f.name for f in dataclasses.fields(RunSettings)}
+    base = dataclasses.replace(base, **(shared_overrides or {}))
+    if entries:
+        runs = [dict(run_defaults, **{k: v for k, v in e.items() if k in run_fields}) for e in entries]
+        for key in sorted({k for e in entries for k in e if k not in run_fields}):
+            values = [e.get(key, getattr(base, key)) for e in entries]
+            if len(set(map(repr, values))) > 1:
+                which = ", ".join(f"run {i}: {v!r}" for i, v in enumerate(values, 1))
+                raise TraitscopeError(f"these runs cannot share one pass over the data: {key} differs ({which}); "
+                                      "train them with separate commands")
+            base = dataclasses.replace(base, **{key: values[0]})
+    else:
+        runs = expand_grid(run_defaults, grid)
+    cfg = base
+    settings = []
+    for run in runs:
+        try:
+            settings.append(RunSettings(**run))
+        except TypeError as err:
+            raise TraitscopeError(f"bad run settings {run}: {err}") from None
+    return cfg, settings
+
+
+def expand_grid(run_defaults: dict, grid: dict[str, list]) -> list[dict]:
+    """Cartesian product of the grid's lists; k applies to the TopK family, l1 to relu, prefixes to matryoshka."""
+    variants = grid.get("variant") or [run_defaults.get("variant", "topk")]
+    applies = {"k": VARIANTS_WITH_K, "l1_coeff": ("relu",), "prefixes": ("matryoshka",)}
+    for key, fits in applies.items():
+        if grid.get(key) and not any(v in fits for v in variants):
+            flag = {"k": "--k", "l1_coeff": "--l1", "prefixes": "--prefixes"}[key]
+            raise TraitscopeError(f"{flag} applies to {', '.join(fits)} SAEs, but the SAEs asked for are "
+                                  f"{', '.join(variants)}")
+    runs = []
+    for variant in variants:
+        combos = [dict(run_defaults, variant=variant)]
+        for key, values in grid.items():
+            if key == "variant" or not values or (key in applies and variant not in applies[key]):
+                continue
+            combos = [dict(c, **{key: v}) for c in combos for v in values]
+        runs.extend(combos)
+    return runs

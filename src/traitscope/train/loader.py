@@ -1,0 +1,316 @@
+"""Training tokens from memory-mapped shards: a split by image, and a shuffled, prefetching loader.
+
+The split holds out whole images: no token of a validation image is ever trained on.
+
+The loader never holds the data set in memory. Each epoch visits the training rows in chunks of
+`chunk_rows` consecutive rows (one large contiguous read each) in a seeded random order; a *block* of
+chunks fills the shuffle buffer, and every batch mixes rows drawn at random from all of its chunks.
+A background thread reads the next block while the trainer consumes the current one. Everything is
+a function of (seed, epoch, block), so the stream is the same on every run, and the position
+(epoch, block, offset) is all a checkpoint needs to continue it.
+
+Chunks are checked for NaN/Inf as they load; the error names the shard file and row.
+"""
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from traitscope.errors import TraitscopeError
+from traitscope.shards.store import Shards, TokenArray
+
+
+class Chunk(NamedTuple):
+    """Rows [start, stop) of one shard file of one token source."""
+
+    source: int
+    file: int
+    start: int
+    stop: int
+
+
+class TokenSplit:
+    """Training and validation tokens of one layer and token kind, split by image."""
+
+    def __init__(self, shards: Shards, layer: int, token_kind: str, val_frac: float, seed: int):
+        kinds = ["patches", "cls"] if token_kind == "all" else [token_kind]
+        for kind in kinds:
+            if kind not in shards.token_kinds:
+                raise TraitscopeError(f"{shards.dpath} has no {kind!r} tokens (stored: {', '.join(shards.token_kinds)})"
+                                      + ("; use --token-kind patches or cls" if token_kind == "all" else ""))
+        self.shards = shards
+        self.layer = shards.resolve(layer)
+        self.token_kind = token_kind
+        self.arrays: list[TokenArray] = [shards.acts(self.layer, kind) for kind in kinds]
+        self.d_model = self.arrays[0].width
+        n_images = shards.n_images
+        if not 0 <= val_frac < 1:
+            raise TraitscopeError(f"val_frac must be in [0, 1), not {val_frac}")
+        n_val = min(max(1, round(val_frac * n_images)), n_images - 1) if val_frac > 0 else 0
+        if n_images < 1 or n_images - n_val < 1:
+            raise TraitscopeError(f"{shards.dpath} has {n_images} image(s): too few to train on")
+        order = np.random.default_rng([seed, 1]).permutation(n_images)
+        self.val_rows = np.sort(order[:n_val])
+        self.val_order = order[:n_val]  # evaluation visits validation images in this order
+        self.is_val = np.zeros(n_images, dtype=bool)
+        self.is_val[self.val_rows] = True
+        self.n_train_tokens = sum(a.rows_per_item for a in self.arrays) * (n_images - n_val)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.arrays[0].dtype
+
+    def chunks(self, chunk_rows: int) -> list[Chunk]:
+        """Every training-file range of up to chunk_rows rows (validation rows are dropped at read time)."""
+        out = []
+        for a, array in enumerate(self.arrays):
+            for f, rows in enumerate(array.maps):
+                first_image = int(array.offsets[f]) // array.rows_per_item
+                n_images = rows.shape[0] // array.rows_per_item
+                if n_images and self.is_val[first_image:first_image + n_images].all():
+                    continue
+                out.extend(Chunk(a, f, s, min(s + chunk_rows, rows.shape[0]))
+                           for s in range(0, rows.shape[0], chunk_rows))
+        return out
+
+    def train_mask(self, chunk: Chunk) -> np.ndarray | None:
+        """Boolean mask of the chunk's training rows, or None when all of them are training rows."""
+        array = self.arrays[chunk.source]
+        rows = np.arange(chunk.start, chunk.stop) + int(array.offsets[chunk.file])
+        is_val = self.is_val[rows // array.rows_per_item]
+        return ~is_val if is_val.any() else None
+
+    def describe_row(self, chunk: Chunk, local_row: int) -> str:
+        array = self.arrays[chunk.source]
+        row = chunk.start + local_row
+        global_row = row + int(array.offsets[chunk.file])
+        image, token = divmod(global_row, array.rows_per_item)
+        rel = Path(array.fpaths[chunk.file])
+        where = f"{rel.parent.name}/{rel.name} row {row}"
+        if array.rows_per_item > 1:
+            where += f" (image row {image}, patch {token})"
+        else:
+            where += f" (image row {image})"
+        return where
+
+    def val_batches(self, batch_size: int, max_tokens: int) -> Iterator[torch.Tensor]:
+        """Validation tokens (float32) in batches: every token of validation images, up to max_tokens."""
+        parts, n_parts, n_total = [], 0, 0
+        for image in self.val_order:
+            for array in self.arrays:
+                rows = array.read(int(image) * array.rows_per_item, (int(image) + 1) * array.rows_per_item)
+                if not np.isfinite(rows).all():
+                    bad = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+                    raise TraitscopeError(f"NaN/Inf in activations of validation image row {image} "
+                                          f"(token {bad}) in {self.shards.dpath}")
+                parts.append(rows)
+                n_parts += len(rows)
+            if n_parts >= batch_size or n_total + n_parts >= max_tokens:
+                block = np.concatenate(parts)[:max_tokens - n_total]
+                n_total += len(block)
+                for s in range(0, len(block), batch_size):
+                    yield torch.from_numpy(block[s:s + batch_size].astype(np.float32))
+                parts, n_parts = [], 0
+                if n_total >= max_tokens:
+                    return
+        if parts:
+            block = np.concatenate(parts)[:max_tokens - n_total]
+            for s in range(0, len(block), batch_size):
+                yield torch.from_numpy(block[s:s + batch_size].astype(np.float32))
+
+
+class LoaderState(NamedTuple):
+    """Where the token stream is: the next row is row `offset` of block `block` of epoch `epoch`."""
+
+    epoch: int = 0
+    block: int = 0
+    offset: int = 0
+
+
+class Block(NamedTuple):
+    """One shuffle buffer: the training rows of a few chunks, each chunk's rows shuffled in place,
+    and a random interleaving of the chunks that decides which chunk every emitted row comes from."""
+
+    rows: np.ndarray
+    """(capacity, d_model) in the shards' dtype; chunk j's rows are rows[starts[j]:starts[j + 1]]."""
+    starts: np.ndarray
+    """(n_chunks + 1,) int64 region boundaries."""
+    labels: np.ndarray
+    """(n_rows,) int16 the chunk of each emitted row, a seeded permutation of the chunk sizes."""
+
+
+class ShuffledLoader:
+    """Endless shuffled batches (batch_size, d_model) float32 of training tokens; see the module doc.
+
+    A background thread fills a block: each chunk's training rows are copied out of its memory map
+    (one contiguous range of the file) in shuffled order, then checked for NaN/Inf. A
+    batch then takes its rows chunk by chunk as the block's interleaving says (contiguous slices, so
+    a batch costs a memory copy, not a random gather across the whole buffer): every batch mixes all
+    chunks of the block, and every training row is emitted once per epoch. numpy only, so neither
+    side waits on torch's compute threads. Block buffers are recycled (batches are copies).
+    """
+
+    def __init__(self, split: TokenSplit, batch_size: int, seed: int, chunk_rows: int = 4096,
+                 buffer_mb: int = 256, state: LoaderState | None = None, prefetch: bool = True, stream: int = 0):
+        """`stream` picks an independent order for the same seed (e.g. the start-up sample)."""
+        self.split = split
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stream = stream
+        self.chunk_rows = chunk_rows
+        self.chunk_list = split.chunks(chunk_rows)
+        if not self.chunk_list:
+            raise TraitscopeError("no training tokens left after the validation split")
+        chunk_bytes = chunk_rows * split.d_model * split.dtype.itemsize
+        self.chunks_per_block = max(1, min(len(self.chunk_list), (buffer_mb << 20) // max(1, chunk_bytes)))
+        self.blocks_per_epoch = -(-len(self.chunk_list) // self.chunks_per_block)
+        self.state = state or LoaderState()
+        self._block: Block | None = None
+        self._taken: np.ndarray | None = None  # rows of each chunk of the current block already emitted
+        self._prefetch = prefetch
+        self._blocks: Iterator | None = None
+        self._ready: queue.Queue = queue.Queue(maxsize=1)
+        self._free: queue.Queue = queue.Queue()
+        self._n_buffers = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the stream: a function of (seed, stream, epoch, block) only ---
+    def block_chunks(self, epoch: int, block: int) -> list[Chunk]:
+        order = np.random.default_rng([self.seed, self.stream, 2, epoch]).permutation(len(self.chunk_list))
+        picked = order[block * self.chunks_per_block:(block + 1) * self.chunks_per_block]
+        return [self.chunk_list[i] for i in picked]
+
+    def read_block(self, epoch: int, block: int, rows: np.ndarray | None = None) -> Block:
+        """Block `block` of epoch `epoch`, into `rows` (a recycled buffer) if given."""
+        capacity = self.chunks_per_block * self.chunk_rows
+        if rows is None:
+            rows = np.empty((capacity, self.split.d_model), dtype=self.split.dtype)
+        rng = np.random.default_rng([self.seed, self.stream, 3, epoch, block])
+        starts = [0]
+        for chunk in self.block_chunks(epoch, block):
+            src = self.split.arrays[chunk.source].maps[chunk.file][chunk.start:chunk.stop]
+            mask = self.split.train_mask(chunk)
+            keep = np.arange(len(src)) if mask is None else np.flatnonzero(mask)
+            dst = rows[starts[-1]:starts[-1] + len(keep)]
+            np.take(src, keep[rng.permutation(len(keep))], axis=0, out=dst, mode="clip")  # 'raise' buffers
+            if not np.isfinite(np.add.reduce(dst.reshape(-1), dtype=np.float32)):
+                self._raise_non_finite(chunk, src, mask)
+            starts.append(starts[-1] + len(keep))
+        starts = np.asarray(starts, dtype=np.int64)
+        labels = rng.permutation(np.repeat(np.arange(len(starts) - 1, dtype=np.int16), np.diff(starts)))
+        return Block(rows, starts, labels)
+
+    def _raise_non_finite(self, chunk: Chunk, rows: np.ndarray, mask: np.ndarray | None) -> None:
+        """Name the first training row holding NaN/Inf (a sum that merely overflowed passes)."""
+        bad = ~np.isfinite(rows).all(axis=1)
+        if mask is not None:
+            bad &= mask
+        if bad.any():
+            raise TraitscopeError(f"NaN/Inf in activations: {self.split.describe_row(chunk, int(np.flatnonzero(bad)[0]))} "
+                                  f"of {self.split.shards.dpath}; rebuild those shards (or drop that image)")
+
+    def _blocks_from(self, epoch: int, block: int) -> Iterator[tuple[int, int, Block]]:
+        while True:
+            yield epoch, block, self.read_block(epoch, block, self._free_buffer())
+            block += 1
+            if block == self.blocks_per_epoch:
+                epoch, block = epoch + 1, 0
+
+    def _free_buffer(self) -> np.ndarray | None:
+        """A recycled block buffer; new ones until three exist (being read, queued, being consumed)."""
+        if self._n_buffers < 3:
+            self._n_buffers += 1
+            return None
+        while not self._stop.is_set():
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+    def _producer(self, epoch: int, block: int) -> None:
+        try:
+            for item in self._blocks_from(epoch, block):
+                if not self._put(item):
+                    return
+        except _Stopped:
+            return
+        except BaseException as err:  # handed to the consumer, raised there
+            self._put(err)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _next_block(self, epoch: int, block: int) -> Block:
+        if not self._prefetch:
+            self._blocks = self._blocks or self._blocks_from(epoch, block)
+            item = next(self._blocks)
+        else:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._producer, args=(epoch, block), daemon=True)
+                self._thread.start()
+            item = self._ready.get()
+            if isinstance(item, BaseException):
+                raise item
+        assert item[:2] == (epoch, block), (item[:2], epoch, block)
+        return item[2]
+
+    # --- batches ---
+    def __iter__(self) -> "ShuffledLoader":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        epoch, block, offset = self.state
+        parts, need = [], self.batch_size
+        while need:
+            if self._block is None:
+                self._block = self._next_block(epoch, block)
+                self._taken = np.bincount(self._block.labels[:offset], minlength=len(self._block.starts) - 1)
+            b = self._block
+            labels = b.labels[offset:offset + need]
+            counts = np.bincount(labels, minlength=len(self._taken))
+            for j in np.flatnonzero(counts):
+                first = b.starts[j] + self._taken[j]
+                parts.append(b.rows[first:first + counts[j]])
+            self._taken += counts
+            offset += len(labels)
+            need -= len(labels)
+            if offset >= len(b.labels):
+                batch_so_far = np.concatenate(parts)  # copy out before the buffer is recycled
+                parts = [batch_so_far]
+                self._free.put(b.rows)
+                self._block, offset = None, 0
+                block += 1
+                if block == self.blocks_per_epoch:
+                    epoch, block = epoch + 1, 0
+        self.state = LoaderState(epoch, block, offset)
+        batch = parts[0] if len(parts) == 1 and parts[0].base is None else np.concatenate(parts)
+        return torch.from_numpy(batch.astype(np.float32, copy=False))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "ShuffledLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Stopped(Exception):
+    """The loader was closed while the producer waited for a free buffer."""

@@ -1,0 +1,573 @@
+"""Train one or more SAEs in one pass over stored activations.
+
+Read top to bottom, `train` is: setup (shards, split by image, run folders, checkpoints), start-up
+from the data (input scale, decoder bias), the loop (one batch; every SAE takes an Adam step on it;
+metrics; checkpoints), and the end (validation metrics, the saved SAE, curves). Helpers below it do
+one thing each.
+
+Inputs are scaled to unit mean squared norm for training; the scale is folded back into the weights
+on save, so a saved SAE (`traitscope.sae.load_sae`) takes raw activations. A run folder holds:
+config.json, sae.safetensors, metrics.jsonl, metrics.json, curves.png and checkpoint/ (weights in
+training units, Adam state, loader position, counters) from which a killed run continues.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from traitscope.errors import TraitscopeError
+from traitscope.features.metrics import MetricsAccumulator
+from traitscope.sae import SAE, SAEConfig, build_sae
+from traitscope.shards.store import Shards, atomic_write_json
+from traitscope.train.config import RunSettings, TrainConfig, identity_hash, run_identity
+from traitscope.train.curves import plot_curves
+from traitscope.train.loader import LoaderState, ShuffledLoader, TokenSplit
+
+INIT_TOKENS = 65_536
+"""Tokens sampled before training to set the input scale and the decoder bias."""
+FORMAT = "traitscope-sae-run/1"
+
+
+class RunResult(NamedTuple):
+    """How one SAE of a `train` call ended."""
+
+    dpath: Path
+    """Its run folder."""
+    status: str
+    """'trained', 'already trained', 'stopped' (checkpoint kept, rerun to go on) or 'failed'."""
+    metrics: dict | None
+    """Final validation metrics (metrics.json) when trained."""
+    message: str = ""
+    """Why it failed, if it did."""
+
+
+@dataclasses.dataclass
+class Run:
+    """One SAE being trained: folder, model, optimiser, counters."""
+
+    dpath: Path
+    settings: RunSettings
+    identity: dict
+    sae: SAE
+    opt: torch.optim.Adam
+    since_fired_s: torch.Tensor
+    """Tokens since each latent last fired (dead after settings.dead_tokens)."""
+    step: int = 0
+    scale: float = 1.0
+    loader_state: LoaderState = LoaderState()
+    done: bool = False
+    failed: str | None = None
+    window: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
+    """Sums of the loss parts since the last metrics line."""
+    fired_window_s: torch.Tensor | None = None
+    """Firing counts per latent since the last metrics line."""
+    last_record: dict | None = None
+    """The last metrics line written."""
+
+
+def train(cfg: TrainConfig, settings: list[RunSettings], echo=print) -> list[RunResult]:
+    """Train every SAE in `settings` on the data of `cfg`, sharing one pass over the data."""
+    n_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, settings, echo)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _train(cfg: TrainConfig, settings: list[RunSettings], echo) -> list[RunResult]:
+    # --- setup ---
+    device = resolve_device(cfg.device)
+    shards = Shards(cfg.shards)
+    layer = cfg.layer if cfg.layer is not None else shards.layers[-1]
+    check_shared(cfg)
+    split = TokenSplit(shards, layer, cfg.token_kind, cfg.val_frac, cfg.seed)
+    resolved = [s.resolved(split.d_model) for s in settings]  # refuses impossible settings up front
+    identities = [run_identity(cfg, s, shards.hash, split.layer) for s in resolved]
+    dpaths = [Path(cfg.out) / (cfg.name or f"{s.label()}-{identity_hash(i)}") for s, i in zip(resolved, identities)]
+    if len(set(dpaths)) != len(dpaths):
+        raise TraitscopeError("two of the requested runs are identical (or share --name); each SAE of a pass "
+                              "needs its own settings and folder")
+    runs = [open_run(cfg, s, i, d, shards, split, device) for s, i, d in zip(resolved, identities, dpaths)]
+    results = {r.dpath: RunResult(r.dpath, "already trained", read_json(r.dpath / "metrics.json"))
+               for r in runs if r.done}
+    pending = [r for r in runs if not r.done]
+    n_steps = -(-cfg.tokens // cfg.batch_size)
+    echo(f"{len(runs)} SAE(s) on {shards.dpath} layer {split.layer} ({cfg.token_kind}, d_model {split.d_model}), "
+         f"{n_steps * cfg.batch_size:,} tokens in {n_steps:,} steps of {cfg.batch_size}; "
+         f"{split.n_train_tokens:,} training tokens, {len(split.val_rows)} validation images")
+    for run in runs:
+        state = "already trained" if run.done else f"resuming at step {run.step:,}" if run.step else "new"
+        echo(f"  {run.dpath}  ({state})")
+    if cfg.tokens > split.n_train_tokens and pending:
+        echo(f"  note: the budget is {cfg.tokens / split.n_train_tokens:.1f} epochs of the training tokens")
+
+    # Runs resumed from different checkpoints cannot share a pass: each group gets its own.
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for run in pending:
+        groups[(run.step, tuple(run.loader_state))].append(run)
+    stop = _InterruptFlag()
+    with stop:
+        for (start_step, _), group in sorted(groups.items(), key=lambda kv: kv[0][0]):
+            status = train_pass(cfg, group, split, shards, start_step, n_steps, device, stop, echo)
+            for run in group:
+                if run.failed:
+                    results[run.dpath] = RunResult(run.dpath, "failed", None, run.failed)
+                elif status == "stopped":
+                    results[run.dpath] = RunResult(run.dpath, "stopped", None)
+                else:
+                    results[run.dpath] = RunResult(run.dpath, "trained", read_json(run.dpath / "metrics.json"))
+    return [results[r.dpath] for r in runs]
+
+
+def train_pass(cfg: TrainConfig, runs: list[Run], split: TokenSplit, shards: Shards, start_step: int,
+               n_steps: int, device: torch.device, stop: "_InterruptFlag", echo) -> str:
+    """One pass over the data for runs that start at the same step. Returns 'done' or 'stopped'."""
+    if start_step == 0:
+        init_from_data(cfg, runs, split, device)
+    loader = ShuffledLoader(split, cfg.batch_size, cfg.seed, cfg.chunk_rows, cfg.buffer_mb,
+                            state=runs[0].loader_state)
+    loggers = [make_logger(cfg.log_to, run) for run in runs]
+    bar = progress_bar(cfg, start_step, n_steps)
+    t_window, tokens_window = time.perf_counter(), 0
+    status = "done"
+    try:
+        with loader:
+            for step in range(start_step, n_steps):
+                # --- one batch, one step of every SAE ---
+                x_bd = next(loader).to(device, non_blocking=True)
+                for run in runs:
+                    if not run.failed:
+                        train_step(run, x_bd, step, n_steps, bf16=cfg.dtype == "bfloat16")
+                        if run.failed:
+                            echo(f"\n{run.dpath}: {run.failed}; stopped this run, its last good checkpoint is kept")
+                tokens_window += len(x_bd)
+                tokens = (step + 1) * cfg.batch_size
+                if bar is not None:
+                    bar.update(len(x_bd))
+                # --- metrics ---
+                if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
+                    seconds = time.perf_counter() - t_window
+                    for run, logger in zip(runs, loggers):
+                        if not run.failed:
+                            record = log_window(run, step + 1, tokens, tokens_window / max(seconds, 1e-9))
+                            if logger is not None:
+                                logger(record)
+                    if bar is not None:
+                        bar.set_postfix_str(postfix(runs), refresh=False)
+                    t_window, tokens_window = time.perf_counter(), 0
+                if all(run.failed for run in runs):
+                    break
+                # --- checkpoints, a requested stop, Ctrl-C ---
+                crossed = tokens // cfg.checkpoint_every > (tokens - cfg.batch_size) // cfg.checkpoint_every
+                stop_now = (cfg.stop_after is not None and tokens >= cfg.stop_after and step + 1 < n_steps)
+                if crossed or stop_now or stop.is_set() or step + 1 == n_steps:
+                    for run in runs:
+                        if not run.failed:
+                            save_checkpoint(run, step + 1, loader.state)
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                if stop_now:
+                    echo(f"\nstopped after {tokens:,} tokens as asked (--stop-after); rerun without it to continue")
+                    status = "stopped"
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        for logger in loggers:
+            if logger is not None:
+                logger(None)
+    if status == "done":
+        for run in runs:
+            if not run.failed:
+                finish_run(cfg, run, split, shards)
+    return status
+
+
+# --- one step ---
+
+def train_step(run: Run, x_raw_bd: torch.Tensor, step: int, n_steps: int, bf16: bool = False) -> None:
+    """Forward, backward and Adam step of one SAE on one batch (raw activations).
+
+    With `bf16` the forward's matrix products run in bfloat16 (weights, gradients and Adam stay float32).
+    """
+    s = run.settings
+    sae = run.sae
+    x_bd = x_raw_bd * run.scale
+    dead_s = run.since_fired_s >= s.dead_tokens if s.auxk_alpha > 0 else None
+    l1_scale = min(1.0, (step + 1) / (s.l1_warmup * n_steps)) if s.l1_warmup > 0 else 1.0
+    with torch.autocast(x_bd.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = sae(x_bd, dead_s=dead_s, l1_scale=l1_scale, k_aux=s.k_aux, auxk_alpha=s.auxk_alpha)
+    if not torch.isfinite(out.loss):
+        run.failed = f"the loss became {float(out.loss.detach())} at step {step + 1}"
+        return
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(s, step, n_steps)
+    run.opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    sae.remove_parallel_grads_()
+    grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), s.grad_clip if s.grad_clip > 0 else math.inf)
+    if not torch.isfinite(grad_norm):
+        run.failed = f"the gradient became {float(grad_norm)} at step {step + 1}"
+        return
+    run.opt.step()
+    sae.normalize_decoder_()
+    run.step = step + 1
+    # counters for dead latents and the logging window
+    fired_s = out.n_fired_s > 0
+    run.since_fired_s.add_(len(x_bd)).masked_fill_(fired_s, 0)
+    run.fired_window_s = out.n_fired_s if run.fired_window_s is None else run.fired_window_s + out.n_fired_s
+    w = run.window
+    w["n"] += 1
+    w["tokens"] += len(x_bd)
+    w["loss"] += out.loss.detach()
+    for name, value in out.parts.items():
+        w[name] += value
+
+
+def lr_at(s: RunSettings, step: int, n_steps: int) -> float:
+    """Linear warm-up, then constant, then decay to zero over the last (1 − decay_start) of training."""
+    warmup = min(s.lr_warmup, n_steps // 10)
+    factor = (step + 1) / warmup if step < warmup else 1.0
+    start = int(s.decay_start * n_steps)
+    if s.lr_decay != "none" and step >= start and n_steps > start:
+        p = (step - start) / (n_steps - start)
+        factor *= (1 - p) if s.lr_decay == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+    return s.lr * factor
+
+
+def log_window(run: Run, step: int, tokens: int, tokens_per_s: float) -> dict:
+    """Append the logging window's means to metrics.jsonl and start a new window."""
+    w = run.window
+    n = max(w.pop("n", 1), 1)
+    window_tokens = w.pop("tokens", 0)
+    record = {"step": step, "tokens": tokens}
+    record.update({name: round(float(value) / n, 6) for name, value in w.items()})
+    record["dead_frac"] = round(float((run.since_fired_s >= run.settings.dead_tokens).float().mean()), 6)
+    if run.fired_window_s is not None and window_tokens:
+        record["dense_frac"] = round(float((run.fired_window_s.float() / window_tokens > 0.1).float().mean()), 6)
+    record["lr"] = run.opt.param_groups[0]["lr"]
+    record["tokens_per_s"] = round(tokens_per_s, 1)
+    with open(run.dpath / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    run.window = defaultdict(float)
+    run.fired_window_s = None
+    run.last_record = record
+    return record
+
+
+# --- start-up from the data ---
+
+@torch.no_grad()
+def init_from_data(cfg: TrainConfig, runs: list[Run], split: TokenSplit, device: torch.device) -> None:
+    """Input scale (unit mean squared norm) and decoder bias (mean or geometric median), from a sample."""
+    n = min(INIT_TOKENS, split.n_train_tokens)
+    with ShuffledLoader(split, n, cfg.seed, cfg.chunk_rows, cfg.buffer_mb, prefetch=False, stream=1) as sample_loader:
+        sample_nd = next(sample_loader).to(device)
+    mean_sq = float((sample_nd.double() ** 2).sum(1).mean())
+    if not mean_sq > 0:
+        raise TraitscopeError("the activations are all zero: nothing to train on")
+    scale = 1 / math.sqrt(mean_sq)
+    sample_nd = sample_nd * scale
+    centres = {}
+    for run in runs:
+        how = run.settings.b_dec_init
+        if how not in centres:
+            centres[how] = sample_nd.mean(0) if how == "mean" else geometric_median(sample_nd)
+        run.scale = scale
+        run.sae.init_b_dec_(centres[how])
+
+
+def geometric_median(x_nd: torch.Tensor, n_iter: int = 100, tol: float = 1e-7) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distances to the rows."""
+    x = x_nd.double()
+    m = x.mean(0)
+    for _ in range(n_iter):
+        w = 1 / (x - m).norm(dim=1).clamp_min(1e-12)
+        m_next = (w[:, None] * x).sum(0) / w.sum()
+        if (m_next - m).norm() <= tol * m.norm().clamp_min(1e-12):
+            m = m_next
+            break
+        m = m_next
+    return m.to(x_nd.dtype)
+
+
+# --- run folders and checkpoints ---
+
+def open_run(cfg: TrainConfig, s: RunSettings, identity: dict, dpath: Path, shards: Shards, split: TokenSplit,
+             device: torch.device) -> Run:
+    """Create a run's folder, or reopen it: finished, resumable from its checkpoint, or refused."""
+    d_model = split.d_model
+    if cfg.restart and dpath.is_dir():
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "metrics.json",
+                     "sae.safetensors", "curves.png"):
+            p = dpath / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    torch.manual_seed(cfg.seed)
+    sae = build_sae(SAEConfig(**s.sae_config(d_model))).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(s.beta1, s.beta2), **adam_impl(device))
+    run = Run(dpath, s, identity, sae, opt, torch.zeros(s.d_sae, dtype=torch.long, device=device))
+    config_fpath = dpath / "config.json"
+    if config_fpath.is_file():
+        check_same_run(dpath, read_json(config_fpath), identity, shards, split)
+        run.done = (dpath / "metrics.json").is_file()
+        if not run.done:
+            load_checkpoint(run, device)
+    else:
+        dpath.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(config_fpath, run_config(cfg, run, shards, split))
+    return run
+
+
+def run_config(cfg: TrainConfig, run: Run, shards: Shards, split: TokenSplit) -> dict:
+    """config.json: the SAE's architecture, how it was trained, and on which shards."""
+    return {
+        "format": FORMAT,
+        "sae": run.sae.cfg.to_dict(),
+        "train": {**{f: getattr(cfg, f) for f in ("tokens", "batch_size", "seed", "val_frac", "dtype",
+                                                  "chunk_rows", "buffer_mb")},
+                  **{k: v for k, v in dataclasses.asdict(run.settings).items() if k not in run.sae.cfg.to_dict()},
+                  "input_scale": run.scale, "identity": identity_hash(run.identity),
+                  "n_train_tokens": split.n_train_tokens, "val_rows": split.val_rows.tolist()},
+        "shards": {"hash": shards.hash, "path": str(shards.dpath.resolve()), "layer": split.layer,
+                   "token_kind": split.token_kind, "model": shards.model.get("name"),
+                   "weights_sha256": shards.model.get("weights_sha256"), "d_model": split.d_model},
+    }
+
+
+def check_same_run(dpath: Path, config: dict, identity: dict, shards: Shards, split: TokenSplit) -> None:
+    """Refuse to resume into a folder made from other shards or with other settings."""
+    old = config.get("shards", {})
+    if old.get("hash") != shards.hash or old.get("d_model", split.d_model) != split.d_model:
+        raise TraitscopeError(
+            f"{dpath} was trained on shards {old.get('hash')} (model {old.get('model')!r}, d_model "
+            f"{old.get('d_model')}, layer {old.get('layer')}), not on {shards.hash} (model "
+            f"{shards.model.get('name')!r}, d_model {split.d_model}, layer {split.layer}); "
+            "use another --out or --name, or --restart to overwrite it")
+    if config.get("train", {}).get("identity") != identity_hash(identity):
+        raise TraitscopeError(f"{dpath} holds a run with other settings; use another --name, or --restart to "
+                              "overwrite it")
+
+
+def save_checkpoint(run: Run, step: int, loader_state: LoaderState) -> None:
+    """Write checkpoint/ (atomically: a new folder is renamed into place) and the current SAE."""
+    tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in run.sae.state_dict().items()}
+    names = {id(p): n for n, p in run.sae.named_parameters()}
+    for group in run.opt.param_groups:
+        for p in group["params"]:
+            for key, value in run.opt.state.get(p, {}).items():
+                tensors[f"adam.{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
+    tensors["since_fired"] = run.since_fired_s.cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    state = {"step": step, "loader": loader_state._asdict(), "input_scale": run.scale,
+             "identity": identity_hash(run.identity)}
+    tmp, final, old = run.dpath / "checkpoint.tmp", run.dpath / "checkpoint", run.dpath / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    atomic_write_json(tmp / "state.json", state)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.is_dir():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    run.loader_state = loader_state
+    save_folded(run)
+
+
+def load_checkpoint(run: Run, device: torch.device) -> None:
+    """Restore weights, Adam state, counters and the loader position (no checkpoint: start afresh)."""
+    ckpt = next((p for p in (run.dpath / "checkpoint", run.dpath / "checkpoint.old")
+                 if (p / "state.json").is_file()), None)
+    if ckpt is None:
+        return
+    state = read_json(ckpt / "state.json")
+    tensors = load_file(str(ckpt / "state.safetensors"))
+    run.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+    params = dict(run.sae.named_parameters())
+    for name, p in params.items():
+        # moments take the parameter's memory layout (fused Adam walks them in storage order)
+        entry = {key.rsplit(".", 1)[1]: torch.empty_like(p).copy_(v) if v.shape == p.shape else v.to(device)
+                 for key, v in tensors.items() if key.startswith(f"adam.{name}.")}
+        if entry:
+            run.opt.state[p] = entry
+    run.since_fired_s = tensors["since_fired"].to(device)
+    torch.set_rng_state(tensors["rng.torch"])
+    run.step = int(state["step"])
+    run.scale = float(state["input_scale"])
+    run.loader_state = LoaderState(**state["loader"])
+    # metrics.jsonl keeps only what the checkpoint had seen
+    log_fpath = run.dpath / "metrics.jsonl"
+    if log_fpath.is_file():
+        lines = [ln for ln in log_fpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= run.step]
+        log_fpath.write_text("".join(ln + "\n" for ln in lines))
+
+
+def folded_sae(run: Run) -> SAE:
+    """A copy of the SAE that takes raw activations (input scale folded in, unit-norm decoder rows)."""
+    sae = build_sae(SAEConfig(**run.sae.cfg.to_dict())).to(run.since_fired_s.device)
+    sae.load_state_dict(run.sae.state_dict())
+    sae.fold_input_scale_(run.scale)
+    if not sae.unit_norm_decoder:
+        sae.unit_decoder_rows_()
+    return sae.eval()
+
+
+def save_folded(run: Run) -> None:
+    config = read_json(run.dpath / "config.json")
+    config["train"]["input_scale"] = run.scale
+    folded_sae(run).save(run.dpath, extra_config={k: v for k, v in config.items() if k != "sae"})
+
+
+# --- the end ---
+
+@torch.inference_mode()
+def evaluate(sae: SAE, split: TokenSplit, batch_size: int, max_tokens: int) -> dict:
+    """Validation metrics on raw activations of held-out images."""
+    device = sae.W_enc.device
+    acc = MetricsAccumulator(sae.d_model, sae.d_sae)
+    for x_bd in split.val_batches(batch_size, max_tokens):
+        x_bd = x_bd.to(device)
+        codes_bs = sae.encode(x_bd)
+        acc.add(x_bd, sae.decode(codes_bs), codes_bs)
+    m = acc.result()
+    return {"nmse": m.nmse, "l0": m.l0, "dead_frac": m.dead_frac, "dense_frac": m.dense_frac,
+            "explained_variance": m.explained_variance, "n_tokens": m.n_tokens}
+
+
+def finish_run(cfg: TrainConfig, run: Run, split: TokenSplit, shards: Shards) -> None:
+    """Validation metrics, metrics.json and curves.png (the SAE was saved with the last checkpoint)."""
+    metrics = evaluate(folded_sae(run), split, cfg.batch_size, cfg.val_tokens)
+    metrics["dead_frac_train"] = float((run.since_fired_s >= run.settings.dead_tokens).float().mean())
+    metrics["tokens_trained"] = run.step * cfg.batch_size
+    records = [json.loads(ln) for ln in (run.dpath / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    plot_curves(records, run.dpath / "curves.png", title=run.dpath.name)
+    atomic_write_json(run.dpath / "metrics.json", metrics)
+
+
+# --- small helpers ---
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TraitscopeError("--device cuda: no CUDA GPU is available to torch here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TraitscopeError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+
+
+def adam_impl(device: torch.device) -> dict:
+    """The fused Adam kernel (one pass over each tensor) where this torch has it for the device."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+def check_shared(cfg: TrainConfig) -> None:
+    checks = [(cfg.batch_size >= 1, f"batch_size must be at least 1, not {cfg.batch_size}"),
+              (cfg.tokens >= 1, "the token budget must be at least 1 token"),
+              (cfg.token_kind in ("patches", "cls", "all"), f"token kind must be patches, cls or all, not {cfg.token_kind!r}"),
+              (cfg.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, not {cfg.dtype!r}"),
+              (cfg.chunk_rows >= 1 and cfg.buffer_mb >= 1, "chunk_rows and buffer_mb must be positive"),
+              (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "log_every and checkpoint_every must be positive"),
+              (cfg.val_tokens >= 1, "val_tokens must be positive"),
+              (cfg.log_to in ("none", "tensorboard", "wandb"), f"log_to must be none, tensorboard or wandb, not {cfg.log_to!r}")]
+    for ok, message in checks:
+        if not ok:
+            raise TraitscopeError(message)
+
+
+def read_json(fpath: Path) -> dict:
+    return json.loads(Path(fpath).read_text())
+
+
+def progress_bar(cfg: TrainConfig, start_step: int, n_steps: int):
+    if cfg.quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=n_steps * cfg.batch_size, initial=start_step * cfg.batch_size, unit="tok", unit_scale=True,
+                dynamic_ncols=True, smoothing=0.1, mininterval=1.0)
+
+
+def postfix(runs: list[Run]) -> str:
+    """loss, L0 and NMSE of the latest logging window of each SAE (compact for several)."""
+    records = [run.last_record or {} for run in runs]
+    if len(runs) == 1:
+        r = records[0]
+        return "failed" if runs[0].failed else f"loss {r.get('loss', 0):.4g} L0 {r.get('l0', 0):.1f} nmse {r.get('nmse', 0):.3f}"
+    nmse = ",".join("failed" if run.failed else f"{r.get('nmse', 0):.3f}" for run, r in zip(runs, records))
+    l0 = ",".join(f"{r.get('l0', 0):.1f}" for r in records)
+    return f"nmse {nmse} L0 {l0}"
+
+
+def make_logger(log_to: str, run: Run):
+    """A function taking metric records (None closes it), or None: TensorBoard / W&B only when asked."""
+    if log_to == "none":
+        return None
+    if log_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TraitscopeError("--log-to tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        writer = SummaryWriter(str(run.dpath / "tensorboard"))
+
+        def log_tb(record):
+            if record is None:
+                writer.close()
+                return
+            for key, value in record.items():
+                if key not in ("step",) and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, record["step"])
+        return log_tb
+    try:
+        import wandb
+    except ImportError:
+        raise TraitscopeError("--log-to wandb needs the wandb package (pip install wandb)") from None
+    wb = wandb.init(project="traitscope", name=run.dpath.name, dir=str(run.dpath), reinit=True,
+                    config=dataclasses.asdict(run.settings))
+
+    def log_wandb(record):
+        if record is None:
+            wb.finish()
+        else:
+            wb.log(record, step=record["step"])
+    return log_wandb
+
+
+class _InterruptFlag:
+    """Ctrl-C during training finishes the current step and checkpoints; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def _handler(self, signum, frame):
+        if self._event.is_set():
+            raise KeyboardInterrupt
+        self._event.set()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

@@ -1,0 +1,183 @@
+"""SAE variants: sparse training gradients equal dense autograd, exact batch selection, batch-independent
+inference codes, the scale folded into saved weights, and save/load."""
+
+import math
+
+import pytest
+import torch
+
+from traitscope.errors import TraitscopeError
+from traitscope.sae import SAEConfig, build_sae, load_sae, variants
+from traitscope.sae.sparse import batch_topk_flat
+
+TOPK_FAMILY = ["topk", "batchtopk", "matryoshka"]
+
+
+def make(variant: str, d: int = 16, s: int = 96, k: int = 5, **kw):
+    torch.manual_seed(0)
+    prefixes = [12, 48, s] if variant == "matryoshka" else None
+    cfg = SAEConfig(variant, d, s, k=None if variant == "relu" else k, prefixes=prefixes, **kw)
+    sae = build_sae(cfg)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+    return sae
+
+
+def test_registry_has_every_variant():
+    assert {"relu", "topk", "batchtopk", "matryoshka"} <= set(variants())
+
+
+@pytest.mark.parametrize("variant", TOPK_FAMILY)
+def test_sparse_gradients_equal_dense_autograd(variant):
+    """The custom sparse backward (no dense decoder GEMM, no dense encoder-weight gradient) gives the
+    gradients of the plain dense formulation, AuxK included."""
+    sae = make(variant)
+    x = torch.randn(64, 16)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x, dead_s=dead, k_aux=8)
+    out.loss.backward()
+    sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    with torch.no_grad():
+        _, sel = sae.select(pre.detach().clone())
+    mask = torch.zeros(64, 96)
+    mask[sel.rows, sel.cols] = 1
+    f = (pre * mask).relu()
+    sst = ((x - x.mean(0)) ** 2).sum()
+    prefixes = sae.cfg.prefixes or [96]
+    recon = [f[:, :m] @ sae.W_dec[:m] + sae.b_dec for m in prefixes]
+    loss = sum(((r - x) ** 2).sum() / sst for r in recon) / len(prefixes)
+    e = (x - recon[-1]).detach()
+    _, idx = torch.where(dead[None], pre, torch.tensor(-1e9)).topk(8, dim=1)
+    f_aux = (pre * torch.zeros(64, 96).scatter_(1, idx, 1)).relu()
+    aux = min(int(dead.sum()) / 8, 1) * ((f_aux @ sae.W_dec - e) ** 2).sum() / sst
+    (loss + aux / 32).backward()
+
+    assert torch.allclose(out.loss, loss + aux / 32, rtol=1e-5)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(sparse_grads[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_relu_loss_weights_l1_by_decoder_norms():
+    sae = make("relu", l1_coeff=2.0)
+    x = torch.randn(32, 16)
+    out = sae(x, l1_scale=0.5)
+    f = sae.encode(x)
+    expected = ((sae.decode(f) - x) ** 2).sum(1).mean() + 0.5 * 2.0 / math.sqrt(16) * (f * sae.W_dec.norm(dim=1)).sum(1).mean()
+    assert torch.allclose(out.loss, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batch_topk_selection_is_exact(seed):
+    """Same entries as a top-k over the flattened batch, also when the strided sample misses the big
+    values (every large value sits off the sample's stride)."""
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(256, 300, generator=g)
+    if seed == 2:
+        flat = pre.view(-1)
+        off_stride = torch.arange(flat.numel()) % 97 != 0
+        flat[off_stride & (torch.rand(flat.numel(), generator=g) < 0.02)] += 10
+    n_keep = 256 * 7
+    idx, values = batch_topk_flat(pre, n_keep)
+    ref_values, ref_idx = pre.view(-1).topk(n_keep)
+    assert torch.equal(idx, ref_idx.sort().values)
+    assert torch.equal(values, pre.view(-1)[idx])
+
+
+def test_batch_topk_keeps_only_positive_entries():
+    pre = -torch.rand(8, 50)
+    pre[0, :3] = 1.0
+    idx, values = batch_topk_flat(pre, 8 * 4)
+    assert idx.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("variant", ["batchtopk", "matryoshka"])
+def test_batchtopk_inference_codes_do_not_depend_on_the_batch(variant):
+    sae = make(variant)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    for _ in range(20):  # learns a threshold
+        out = sae(torch.randn(128, 16))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert float(sae.threshold) > 0
+    sae.eval()
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        together = sae.encode(x)
+        alone = torch.cat([sae.encode(x[i:i + 1]) for i in range(50)])
+        shuffled = sae.encode(x.flip(0)).flip(0)
+    # the same latents fire; values agree up to the float rounding of differently blocked matrix products
+    for other in (alone, shuffled):
+        assert torch.equal(together > 0, other > 0)
+        assert torch.allclose(together, other, atol=1e-6, rtol=1e-5)
+    assert 0 < (together > 0).sum(1).float().mean() < 96
+
+
+@pytest.mark.parametrize("variant", ["relu", *TOPK_FAMILY])
+def test_folding_the_scale_gives_the_same_codes_on_raw_inputs(variant):
+    """An SAE trained on scale·x, folded, gives codes/scale and x̂/scale on raw x."""
+    sae = make(variant)
+    if variant in ("batchtopk", "matryoshka"):
+        sae.threshold.fill_(0.3)
+    x = torch.randn(40, 16) * 7 + 2
+    scale = 0.05
+    with torch.no_grad():
+        codes = sae.encode(x * scale)
+        x_hat = sae.decode(codes)
+        sae.fold_input_scale_(scale)
+        if not sae.unit_norm_decoder:
+            norms = sae.W_dec.norm(dim=1)
+            sae.unit_decoder_rows_()
+            codes = codes * norms
+            assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-5)
+        assert torch.allclose(sae.encode(x), codes / scale, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(sae.decode(sae.encode(x)), x_hat / scale, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["relu", *TOPK_FAMILY])
+def test_save_and_load_round_trip(tmp_path, variant):
+    sae = make(variant)
+    if variant in ("batchtopk", "matryoshka"):
+        sae.threshold.fill_(0.25)
+    sae.save(tmp_path, extra_config={"shards": {"hash": "abc"}})
+    loaded = load_sae(tmp_path)
+    assert loaded.cfg == sae.cfg
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), sae.eval().encode(x))
+
+
+def test_decoder_constraint_keeps_rows_on_the_unit_sphere():
+    sae = make("topk")
+    W_enc = sae.W_enc.detach().clone()
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_grads_()
+    assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(96), atol=1e-5)
+    with torch.no_grad():
+        sae.W_dec.mul_(3)
+    sae.normalize_decoder_()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-6)
+    assert torch.equal(sae.W_enc, W_enc)  # the encoder is untouched
+
+
+def test_encoder_starts_as_decoder_transpose():
+    sae = build_sae(SAEConfig("topk", 16, 64, k=4))
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (SAEConfig("topk", 16, 64), "needs k"),
+    (SAEConfig("batchtopk", 16, 64, k=65), "between 1 and d_sae"),
+    (SAEConfig("matryoshka", 16, 64, k=4, prefixes=[32, 16, 64]), "increase strictly"),
+    (SAEConfig("matryoshka", 16, 64, k=4, prefixes=[16, 32]), "end at d_sae"),
+    (SAEConfig("relu", 16, 64, l1_coeff=-1.0), ">= 0"),
+    (SAEConfig("gated", 16, 64), "unknown SAE variant"),
+])
+def test_impossible_configs_are_refused(cfg, message):
+    with pytest.raises(TraitscopeError, match=message):
+        build_sae(cfg)
