@@ -23,6 +23,7 @@ Dense and PCA directions have no preferred sign: both signs are candidates (feat
 negation of dimension / component i). SAE and k-means features are used as they are.
 """
 
+import csv
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -398,8 +399,6 @@ def _fmt(v: float, spec: str = ".3f") -> str:
 
 def write_report(rows: list[LabelScore], csv_fpath: Path, md_fpath: Path) -> str:
     """alignment.csv (one row per level, label and method) and alignment.md; returns the markdown."""
-    import csv
-
     with open(csv_fpath, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(LabelScore._fields)

@@ -1,0 +1,382 @@
+"""Inference over a data set, held-out metrics and baselines, label alignment and enrichment.
+
+Shards are written with `write_arrays`; SAEs are real registered variants with weights set by hand,
+so every expectation is computed independently (brute force over all tokens) or known by design.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from traitscope.cli import main
+from traitscope.errors import TraitscopeError
+from traitscope.features import Inference, open_inputs, run_inference, split_rows
+from traitscope.features.alignment import align, average_precision_matrix, sparse_average_precision, summarise
+from traitscope.features.baselines import DenseBaseline, fit_baselines
+from traitscope.features.enrichment import label_enrichment
+from traitscope.features.metrics import MetricsAccumulator
+from traitscope.sae import SAEConfig, build_sae
+from traitscope.shards.store import write_arrays
+
+LAYER = 2
+WEIGHTS = "ab" * 32
+
+
+def make_shards(root, acts, patch_labels=None, image_labels=None, cls=None, model="toy", weights=WEIGHTS,
+                layer=LAYER, grid=None, tag="", images_per_shard=10, label_names=None):
+    """A shard folder from in-memory arrays; acts (n_images, n_patches, d_model)."""
+    n_images, n_p, d_model = acts.shape
+    grid = grid or (1, n_p)
+    names = label_names or {}
+    header = {"model": {"name": model, "family": "test", "n_layers": 6, "d_model": d_model, "weights_sha256": weights},
+              "layers": [layer], "token_kinds": ["patches", "cls"], "d_model": {str(layer): d_model},
+              "grid": {str(layer): list(grid)}, "layout": {"n_cls": 1, "n_registers": 0}, "preprocess": {},
+              "dtype": "float16", "images_root": str(root), "tag": tag,
+              "patch_labels": names.get("patch", [f"p{j}" for j in range(patch_labels.shape[-1])]
+                                         if patch_labels is not None else []),
+              "image_labels": names.get("image", [f"i{j}" for j in range(image_labels.shape[-1])]
+                                         if image_labels is not None else [])}
+    listing = [{"index": i, "path": f"{i}.png", "width": 32, "height": 32, "label": None, "row": i, "skipped": None}
+               for i in range(n_images)]
+    arrays = {f"L{layer}/patches": acts.astype(np.float16),
+              f"L{layer}/cls": (cls if cls is not None else acts.mean(1)).astype(np.float16)}
+    if patch_labels is not None:
+        arrays["labels/patches"] = patch_labels.astype(np.uint8)
+    if image_labels is not None:
+        arrays["labels/images"] = image_labels.astype(np.uint8)
+    return write_arrays(root, header, listing, arrays, images_per_shard=images_per_shard)
+
+
+def save_run(dpath, sae, shards, token_kind="patches", layer=LAYER):
+    sae.save(dpath, {"shards": {"hash": shards.hash, "path": str(shards.dpath), "layer": layer,
+                                "token_kind": token_kind, "model": shards.model["name"],
+                                "weights_sha256": shards.model["weights_sha256"]}})
+    return dpath
+
+
+def topk_sae(d_model, d_sae, k, seed=0):
+    torch.manual_seed(seed)
+    sae = build_sae(SAEConfig("topk", d_model, d_sae, k=k))
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_enc.normal_(std=0.5)
+        sae.b_dec.normal_(std=0.1)
+    return sae
+
+
+def brute_force(sae, acts):
+    """Codes of every token, (n_images, n_patches, d_sae)."""
+    n_images, n_p, d_model = acts.shape
+    x = torch.from_numpy(acts.astype(np.float16).astype(np.float32).reshape(-1, d_model))
+    with torch.no_grad():
+        return sae.encode(x).numpy().reshape(n_images, n_p, -1)
+
+
+@pytest.fixture
+def random_case(tmp_path):
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(23, 12, 8))
+    shards = make_shards(tmp_path / "shards", acts, grid=(3, 4),
+                         patch_labels=rng.random((23, 12, 2)) < 0.3, image_labels=rng.random((23, 3)) < 0.4)
+    sae = topk_sae(8, 12, k=3)
+    with torch.no_grad():  # feature 11 can never be among the top 3: dead
+        sae.W_enc[:, 11] = 0
+        sae.b_enc[11] = -100
+    run = save_run(tmp_path / "run", sae, shards)
+    return run, shards, sae, acts
+
+
+def test_inference_matches_brute_force(random_case):
+    run, shards, sae, acts = random_case
+    top_n = 5
+    inf, computed = run_inference(run, shards.dpath, top_n=top_n, chunk_tokens=30, progress=False)  # 2 images a chunk
+    assert computed and inf.dpath == run / "inference" / shards.hash
+    codes = brute_force(sae, acts)
+    n_images, n_p, d_sae = codes.shape
+    image_max = codes.max(1).clip(min=0)
+    for f in range(d_sae):
+        order = [int(i) for i in np.lexsort((np.arange(n_images), -image_max[:, f])) if image_max[i, f] > 0][:top_n]
+        want_rows = order + [-1] * (top_n - len(order))
+        assert inf.top_rows[f].tolist() == want_rows, f
+        np.testing.assert_allclose(inf.top_values[f][:len(order)], image_max[order, f], rtol=1e-5)
+        assert (inf.top_values[f][len(order):] == 0).all()
+        for slot, row in enumerate(order):
+            np.testing.assert_allclose(inf.patch_map(f, slot), codes[row, :, f].reshape(3, 4), rtol=1e-3, atol=1e-3)
+    assert inf.top_rows[11].tolist() == [-1] * top_n  # the dead feature
+    np.testing.assert_allclose(inf.image_max().toarray(), image_max, rtol=1e-6)
+    flat = codes.reshape(-1, d_sae)
+    np.testing.assert_allclose(inf.array("feature_freq"), (flat > 0).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(inf.array("feature_image_freq"), (image_max > 0).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(inf.array("feature_mean"), flat.clip(min=0).mean(0), rtol=1e-5, atol=1e-7)
+    edges = inf.array("hist_edges")
+    for f in range(d_sae):
+        v = np.log10(flat[flat[:, f] > 0, f]).clip(edges[0], edges[-1] - 1e-9)
+        assert inf.array("feature_hist")[f].tolist() == np.histogram(v, bins=edges)[0].tolist()
+    manifest = inf.manifest
+    assert (manifest["n_images"], manifest["n_patches"], manifest["grid"], manifest["top_n"], manifest["d_sae"]) == \
+        (23, 12, [3, 4], top_n, 12)
+
+
+def test_planted_tops_are_known(tmp_path):
+    """Identity encoder, k=1: feature f fires on the token where dimension f is largest."""
+    n_images, n_p, d = 6, 4, 3
+    acts = np.zeros((n_images, n_p, d))
+    acts[:, :, :] = 0.01
+    for i in range(n_images):
+        acts[i, i % n_p, i % d] = 1 + i  # image i peaks in dimension i % d, at patch i % n_p
+    shards = make_shards(tmp_path / "shards", acts, grid=(2, 2))
+    sae = build_sae(SAEConfig("topk", d, d, k=1))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    run = save_run(tmp_path / "run", sae, shards)
+    inf, _ = run_inference(run, shards.dpath, top_n=3, progress=False)
+    # dimension 0 peaks in images 0 (value 1) and 3 (value 4); ties at 0.01 elsewhere go to earlier rows
+    assert inf.top_images(0)[:2] == [(3, pytest.approx(4.0, rel=1e-3)), (0, pytest.approx(1.0, rel=1e-3))]
+    assert inf.top_images(2)[:2] == [(5, pytest.approx(6.0, rel=1e-3)), (2, pytest.approx(3.0, rel=1e-3))]
+    peak = inf.patch_map(0, 0).reshape(-1)
+    assert peak.argmax() == 3 % n_p and peak[3 % n_p] == pytest.approx(4.0, rel=1e-3)
+
+
+def test_rerun_reuses_and_changes_recompute(random_case):
+    run, shards, sae, _ = random_case
+    inf, computed = run_inference(run, shards.dpath, top_n=4, progress=False)
+    stamp = (inf.dpath / "top_rows.npy").stat().st_mtime_ns
+    inf2, computed2 = run_inference(run, shards.dpath, top_n=4, progress=False)
+    assert computed and not computed2 and (inf2.dpath / "top_rows.npy").stat().st_mtime_ns == stamp
+
+    (inf.dpath / "stale.npy").write_bytes(b"from an older run")
+    with torch.no_grad():
+        sae.W_enc.mul_(-1)
+    save_run(run, sae, shards)
+    inf3, computed3 = run_inference(run, shards.dpath, top_n=4, progress=False)
+    assert computed3 and inf3.manifest["sae_sha256"] != inf.manifest["sae_sha256"]
+    assert not (inf3.dpath / "stale.npy").exists()  # replaced whole, never mixed
+    assert not inf3.dpath.with_name(inf3.dpath.name + ".partial").exists()
+    np.testing.assert_allclose(inf3.image_max().toarray(), brute_force(sae, random_case[3]).max(1).clip(min=0),
+                               rtol=1e-6)
+
+    _, computed4 = run_inference(run, shards.dpath, top_n=5, progress=False)
+    assert computed4  # other settings: recomputed
+    manifest = json.loads((inf3.dpath / "manifest.json").read_text())
+    manifest["format"] = manifest["settings"]["format"] = "traitscope-inference/0"
+    (inf3.dpath / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TraitscopeError, match="format"):
+        Inference(inf3.dpath)
+    inf5, computed5 = run_inference(run, shards.dpath, top_n=5, progress=False)
+    assert computed5 and inf5.manifest["format"] == "traitscope-inference/1"
+
+
+def test_sae_and_shards_must_match(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    acts = rng.normal(size=(4, 3, 8))
+    shards = make_shards(tmp_path / "a", acts)
+    run = save_run(tmp_path / "run", topk_sae(8, 6, 2), shards)
+
+    other_model = make_shards(tmp_path / "b", acts, weights="cd" * 32)
+    with pytest.raises(TraitscopeError, match="weights sha256"):
+        open_inputs(run, other_model.dpath)
+    other_layer = make_shards(tmp_path / "c", acts, layer=3)
+    with pytest.raises(TraitscopeError, match="layer 2"):
+        open_inputs(run, other_layer.dpath)
+    other_width = make_shards(tmp_path / "d", rng.normal(size=(4, 3, 6)))
+    with pytest.raises(TraitscopeError, match="width"):
+        open_inputs(run, other_width.dpath)
+    # the same model and layer on another data set is allowed
+    new_data = make_shards(tmp_path / "e", rng.normal(size=(5, 3, 8)), tag="new data")
+    assert new_data.hash != shards.hash
+    inf, _ = run_inference(run, new_data.dpath, progress=False)
+    assert inf.n_images == 5 and inf.dpath.name == new_data.hash
+
+    assert main(["inference", "--run", str(run), "--shards", str(other_model.dpath), "--quiet"]) == 2
+    assert "weights sha256" in capsys.readouterr().err
+
+
+def test_cls_sae_writes_codes_and_tops(tmp_path):
+    rng = np.random.default_rng(2)
+    acts, cls = rng.normal(size=(9, 4, 8)), rng.normal(size=(9, 8))
+    shards = make_shards(tmp_path / "shards", acts, cls=cls, patch_labels=rng.random((9, 4, 1)) < 0.5,
+                         image_labels=(cls[:, :1] > 0))
+    sae = topk_sae(8, 10, 3)
+    run = save_run(tmp_path / "run", sae, shards, token_kind="cls")
+    inf, _ = run_inference(run, shards.dpath, top_n=4, chunk_tokens=2, progress=False)
+    codes = brute_force(sae, cls[:, None, :])[:, 0]
+    np.testing.assert_allclose(inf.array("cls_codes"), codes, rtol=1e-6)
+    assert not (inf.dpath / "top_patch_acts.npy").exists()
+    for f in range(10):
+        order = [int(i) for i in np.lexsort((np.arange(9), -codes[:, f])) if codes[i, f] > 0][:4]
+        assert inf.top_rows[f].tolist() == order + [-1] * (4 - len(order))
+    assert inf.manifest["token_kind"] == "cls" and inf.manifest["n_patches"] == 1
+    # image labels align at image level; patch labels do not apply to an image-level SAE
+    inputs = open_inputs(run, shards.dpath)
+    rows = align(inputs, inf, fit_baselines(cls.astype(np.float32), pca_k=2, n_clusters=4))
+    assert {r.level for r in rows} == {"image"}
+    assert by_method(rows, "image", "i0")["dense"].feature == "0"  # the label is dimension 0 > 0
+
+
+def by_method(rows, level, label):
+    return {r.method: r for r in rows if r.level == level and r.label == label}
+
+
+def test_metrics_formulas_and_baselines():
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.normal(size=(200, 5)) * [1, 2, 3, 4, 5] + 7).float()
+    x_hat = x + torch.from_numpy(rng.normal(size=(200, 5)) * 0.3 + 0.5).float()
+    codes = torch.zeros(200, 4)
+    codes[:30, 0] = 1   # 15%: dense
+    codes[:10, 1] = 2   # 5%
+    acc = MetricsAccumulator(5, 4)
+    for s in range(0, 200, 64):
+        acc.add(x[s:s + 64], x_hat[s:s + 64], codes[s:s + 64])
+    m = acc.result()
+    xn, rn = x.double().numpy(), (x - x_hat).double().numpy()
+    assert m.nmse == pytest.approx((rn ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum(), rel=1e-9)
+    assert m.explained_variance == pytest.approx(1 - rn.var(0).sum() / xn.var(0).sum(), rel=1e-9)
+    assert (m.l0, m.dead_frac, m.dense_frac, m.n_tokens) == (pytest.approx(0.2), 0.5, 0.25, 200)
+
+    pca_full, kmeans = fit_baselines(x.numpy(), pca_k=5, n_clusters=3)[1:]
+    x_hat_pca, pca_codes = pca_full.reconstruct(x)
+    assert torch.allclose(x_hat_pca, x, atol=1e-4) and pca_codes.shape == (200, 5)
+    x_hat_km, km_codes = kmeans.reconstruct(x)
+    assert (km_codes.sum(1) == 1).all() and km_codes.shape == (200, 3)
+    dist = torch.cdist(x, kmeans.centers_cd)
+    assert torch.allclose(x_hat_km, kmeans.centers_cd[dist.argmin(1)])
+    assert torch.allclose(kmeans.scores(x), -dist, atol=1e-3)
+    assert torch.equal(DenseBaseline(5).reconstruct(x)[0], x)
+
+
+def test_average_precision_matches_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 4, size=(300, 7)).astype(np.float32) * (rng.random((300, 7)) < 0.3)  # ties, zeros
+    scores[:, 0] = rng.normal(size=300)
+    scores[:, 1] = 0
+    scores[:, 2] = rng.random(300) + 0.1  # positive everywhere
+    y = (rng.random((300, 3)) < 0.25).astype(np.float32)
+    want = [[average_precision_score(y[:, j], scores[:, f]) for j in range(3)] for f in range(7)]
+    got = average_precision_matrix(torch.from_numpy(scores), torch.from_numpy(y)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    items, feats = np.nonzero(scores[:, 1:] > 0)  # the non-negative columns, given sparsely
+    sparse = sparse_average_precision(torch.from_numpy(items), torch.from_numpy(feats),
+                                      torch.from_numpy(scores[:, 1:][items, feats]), 6, torch.from_numpy(y)).numpy()
+    np.testing.assert_allclose(sparse, np.array(want)[1:], rtol=1e-9)
+
+
+def planted_case(tmp_path, n_images=60, n_p=16, d=16, seed=5):
+    """Noise activations; a 'trait' planted on ~15% of patches along direction v, and a dominant
+    'background' label; the SAE's feature 0 reads v (fires only on the trait), the others are noise."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=d)
+    v /= np.linalg.norm(v)
+    trait = rng.random((n_images, n_p)) < 0.15
+    acts = rng.normal(size=(n_images, n_p, d)) + 6 * trait[..., None] * v
+    background = ~trait & (rng.random((n_images, n_p)) < 0.9)
+    patch_labels = np.stack([trait, background], -1)
+    image_labels = np.stack([trait.sum(1) >= 3], -1)
+    shards = make_shards(tmp_path / "shards", acts, grid=(4, 4), patch_labels=patch_labels, image_labels=image_labels,
+                         label_names={"patch": ["trait", "background"], "image": ["many_traits"]})
+    sae = topk_sae(d, 24, k=2, seed=seed)
+    with torch.no_grad():
+        sae.W_enc.mul_(0.05)
+        sae.W_enc[:, 0] = torch.from_numpy(v).float()
+        sae.b_enc.zero_()
+        sae.b_enc[0] = -3
+        sae.b_dec.zero_()
+    return save_run(tmp_path / "run", sae, shards), shards
+
+
+def test_alignment_finds_the_planted_feature(tmp_path):
+    run, shards = planted_case(tmp_path)
+    inputs = open_inputs(run, shards.dpath)
+    inf, _ = run_inference(run, shards.dpath, progress=False, inputs=inputs)
+    baselines = fit_baselines(inputs.acts[:].astype(np.float32), pca_k=2, n_clusters=24)
+    rows = align(inputs, inf, baselines)
+    by = {(r.level, r.label, r.method): r for r in rows}
+    sae_trait = by["patch", "trait", "sae"]
+    assert sae_trait.feature == "0" and sae_trait.ap > 0.95
+    assert sae_trait.purity == min(16, sae_trait.n_pos) / 16  # every top patch is a trait patch
+    assert {m for (_, label, m) in by if label == "trait"} == {"sae", "dense", "pca", "kmeans", "probe"}
+    assert by["patch", "trait", "probe"].ap > 0.9
+    assert by["patch", "background", "sae"].dominant and not sae_trait.dominant
+    summary = {(s.level, s.method): s for s in summarise(rows)}
+    assert summary["patch", "sae"].n_labels == 1 and summary["patch", "sae"].coverage == 1.0
+    assert by["image", "many_traits", "sae"].feature == "0"
+    train, held = split_rows(inputs)
+    assert len(held) == 6 and len(np.intersect1d(train, held)) == 0
+
+
+def test_enrichment_counts(random_case):
+    run, shards, _, _ = random_case
+    inf, _ = run_inference(run, shards.dpath, top_n=4, progress=False)
+    image_enr, patch_enr = label_enrichment(inf, shards)
+    image_labels, patch_labels = shards.image_labels(), shards.patch_labels()[:]
+    maps = np.asarray(inf.array("top_patch_acts"))
+    for f in range(inf.d_sae):
+        top = [r for r in inf.top_rows[f] if r >= 0]
+        assert image_enr.counts[f].tolist() == image_labels[top].sum(0).tolist()
+        peaks = [r * 12 + int(maps[f, s].argmax()) for s, r in enumerate(top)]
+        assert patch_enr.counts[f].tolist() == patch_labels[peaks].sum(0).tolist()
+        assert image_enr.n_top[f] == len(top)
+
+
+def test_align_cli_end_to_end(tmp_path, capsys):
+    run, shards = planted_case(tmp_path)
+    args = ["--run", str(run), "--shards", str(shards.dpath), "--quiet", "--fit-tokens", "500"]
+    assert main(["inference", *args]) == 0
+    out = capsys.readouterr().out
+    assert "| sae |" in out and "| dense |" in out and "kmeans (24)" in out
+    assert main(["align", *args]) == 0
+    out = capsys.readouterr().out
+    assert "reused" in out and "| trait |" in out and "Dominant labels" in out
+    dpath = run / "inference" / shards.hash
+    for name in ("metrics.csv", "alignment.csv", "alignment.md", "enrichment.csv", "baselines.safetensors"):
+        assert (dpath / name).is_file(), name
+
+
+def test_align_rejects_missing_or_mismatched_labels(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    acts = rng.normal(size=(8, 4, 8))
+    unlabelled = make_shards(tmp_path / "a", acts)
+    run = save_run(tmp_path / "run", topk_sae(8, 6, 2), unlabelled)
+    assert main(["align", "--run", str(run), "--shards", str(unlabelled.dpath), "--quiet"]) == 2
+    assert "no labels" in capsys.readouterr().err
+    # the manifest names two patch labels, the arrays hold three
+    mismatched = make_shards(tmp_path / "b", acts, patch_labels=rng.random((8, 4, 3)) < 0.5,
+                             label_names={"patch": ["x", "y"]}, tag="mismatch")
+    run2 = save_run(tmp_path / "run2", topk_sae(8, 6, 2), mismatched)
+    assert main(["align", "--run", str(run2), "--shards", str(mismatched.dpath), "--quiet"]) == 2
+    assert "patch labels are" in capsys.readouterr().err
+
+
+def test_trained_runs_end_to_end(tmp_path, capsys):
+    """`traitscope train` -> pareto, inference (held-out = the run's validation images) and align."""
+    _, shards = planted_case(tmp_path, n_images=80)
+    runs = tmp_path / "runs"
+    assert main(["train", "--shards", str(shards.dpath), "--sae", "topk", "--k", "2,4", "--d-sae", "32",
+                 "--tokens", "6000", "--batch-size", "256", "--val-frac", "0.2", "--out", str(runs), "--quiet"]) == 0
+    run_dpaths = sorted(p.parent for p in runs.rglob("sae.safetensors"))
+    assert len(run_dpaths) == 2
+    capsys.readouterr()
+
+    assert main(["pareto", "--runs", str(runs)]) == 0
+    assert "2 runs" in capsys.readouterr().out and (runs / "pareto.csv").is_file()
+
+    run = run_dpaths[0]
+    args = ["--run", str(run), "--shards", str(shards.dpath), "--quiet", "--fit-tokens", "1000"]
+    assert main(["align", *args]) == 0
+    assert "| trait |" in capsys.readouterr().out
+    inputs = open_inputs(run, shards.dpath)
+    config = json.loads((run / "config.json").read_text())
+    assert split_rows(inputs)[1].tolist() == config["train"]["val_rows"]
+    # the same split and the same metric code as the trainer: the SAE row equals its metrics.json
+    with open(run / "inference" / shards.hash / "metrics.json") as f:
+        sae_row = json.load(f)["rows"]["sae"]
+    trained = json.loads((run / "metrics.json").read_text())
+    assert sae_row["nmse"] == pytest.approx(trained["nmse"], rel=1e-4)
+    assert sae_row["l0"] == pytest.approx(trained["l0"], rel=1e-6)
+    assert main(["inference", *args]) == 0
+    assert "reused" in capsys.readouterr().out
