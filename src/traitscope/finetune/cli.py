@@ -8,10 +8,8 @@ the same command resumes from the last checkpoint; with more --epochs it trains 
 """
 
 import argparse
-import ast
 import contextlib
 import dataclasses
-import inspect
 import sys
 import typing
 
@@ -19,26 +17,15 @@ from traitscope.backbones.registry import load_backbone
 from traitscope.finetune.augment import AugmentConfig
 from traitscope.finetune.model import PREFIX
 from traitscope.finetune.trainer import FinetuneConfig, finetune
+from traitscope.train.config import field_docs
 
 
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the string literal that follows its annotation)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One option per field of a config dataclass, its docstring as the help and its default shown."""
     docs = field_docs(cls)
     group = parser.add_argument_group(cls.__name__, cls.__doc__.splitlines()[0])
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.default is dataclasses.MISSING:  # nested configs have their own group
+        if f.default is dataclasses.MISSING:  # nested configs have their own group
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{docs.get(f.name, '')} (default: {f.default})"

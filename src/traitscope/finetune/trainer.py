@@ -59,13 +59,13 @@ class FinetuneConfig:
     """What `traitscope finetune` trains; every field is also a command-line option."""
 
     model: str = "resnet18"
-    """Base backbone: a torchvision ResNet (resnet18, resnet34, resnet50, ...) or any registered name
-    (random-dinov2, dinov2-vits14, hf:<id>, ...)."""
+    """Base backbone: a torchvision ResNet (resnet18, resnet34, resnet50, resnet101, resnet152) or any
+    registered name (random-dinov2, dinov2-vits14-saliency-offline, hf:<id>, ...)."""
     init: str = "default"
-    """Starting weights: 'imagenet' (torchvision's ImageNet weights; needs the network or the torch hub
-    cache), 'random' (seeded random init), a weights file (.safetensors / .pth state dict of the base
-    model) or an earlier `traitscope finetune` folder; 'default' is 'imagenet' for ResNets and whatever
-    the model name loads otherwise."""
+    """Starting weights: 'imagenet' (torchvision's ImageNet weights for resnet18 / resnet50; needs the
+    network or the torch hub cache), 'random' (seeded random init), a weights file (.safetensors / .pth
+    state dict of the base model) or an earlier `traitscope finetune` folder; 'default' is 'imagenet'
+    for ResNets and whatever the model name loads otherwise."""
     image_size: int | None = None
     """Side of the square the model sees (e.g. 64 for a quick CPU run); default: the model's own."""
     head_dim: int = 128
