@@ -105,16 +105,25 @@ def dense_top_images(shards: Shards, layer: int | None = None, n: int = N_TOP, n
     return top_images(_batches(acts, batch_size), n, normalize, positive_only=False, kind="dense")
 
 
+def _run_shards_info(run_dpath: str | Path) -> dict:
+    fpath = Path(run_dpath) / "config.json"
+    if not fpath.is_file():
+        raise TraitscopeError(f"{run_dpath} is not an SAE run folder (no config.json)")
+    return json.loads(fpath.read_text()).get("shards") or {}
+
+
 def run_layer(run_dpath: str | Path) -> int | None:
     """The layer an SAE run was trained on, from its config.json."""
-    config = json.loads((Path(run_dpath) / "config.json").read_text())
-    layer = (config.get("shards") or {}).get("layer")
+    layer = _run_shards_info(run_dpath).get("layer")
     return None if layer is None else int(layer)
 
 
 def sae_codes(shards: Shards, run_dpath: str | Path, layer: int | None = None,
               batch_size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
     """(first_row, codes_bs) batches of an SAE's codes for the CLS rows of `layer` (default: the run's)."""
+    if _run_shards_info(run_dpath).get("token_kind") == "patches":
+        raise TraitscopeError(f"{run_dpath} was trained on patch tokens; grids of top images need an image-level "
+                              "SAE (traitscope train --token-kind cls)")
     sae = load_sae(run_dpath)
     if layer is None:
         layer = run_layer(run_dpath)
