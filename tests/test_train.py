@@ -81,7 +81,7 @@ def test_topk_family_learns_the_dictionary_and_sparser_is_worse(shards, tmp_path
     measurably worse than k = 4."""
     settings = [RunSettings(variant=v, k=k, d_sae=128, dead_tokens=20_000)
                 for v, k in [("topk", 4), ("topk", 1), ("batchtopk", 4), ("matryoshka", 4)]]
-    results = train(cfg_for(shards, tmp_path, tokens=250_000), settings, echo=lambda *a: None)
+    results = train(cfg_for(shards, tmp_path, tokens=200_000), settings, echo=lambda *a: None)
     assert all(r.status == "trained" for r in results)
     good, bad = results[0].metrics, results[1].metrics
     assert good["nmse"] < 0.2, good
@@ -254,16 +254,16 @@ def weights(run_dpath: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_run_ends_with_the_same_weights(shards, tmp_path):
-    """Stopped with a checkpoint after 25k tokens and rerun, every variant ends bitwise equal to an
+    """Stopped with a checkpoint after 15k tokens and rerun, every variant ends bitwise equal to an
     uninterrupted run (AuxK, the BatchTopK threshold, Adam and the loader position all carry over)."""
-    whole = train(cfg_for(shards, tmp_path / "a", tokens=60_000, checkpoint_every=10_000), ALL_VARIANTS,
+    whole = train(cfg_for(shards, tmp_path / "a", tokens=40_000, checkpoint_every=10_000), ALL_VARIANTS,
                   echo=lambda *a: None)
-    stopped = train(cfg_for(shards, tmp_path / "b", tokens=60_000, checkpoint_every=10_000, stop_after=25_000),
+    stopped = train(cfg_for(shards, tmp_path / "b", tokens=40_000, checkpoint_every=10_000, stop_after=15_000),
                     ALL_VARIANTS, echo=lambda *a: None)
     assert all(r.status == "stopped" for r in stopped)
     state = read_json(stopped[0].dpath / "checkpoint" / "state.json")
-    assert state["step"] == -(-25_000 // 512)
-    resumed = train(cfg_for(shards, tmp_path / "b", tokens=60_000, checkpoint_every=10_000), ALL_VARIANTS,
+    assert state["step"] == -(-15_000 // 512)
+    resumed = train(cfg_for(shards, tmp_path / "b", tokens=40_000, checkpoint_every=10_000), ALL_VARIANTS,
                     echo=lambda *a: None)
     for a, b in zip(whole, resumed):
         assert b.status == "trained"
@@ -276,19 +276,16 @@ def test_resumed_run_ends_with_the_same_weights(shards, tmp_path):
 
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_weights(shards, tmp_path):
-    """A `traitscope train` process killed with SIGKILL after a checkpoint continues from it."""
-    def argv(out):
-        return [sys.executable, "-m", "traitscope.cli", "train", "--shards", str(shards.dpath), "--k", "3",
-                "--d-sae", "64", "--tokens", "150k", "--batch-size", "256", "--checkpoint-every", "5k",
-                "--out", str(out), "--quiet", "--threads", "1"]
-
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(argv(tmp_path / "a"), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(argv(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """A `traitscope train` process killed with SIGKILL after a checkpoint continues from it when the
+    command is rerun, and ends with the weights of an uninterrupted run."""
+    argv = [sys.executable, "-m", "traitscope.cli", "train", "--shards", str(shards.dpath), "--k", "3",
+            "--d-sae", "64", "--tokens", "150k", "--batch-size", "256", "--checkpoint-every", "5k",
+            "--out", str(tmp_path / "killed"), "--quiet", "--threads", "1"]
+    proc = subprocess.Popen(argv, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     state_fpath = None
     while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "b").glob("*/checkpoint/state.json"))
+        found = list((tmp_path / "killed").glob("*/checkpoint/state.json"))
         if found and read_json(found[0])["step"] >= 40:
             state_fpath = found[0]
             break
@@ -298,9 +295,12 @@ def test_killed_process_resumes_to_the_same_weights(shards, tmp_path):
     assert state_fpath is not None, "no checkpoint appeared"
     run_dpath = state_fpath.parent.parent
     assert not (run_dpath / "metrics.json").exists(), "the run finished before it could be killed"
-    subprocess.run(argv(tmp_path / "b"), check=True, env=env, capture_output=True)
-    (a,) = list((tmp_path / "a").iterdir())
-    wa, wb = weights(a), weights(run_dpath)
+    subprocess.run(argv, check=True, capture_output=True)
+    cfg = TrainConfig(shards=str(shards.dpath), tokens=150_000, batch_size=256, out=str(tmp_path / "whole"),
+                      quiet=True, threads=1)
+    (whole,) = train(cfg, [RunSettings(variant="topk", k=3, d_sae=64)], echo=lambda *a: None)
+    assert whole.dpath.name == run_dpath.name  # same settings, same content-addressed folder
+    wa, wb = weights(whole.dpath), weights(run_dpath)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -386,3 +386,16 @@ def test_counts_accept_suffixes_and_exponents():
 
 def test_loader_state_is_plain_data():
     assert LoaderState(1, 2, 3)._asdict() == {"epoch": 1, "block": 2, "offset": 3}
+
+
+@pytest.mark.parametrize("backend, module", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_optional_loggers_are_asked_for_and_explain_a_missing_package(shards, tmp_path, capsys, backend, module):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    err = cli_error(["train", "--shards", str(shards.dpath), "--k", "2", "--d-sae", "32", "--tokens", "2k",
+                     "--batch-size", "128", "--out", str(tmp_path), "--quiet", "--threads", "1",
+                     "--log-to", backend], capsys)
+    assert f"--log-to {backend} needs the {module} package" in err
+    assert not any(tmp_path.iterdir())  # refused before any run folder was made

@@ -43,7 +43,9 @@ class ReluSAE(SAE):
 
     def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, l1_scale: float = 1.0,
                 k_aux: int | None = None, auxk_alpha: float = 1 / 32) -> ForwardOutput:
-        codes_bs = self.encode(x_bd)
+        # (x − b_dec) W_enc + b_enc, written so that b_dec's gradient is a vector product, not a
+        # third (batch × d_sae × d_model) matrix product
+        codes_bs = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x_bd, self.W_enc).relu()
         x_hat_bd = self.decode(codes_bs).float()
         sse = ((x_hat_bd - x_bd) ** 2).sum()
         l1 = (codes_bs.float() @ self.W_dec.norm(dim=1)).sum()
@@ -52,7 +54,7 @@ class ReluSAE(SAE):
         loss = (sse + lam * l1) / n
         with torch.no_grad():
             sst = ((x_bd - x_bd.mean(0)) ** 2).sum().clamp_min(1e-12)
-            n_fired_s = (codes_bs > 0).sum(0)
+            n_fired_s = torch.count_nonzero(codes_bs, dim=0)
         parts = {"nmse": (sse / sst).detach(), "mse": (sse / n).detach(), "l1": (l1 / n).detach(),
                  "l0": n_fired_s.sum() / n}
         return ForwardOutput(x_hat_bd, loss, parts, n_fired_s)

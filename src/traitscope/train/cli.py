@@ -5,6 +5,21 @@
 trains three SAEs on one pass over the data and prints each run folder. Comma lists of --sae, --k,
 --l1, --d-sae, --expansion and --lr make a grid; --sweep FILE (JSON or TOML) lists runs explicitly.
 Rerunning the same command resumes unfinished runs from their checkpoints and skips finished ones.
+
+A sweep file gives shared settings at the top and one entry per SAE; settings that need another
+pass over the data (layer, token kind, batch size, budget, seed, ...) must agree across entries:
+
+    # sweep.toml                        # or sweep.json:
+    tokens = "50M"                      # {"tokens": "50M", "runs": [
+    [[run]]                             #   {"sae": "topk", "k": 32, "expansion": 16},
+    sae = "topk"                        #   {"sae": "relu", "l1": 5, "d_sae": 6144, "lr": 1e-4}]}
+    k = 32
+    expansion = 16
+    [[run]]
+    sae = "relu"
+    l1 = 5
+    d_sae = 6144
+    lr = 1e-4
 """
 
 import argparse
@@ -27,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults_t, defaults_r = TrainConfig(), RunSettings()
     data = parser.add_argument_group("data (shared by every SAE of the pass)")
     data.add_argument("--shards", required=True, metavar="DIR", help=shared["shards"])
-    data.add_argument("--sweep", metavar="FILE", help="JSON or TOML file listing the runs (see the docs); "
+    data.add_argument("--sweep", metavar="FILE", help="JSON or TOML file listing the runs (example above); "
                       "keys are the long option names with underscores ('sae' and 'l1' work too)")
     grid = parser.add_argument_group("SAEs (comma lists make a grid)")
     grid.add_argument("--sae", action="append", metavar="VARIANT", help=per_run["variant"] + " (default: topk)")
@@ -41,13 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(RunSettings):
         if f.name in GRID_FLAGS or f.name == "prefixes":
             continue
+        default = getattr(defaults_r, f.name)
         optim.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(),
-                           help=f"{per_run[f.name]} (default: {getattr(defaults_r, f.name)})")
+                           help=per_run[f.name] + ("" if default is None else f" (default: {_show(default)})"))
     for f in dataclasses.fields(TrainConfig):
         if f.name == "shards":
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{shared[f.name]} (default: {_show(getattr(defaults_t, f.name))})"
+        default = getattr(defaults_t, f.name)
+        help_text = shared[f.name] + ("" if default is None or f.type is bool else f" (default: {_show(default)})")
         if f.type is bool:
             data.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
         else:

@@ -42,15 +42,16 @@ class TrainConfig:
     val_tokens: int = 262_144
     """At most this many validation tokens are evaluated at the end."""
     dtype: str = "float32"
-    """float32, or bfloat16 for the encoder product (weights and optimiser stay float32)."""
+    """float32, or bfloat16 for the forward pass's matrix products (weights and Adam stay float32)."""
     chunk_rows: int = 4096
     """Rows per contiguous read of the shuffled loader."""
     buffer_mb: int = 256
-    """Size of the loader's shuffle buffer in MB (chunks from random places are mixed inside it)."""
+    """Size of the loader's shuffle buffer in MB (chunks from random places are mixed inside it; the
+    loader holds three: one in use, one ready, one being read)."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda if available)."""
     threads: int | None = None
-    """CPU threads for torch (default: torch's own choice)."""
+    """CPU threads for torch (default: torch's own choice, usually one per core)."""
     out: str = "runs"
     """Folder under which each SAE gets its run folder."""
     name: str | None = None

@@ -12,6 +12,7 @@ training units, Adam state, loader position, counters) from which a killed run c
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -488,6 +489,8 @@ def check_shared(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise TraitscopeError(message)
+    if cfg.log_to != "none" and importlib.util.find_spec(cfg.log_to) is None:
+        raise TraitscopeError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package (pip install {cfg.log_to})")
 
 
 def read_json(fpath: Path) -> dict:
@@ -519,10 +522,8 @@ def make_logger(log_to: str, run: Run):
     if log_to == "none":
         return None
     if log_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TraitscopeError("--log-to tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(str(run.dpath / "tensorboard"))
 
         def log_tb(record):
@@ -533,10 +534,8 @@ def make_logger(log_to: str, run: Run):
                 if key not in ("step",) and isinstance(value, (int, float)):
                     writer.add_scalar(key, value, record["step"])
         return log_tb
-    try:
-        import wandb
-    except ImportError:
-        raise TraitscopeError("--log-to wandb needs the wandb package (pip install wandb)") from None
+    import wandb
+
     wb = wandb.init(project="traitscope", name=run.dpath.name, dir=str(run.dpath), reinit=True,
                     config=dataclasses.asdict(run.settings))
 
