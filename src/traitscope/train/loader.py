@@ -100,28 +100,33 @@ class TokenSplit:
 
     def val_batches(self, batch_size: int, max_tokens: int) -> Iterator[torch.Tensor]:
         """Validation tokens (float32) in batches: every token of validation images, up to max_tokens."""
-        parts, n_parts, n_total = [], 0, 0
+        pending, n_pending = [], 0
+        for rows in self._val_rows(max_tokens):
+            pending.append(rows)
+            n_pending += len(rows)
+            if n_pending >= batch_size:
+                block = np.concatenate(pending)
+                n_full = len(block) // batch_size * batch_size
+                for start in range(0, n_full, batch_size):
+                    yield torch.from_numpy(block[start:start + batch_size].astype(np.float32))
+                pending, n_pending = [block[n_full:]], len(block) - n_full
+        if n_pending:
+            yield torch.from_numpy(np.concatenate(pending).astype(np.float32))
+
+    def _val_rows(self, max_tokens: int) -> Iterator[np.ndarray]:
+        """Each validation image's tokens (all kinds), checked, until max_tokens are out."""
+        n_left = max_tokens
         for image in self.val_order:
             for array in self.arrays:
-                rows = array.read(int(image) * array.rows_per_item, (int(image) + 1) * array.rows_per_item)
-                if not np.isfinite(rows).all():
-                    bad = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+                rows = array.read(int(image) * array.rows_per_item, (int(image) + 1) * array.rows_per_item)[:n_left]
+                finite = np.isfinite(rows).all(axis=1)
+                if not finite.all():
                     raise TraitscopeError(f"NaN/Inf in activations of validation image row {image} "
-                                          f"(token {bad}) in {self.shards.dpath}")
-                parts.append(rows)
-                n_parts += len(rows)
-            if n_parts >= batch_size or n_total + n_parts >= max_tokens:
-                block = np.concatenate(parts)[:max_tokens - n_total]
-                n_total += len(block)
-                for s in range(0, len(block), batch_size):
-                    yield torch.from_numpy(block[s:s + batch_size].astype(np.float32))
-                parts, n_parts = [], 0
-                if n_total >= max_tokens:
+                                          f"(token {int(np.flatnonzero(~finite)[0])}) in {self.shards.dpath}")
+                yield rows
+                n_left -= len(rows)
+                if n_left <= 0:
                     return
-        if parts:
-            block = np.concatenate(parts)[:max_tokens - n_total]
-            for s in range(0, len(block), batch_size):
-                yield torch.from_numpy(block[s:s + batch_size].astype(np.float32))
 
 
 class LoaderState(NamedTuple):

@@ -24,7 +24,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
