@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     inputs, inf = open_and_infer(args)
     baselines, _ = metrics_table(args, inputs, inf)
     rows = align(inputs, inf, baselines, select_tokens=args.select_tokens, select_images=args.select_images,
-                 eval_tokens=args.eval_tokens)
+                 eval_tokens=args.eval_tokens, progress=not args.quiet)
     md = write_report(rows, inf.dpath / "alignment.csv", inf.dpath / "alignment.md")
     write_enrichment(label_enrichment(inf, inputs.shards), inf.dpath / "enrichment.csv")
     print(f"\n{md}\nwrote {inf.dpath / 'alignment.csv'}, alignment.md and enrichment.csv")

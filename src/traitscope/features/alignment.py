@@ -33,6 +33,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
 
 from traitscope.errors import TraitscopeError
 from traitscope.features.baselines import Baseline
@@ -339,20 +340,24 @@ def _image_level(inputs: RunInputs, inf: Inference, baselines: list[Baseline], s
 
 @torch.no_grad()
 def align(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_tokens: int = FIT_TOKENS,
-          select_images: int = SELECT_IMAGES, eval_tokens: int = EVAL_TOKENS) -> list[LabelScore]:
+          select_images: int = SELECT_IMAGES, eval_tokens: int = EVAL_TOKENS,
+          progress: bool = False) -> list[LabelScore]:
     """Score every label of the shards against the SAE, the baselines and the probe."""
     shards = inputs.shards
-    levels = []
+    builders = []
     if shards.patch_label_names and inputs.token_kind == "patches":
-        levels.append(_patch_level(inputs, baselines, select_tokens, eval_tokens))
+        builders.append(lambda: _patch_level(inputs, baselines, select_tokens, eval_tokens))
     if shards.image_label_names:
-        levels.append(_image_level(inputs, inf, baselines, select_images))
-    if not levels:
+        builders.append(lambda: _image_level(inputs, inf, baselines, select_images))
+    if not builders:
         why = "its patch labels need a patch-level SAE" if shards.patch_label_names else "it has no labels"
         raise TraitscopeError(f"nothing to align in {shards.dpath}: {why} (make shards with --labels, "
                               "segmentation masks or a synthetic trait set)")
+    bar = tqdm(total=len(builders) * (len(baselines) + 3), desc="align", unit="step", disable=not progress)
     rows: list[LabelScore] = []
-    for level in levels:
+    for build in builders:
+        level = build()
+        bar.update(1)
         y_train, y_held = level.y_train.astype(np.float32), level.y_held.astype(np.float32)
         base_train = y_train.mean(0) if len(y_train) else np.zeros(len(level.labels))
         base_held = y_held.mean(0) if len(y_held) else np.full(len(level.labels), np.nan)
@@ -371,9 +376,12 @@ def align(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_t
                 held[:, valid] = m.held(idx[valid])
             rows += [row(j, method, m.name(int(idx[j])) if valid[j] else "", train_ap[j],
                          held[:, j] if valid[j] else None) for j in range(len(level.labels))]
+            bar.update(1)
         probe = _probe(level.probe_x[0], y_train, level.probe_x[1])
         rows += [row(j, "probe", "", np.nan, None if np.isnan(probe[:, j]).any() else probe[:, j])
                  for j in range(len(level.labels))]
+        bar.update(1)
+    bar.close()
     return rows
 
 

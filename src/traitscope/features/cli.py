@@ -48,7 +48,7 @@ def open_and_infer(args: argparse.Namespace):
 
 def metrics_table(args: argparse.Namespace, inputs, inf):
     baselines, info = baselines_for(inputs, inf, fit_tokens=args.fit_tokens, pca_k=args.pca_k,
-                                    n_clusters=args.kmeans_clusters)
+                                    n_clusters=args.kmeans_clusters, progress=not args.quiet)
     return baselines, heldout_metrics(inputs, inf, baselines, info)
 
 

@@ -44,7 +44,7 @@ def iter_tokens(inputs: RunInputs, token_rows: np.ndarray, chunk_tokens: int = 8
 
 
 def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKENS, pca_k: int | None = None,
-                  n_clusters: int | None = None) -> tuple[list[Baseline], dict]:
+                  n_clusters: int | None = None, progress: bool = False) -> tuple[list[Baseline], dict]:
     """The run's fitted baselines, from the inference folder or fitted now (and saved there), and
     what they were fitted with.
 
@@ -64,6 +64,9 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
         if old == info:
             return baselines, info
     idx = sample_tokens(inputs, train_rows, fit_tokens, seed=0)
+    if progress:
+        print(f"fitting the baselines on {len(idx):,} training tokens: PCA, k-means with {n_clusters} centroids ...",
+              flush=True)
     x_fit = inputs.acts[idx].astype(np.float32)
     baselines = fit_baselines(x_fit, pca_k, n_clusters, seed=0)
     save_baselines(baselines, fpath, info)
