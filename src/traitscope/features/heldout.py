@@ -36,11 +36,10 @@ def sample_tokens(inputs: RunInputs, image_rows: np.ndarray, max_tokens: int, se
     return idx
 
 
-def iter_tokens(inputs: RunInputs, token_rows: np.ndarray, chunk_tokens: int = 8192) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """(token rows, (n, d_model) float32 activations) in chunks, in the order given."""
+def iter_tokens(inputs: RunInputs, token_rows: np.ndarray, chunk_tokens: int = 8192) -> Iterator[torch.Tensor]:
+    """(n, d_model) float32 activations of `token_rows`, in chunks, in the order given."""
     for start in range(0, len(token_rows), chunk_tokens):
-        rows = token_rows[start:start + chunk_tokens]
-        yield rows, torch.from_numpy(inputs.acts[rows].astype(np.float32))
+        yield torch.from_numpy(inputs.acts[token_rows[start:start + chunk_tokens]].astype(np.float32))
 
 
 def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKENS, pca_k: int | None = None,
@@ -92,7 +91,7 @@ def heldout_metrics(inputs: RunInputs, inf: Inference, baselines: list[Baseline]
     accs = {"sae": MetricsAccumulator(d_model, sae.d_sae)}
     named = {b.label: b for b in baselines}
     accs.update({label: MetricsAccumulator(d_model, b.n_codes) for label, b in named.items()})
-    for _, x in iter_tokens(inputs, token_indices(held_rows, inputs.tokens_per_image)):
+    for x in iter_tokens(inputs, token_indices(held_rows, inputs.tokens_per_image)):
         codes = sae.encode(x.to(device))
         accs["sae"].add(x, sae.decode(codes).cpu(), codes.cpu())
         for label, b in named.items():

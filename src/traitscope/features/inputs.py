@@ -43,14 +43,6 @@ class RunInputs(NamedTuple):
         return self.shards.n_images
 
 
-def _model_of(entry: dict) -> tuple[str | None, str | None]:
-    """(model name, weights sha256) from a run config's `shards` entry."""
-    model = entry.get("model")
-    if isinstance(model, dict):
-        return model.get("name"), model.get("weights_sha256", entry.get("weights_sha256"))
-    return model, entry.get("weights_sha256")
-
-
 def open_inputs(run_dpath: str | Path, shards_dpath: str | Path, device: str = "cpu") -> RunInputs:
     """Open a run and a shard folder, and check that the SAE was trained on this model, layer and width."""
     run_dpath, shards = Path(run_dpath), Shards(shards_dpath)
@@ -60,7 +52,7 @@ def open_inputs(run_dpath: str | Path, shards_dpath: str | Path, device: str = "
     if not isinstance(entry, dict) or "layer" not in entry:
         raise TraitscopeError(f"{run_dpath}/config.json has no 'shards' entry with the layer the SAE was "
                               "trained on; cannot check that it fits these shards")
-    name, weights = _model_of(entry)
+    name, weights = entry.get("model"), entry.get("weights_sha256")
     if weights and shards.model.get("weights_sha256") and weights != shards.model["weights_sha256"]:
         raise TraitscopeError(
             f"the SAE in {run_dpath} was trained on activations of model {name!r} (weights sha256 "
@@ -69,11 +61,10 @@ def open_inputs(run_dpath: str | Path, shards_dpath: str | Path, device: str = "
     if name and not weights and name != shards.model.get("name"):
         raise TraitscopeError(f"the SAE in {run_dpath} was trained on model {name!r}, but {shards.dpath} "
                               f"holds model {shards.model.get('name')!r}")
-    stored_layer = int(entry["layer"])
-    if stored_layer not in shards.layers:
-        raise TraitscopeError(f"the SAE in {run_dpath} reads layer {stored_layer}, which {shards.dpath} does "
+    layer = int(entry["layer"])  # a stored (non-negative) block index
+    if layer not in shards.layers:
+        raise TraitscopeError(f"the SAE in {run_dpath} reads layer {layer}, which {shards.dpath} does "
                               f"not store (stored layers: {shards.layers})")
-    layer = shards.resolve(stored_layer)
     token_kind = entry.get("token_kind", "patches")
     if token_kind == "all":  # trained on patch and CLS tokens: features are looked at on the patches
         token_kind = "patches"
