@@ -1,10 +1,13 @@
 """Scale-out through torch.distributed: real `torchrun` jobs of 2 CPU processes (gloo) on 127.0.0.1.
 
 What a user relies on: a job of several processes writes the same shard folder, byte for byte, as one
-process; an error on one rank stops every rank with one clear line (no hang).
+process; an error on one rank stops every rank with one clear line (no hang); data-parallel training
+matches one process on the same global batches (weights, loss parts, L0, dead-latent counters), its
+checkpoints resume on another number of processes, and a sweep spreads whole SAEs over the ranks.
 """
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -14,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from traitscope.cli import main
 
 MODEL = "random-dinov2"
+pytestmark = pytest.mark.slow  # each test starts torchrun jobs of 2 processes (about 15 s each on 2 cores)
 
 
 def _free_port() -> int:
@@ -89,3 +95,100 @@ def test_two_ranks_write_the_bytes_of_one_process(photos, tmp_path, capsys):
     assert any(line.startswith(f"resuming {double}") for line in lines)
     assert _digests(double) == _digests(single)
     assert not (double / ".lock").exists()
+
+
+# --- training ---
+
+def _toy_shards(root: Path) -> Path:
+    """60 images x 16 patches of 16-wide float16 tokens: sums of 3 of 48 unit atoms, plus an offset."""
+    from traitscope.shards.store import write_arrays
+
+    rng = np.random.default_rng(0)
+    d, n_atoms, n_images, n_patches = 16, 48, 60, 16
+    atoms = rng.standard_normal((n_atoms, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = np.argsort(rng.random((n_images * n_patches, n_atoms)), axis=1)[:, :3]
+    tokens = (rng.uniform(0.5, 2, idx.shape)[:, :, None] * atoms[idx]).sum(1) + 1.0
+    header = {"model": {"name": "toy", "family": "test", "d_model": d, "n_layers": 4, "patch_size": 14,
+                        "weights_sha256": "ab" * 32},
+              "layers": [2], "token_kinds": ["patches"], "d_model": {"2": d}, "grid": {"2": [4, 4]},
+              "layout": {"n_cls": 1, "n_registers": 0}, "preprocess": {}, "dtype": "float16",
+              "images_root": str(root), "patch_labels": [], "image_labels": []}
+    listing = [{"index": i, "path": f"{i}.png", "width": 8, "height": 8, "label": None, "row": i, "skipped": None}
+               for i in range(n_images)]
+    arrays = {"L2/patches": tokens.reshape(n_images, n_patches, d).astype(np.float16)}
+    return write_arrays(root, header, listing, arrays, images_per_shard=16).dpath
+
+
+def _train_args(shards_dpath: Path, out: Path) -> list[str]:
+    """TopK, BatchTopK (a batch-level selection) and ReLU (a token-mean loss) in one pass of 100 steps."""
+    return ["train", "--shards", str(shards_dpath), "--sae", "topk,batchtopk,relu", "--k", "4", "--d-sae", "64",
+            "--tokens", "12800", "--batch-size", "128", "--lr-warmup", "5", "--dead-tokens", "1500",
+            "--log-every", "10", "--checkpoint-every", "6400", "--val-tokens", "256", "--quiet", "--device", "cpu",
+            "--threads", "1", "--out", str(out)]
+
+
+def _runs(out: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(out.iterdir())}
+
+
+def _metrics(run_dpath: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dpath / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_training(run_a: Path, run_b: Path, rtol: float) -> None:
+    a, b = load_file(str(run_a / "sae.safetensors")), load_file(str(run_b / "sae.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        scale = float(a[key].abs().max().clamp_min(1e-12))
+        assert float((a[key] - b[key]).abs().max()) <= rtol * scale, (run_a.name, key)
+    lines_a, lines_b = _metrics(run_a), _metrics(run_b)
+    assert [r["step"] for r in lines_a] == [r["step"] for r in lines_b] == list(range(10, 101, 10))
+    for ra, rb in zip(lines_a, lines_b):
+        assert ra.keys() == rb.keys()
+        for key in ra.keys() - {"tokens_per_s"}:  # the loss parts, L0, dead and dense fractions, lr
+            assert ra[key] == pytest.approx(rb[key], rel=rtol, abs=1e-6), (run_a.name, ra["step"], key)
+    ckpt_a = load_file(str(run_a / "checkpoint" / "state.safetensors"))
+    ckpt_b = load_file(str(run_b / "checkpoint" / "state.safetensors"))
+    assert torch.equal(ckpt_a["since_fired"], ckpt_b["since_fired"])  # dead-latent tracking, exactly
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("train")
+    shards_dpath = _toy_shards(root / "shards")
+    assert main(_train_args(shards_dpath, root / "one")) == 0
+    runs = _runs(root / "one")
+    assert len(runs) == 3 and any(_metrics(r)[-1].get("auxk") for r in runs.values())  # dead latents arose
+    return shards_dpath, runs
+
+
+def test_two_ranks_train_like_one_and_resume_on_one(one_process_runs, tmp_path):
+    shards_dpath, one = one_process_runs
+    # data parallel: each rank steps on half of every batch of 128; stopped (with checkpoints) after 40 steps
+    out = tmp_path / "two"
+    job = torchrun(["-m", "traitscope.cli", *_train_args(shards_dpath, out), "--stop-after", "5000"])
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "on 2 processes, each a share of every batch" in job.stdout
+    assert job.stdout.count("stopped with a checkpoint") == 3  # rank 0 alone prints
+    for run in _runs(out).values():
+        assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 40
+    # ...and finished by one process from the 2-rank checkpoints (global state: weights, Adam, loader)
+    assert main(_train_args(shards_dpath, out)) == 0
+    two = _runs(out)
+    assert two.keys() == one.keys()
+    for name in one:
+        _assert_same_training(one[name], two[name], rtol=1e-5)
+
+
+def test_a_sweep_spreads_whole_saes_over_ranks(one_process_runs, tmp_path):
+    shards_dpath, one = one_process_runs
+    out = tmp_path / "sweep"
+    job = torchrun(["--no-python", "traitscope", *_train_args(shards_dpath, out), "--dist-mode", "sweep"])
+    assert job.returncode == 0, job.stderr[-3000:]
+    owners = [line for line in job.stdout.splitlines() if "(new, rank" in line]
+    assert [line.rsplit("rank ", 1)[1] for line in owners] == ["0)", "1)", "0)"]  # SAE i on rank i mod 2
+    assert sum("trained: NMSE" in line for line in job.stdout.splitlines()) == 3  # each by its owner
+    sweep = _runs(out)
+    for name in one:  # one SAE per process sees the very batches of the one-process pass
+        _assert_same_training(one[name], sweep[name], rtol=1e-6)

@@ -210,6 +210,24 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """(world size, *tensor.shape): every rank's `tensor` (same shape and dtype on every rank), in rank order."""
+    if not _active():
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, tensor.contiguous())  # (the list form works on gloo as well as NCCL)
+    return torch.stack(parts)
+
+
+def any_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def check_agree(what: str, value: Any) -> None:
     """Stop every rank with one clear line when the ranks computed different `value`s of `what`."""
     values = all_gather(value)
@@ -237,19 +255,19 @@ def raise_if_any(error: BaseException | None) -> None:
 
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the body first (a download into a shared cache, a folder to create), the other
-    ranks run it once rank 0 has succeeded; a failure on rank 0 stops every rank with its message."""
+    """Rank 0 runs the body first (a download into a shared cache, folders to create), the other ranks
+    once it has succeeded; an error on any rank then stops every rank with its message."""
     is_main = world().is_main
     if not is_main:
         raise_if_any(None)  # rank 0's outcome
+    error = None
     try:
         yield
-    except Exception as err:
-        if is_main:
-            raise_if_any(err)
-        raise
+    except Exception as err:  # noqa: BLE001 (re-raised below, on every rank)
+        error = err
     if is_main:
-        raise_if_any(None)
+        raise_if_any(error)  # rank 0's outcome, to the others
+    raise_if_any(None if is_main else error)  # the others' outcomes, to everyone
 
 
 # --- printing and resources ---
@@ -268,4 +286,5 @@ def cpus_per_rank() -> int:
 
 
 __all__ = ["World", "env_world", "world", "pick_device", "backend_for", "session", "barrier", "broadcast",
-           "all_gather", "all_reduce_", "check_agree", "raise_if_any", "main_first", "say", "cpus_per_rank", "DEVICE_CHOICES"]
+           "all_gather", "all_gather_tensor", "any_true", "all_reduce_", "check_agree", "raise_if_any", "main_first",
+           "say", "cpus_per_rank", "DEVICE_CHOICES"]

@@ -6,6 +6,10 @@ trains three SAEs on one pass over the data and prints each run folder. Comma li
 --l1, --d-sae, --expansion and --lr make a grid; --sweep FILE (JSON or TOML) lists runs explicitly.
 Rerunning the same command resumes unfinished runs from their checkpoints and skips finished ones.
 
+On several GPUs or machines, start the same command under torchrun (see docs/distributed.md):
+
+    torchrun --standalone --nproc-per-node 8 -m traitscope.cli train --shards ... [--dist-mode data|sweep]
+
 A sweep file gives shared settings at the top and one entry per SAE; settings that need another
 pass over the data (layer, token kind, batch size, budget, seed, ...) must agree across entries:
 
@@ -119,11 +123,17 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from traitscope import dist
     from traitscope.train.trainer import train
 
     cfg, settings = config_from_args(args)
-    results = train(cfg, settings)
-    print()
+    with dist.session(dist.pick_device(cfg.device)) as world:
+        results = train(cfg, settings)
+    # every SAE's line is printed once: by rank 0, or in a sweep by the process that trained it
+    if not (world.is_main or cfg.dist_mode == "sweep"):
+        return 1 if any(r.status not in ("trained", "already trained", "stopped") for r in results) else 0
+    if results:
+        print()
     failed = 0
     for r in results:
         if r.status in ("trained", "already trained") and r.metrics:

@@ -49,7 +49,11 @@ class TrainConfig:
     """Size of the loader's shuffle buffer in MB (chunks from random places are mixed inside it; the
     loader holds three: one in use, one ready, one being read)."""
     device: str = "auto"
-    """cpu, cuda, or auto (cuda if available)."""
+    """cpu, cuda, mps, or auto (cuda if available, else mps, else cpu); under torchrun, cuda means the GPU of
+    the process's LOCAL_RANK."""
+    dist_mode: str = "data"
+    """Under torchrun: 'data' trains every SAE data-parallel (each process takes a share of every batch),
+    'sweep' gives SAE i to process i mod N (see docs/distributed.md)."""
     threads: int | None = None
     """CPU threads for torch (default: torch's own choice, usually one per core)."""
     out: str = "runs"

@@ -161,10 +161,18 @@ class ShuffledLoader:
     """
 
     def __init__(self, split: TokenSplit, batch_size: int, seed: int, chunk_rows: int = 4096,
-                 buffer_mb: int = 256, state: LoaderState | None = None, prefetch: bool = True, stream: int = 0):
-        """`stream` picks an independent order for the same seed (e.g. the start-up sample)."""
+                 buffer_mb: int = 256, state: LoaderState | None = None, prefetch: bool = True, stream: int = 0,
+                 rows: slice | None = None, pin_memory: bool = False):
+        """`stream` picks an independent order for the same seed (e.g. the start-up sample).
+
+        `rows` keeps only those rows of every batch (a data-parallel rank's share; the stream and the
+        state stay those of the whole batch). `pin_memory` assembles batches in page-locked memory, so
+        that `.to("cuda", non_blocking=True)` copies them without stalling (CUDA only).
+        """
         self.split = split
         self.batch_size = batch_size
+        self.rows = rows
+        self.pin_memory = pin_memory
         self.seed = seed
         self.stream = stream
         self.chunk_rows = chunk_rows
@@ -301,8 +309,23 @@ class ShuffledLoader:
                 if block == self.blocks_per_epoch:
                     epoch, block = epoch + 1, 0
         self.state = LoaderState(epoch, block, offset)
+        if self.rows is not None or self.pin_memory:
+            return self._assemble(parts)
         batch = parts[0] if len(parts) == 1 and parts[0].base is None else np.concatenate(parts)
         return torch.from_numpy(batch.astype(np.float32, copy=False))
+
+    def _assemble(self, parts: list[np.ndarray]) -> torch.Tensor:
+        """Rows `self.rows` of the batch made of `parts`, float32, in one copy (into pinned memory if asked)."""
+        lo, hi, _ = (self.rows or slice(0, self.batch_size)).indices(self.batch_size)
+        out = torch.empty((max(0, hi - lo), self.split.d_model), dtype=torch.float32, pin_memory=self.pin_memory)
+        out_nd = out.numpy()
+        first = 0  # the batch row where the current part starts
+        for part in parts:
+            a, b = max(lo, first), min(hi, first + len(part))
+            if a < b:
+                out_nd[a - lo:b - lo] = part[a - first:b - first]
+            first += len(part)
+        return out
 
     def close(self) -> None:
         self._stop.set()

@@ -9,6 +9,11 @@ Inputs are scaled to unit mean squared norm for training; the scale is folded ba
 on save, so a saved SAE (`traitscope.sae.load_sae`) takes raw activations. A run folder holds:
 config.json, sae.safetensors, metrics.jsonl, metrics.json, curves.png and checkpoint/ (weights in
 training units, Adam state, loader position, counters) from which a killed run continues.
+
+Under torchrun (a process group joined with `traitscope.dist.session`), `cfg.dist_mode` 'data' trains
+every SAE data-parallel (`traitscope.train.parallel`: each rank steps on its share of every batch,
+rank 0 writes the run folders), and 'sweep' trains SAE i on rank i mod N, which writes its folder.
+Checkpoints hold global state only, so a run resumes on any number of processes.
 """
 
 import dataclasses
@@ -27,6 +32,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from traitscope import dist
 from traitscope.errors import TraitscopeError
 from traitscope.features.metrics import MetricsAccumulator
 from traitscope.sae import SAE, SAEConfig, build_sae
@@ -34,6 +40,7 @@ from traitscope.shards.store import Shards, atomic_write_json
 from traitscope.train.config import RunSettings, TrainConfig, identity_hash, run_identity
 from traitscope.train.curves import plot_curves
 from traitscope.train.loader import LoaderState, ShuffledLoader, TokenSplit
+from traitscope.train.parallel import DataParallel
 
 INIT_TOKENS = 65_536
 """Tokens sampled before training to set the input scale and the decoder bias."""
@@ -75,6 +82,8 @@ class Run:
     """Firing counts per latent since the last metrics line."""
     last_record: dict | None = None
     """The last metrics line written."""
+    writes: bool = True
+    """Whether this process writes the run folder (False on the other ranks of a data-parallel job)."""
 
 
 def train(cfg: TrainConfig, settings: list[RunSettings], echo=print) -> list[RunResult]:
@@ -91,9 +100,14 @@ def train(cfg: TrainConfig, settings: list[RunSettings], echo=print) -> list[Run
 def _train(cfg: TrainConfig, settings: list[RunSettings], echo) -> list[RunResult]:
     # --- setup ---
     device = resolve_device(cfg.device)
+    check_shared(cfg)
+    world = dist.world()
+    sweep = world.distributed and cfg.dist_mode == "sweep"
+    dp = DataParallel(world, cfg.batch_size, device) if world.distributed and not sweep else None
+    say = echo if world.is_main else _quiet  # the job's lines: rank 0
+    echo = echo if world.is_main or sweep else _quiet  # a run's lines: the process that trains it
     shards = Shards(cfg.shards)
     layer = cfg.layer if cfg.layer is not None else shards.layers[-1]
-    check_shared(cfg)
     split = TokenSplit(shards, layer, cfg.token_kind, cfg.val_frac, cfg.seed)
     resolved = [s.resolved(split.d_model) for s in settings]  # refuses impossible settings up front
     identities = [run_identity(cfg, s, shards.hash, split.layer) for s in resolved]
@@ -101,19 +115,33 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo) -> list[RunResul
     if len(set(dpaths)) != len(dpaths):
         raise TraitscopeError("two of the requested runs are identical (or share --name); each SAE of a pass "
                               "needs its own settings and folder")
-    runs = [open_run(cfg, s, i, d, shards, split, device) for s, i, d in zip(resolved, identities, dpaths)]
+    # This process's SAEs: all of them, or (sweep) SAE i on rank i mod N. In a data-parallel job rank 0
+    # creates or checks the folders first and alone writes them; the others read them.
+    mine = [i for i in range(len(resolved)) if not sweep or i % world.size == world.rank]
+    with dist.main_first():
+        runs = [open_run(cfg, resolved[i], identities[i], dpaths[i], shards, split, device,
+                         writes=sweep or world.is_main) for i in mine]
+    if dp is not None:
+        for run in runs:
+            dp.global_batch_selection(run.sae)
     results = {r.dpath: RunResult(r.dpath, "already trained", read_json(r.dpath / "metrics.json"))
                for r in runs if r.done}
     pending = [r for r in runs if not r.done]
     n_steps = -(-cfg.tokens // cfg.batch_size)
-    echo(f"{len(runs)} SAE(s) on {shards.dpath} layer {split.layer} ({cfg.token_kind}, d_model {split.d_model}), "
-         f"{n_steps * cfg.batch_size:,} tokens in {n_steps:,} steps of {cfg.batch_size}; "
-         f"{split.n_train_tokens:,} training tokens, {len(split.val_rows)} validation images")
-    for run in runs:
-        state = "already trained" if run.done else f"resuming at step {run.step:,}" if run.step else "new"
-        echo(f"  {run.dpath}  ({state})")
-    if cfg.tokens > split.n_train_tokens and pending:
-        echo(f"  note: the budget is {cfg.tokens / split.n_train_tokens:.1f} epochs of the training tokens")
+    how = "" if not world.distributed else \
+        f" on {world.size} processes, {'one SAE each' if sweep else 'each a share of every batch'}"
+    say(f"{len(resolved)} SAE(s) on {shards.dpath} layer {split.layer} ({cfg.token_kind}, d_model {split.d_model}), "
+        f"{n_steps * cfg.batch_size:,} tokens in {n_steps:,} steps of {cfg.batch_size}{how}; "
+        f"{split.n_train_tokens:,} training tokens, {len(split.val_rows)} validation images")
+    lines = [(i, f"  {run.dpath}  ({run_state(run)}{f', rank {world.rank}' if sweep else ''})")
+             for i, run in zip(mine, runs)]
+    for _, line in sorted(sum(dist.all_gather(lines) if sweep else [lines], [])):  # in the order asked for
+        say(line)
+    if sweep and world.size > len(resolved):
+        say(f"  note: {world.size} processes for {len(resolved)} SAE(s): ranks {len(resolved)} and up have "
+            "nothing to do; use --dist-mode data")
+    if cfg.tokens > split.n_train_tokens and dist.any_true(bool(pending)):
+        say(f"  note: the budget is {cfg.tokens / split.n_train_tokens:.1f} epochs of the training tokens")
 
     # Runs resumed from different checkpoints cannot share a pass: each group gets its own.
     groups: dict[tuple, list[Run]] = defaultdict(list)
@@ -122,7 +150,9 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo) -> list[RunResul
     stop = _InterruptFlag()
     with stop:
         for (start_step, _), group in sorted(groups.items(), key=lambda kv: kv[0][0]):
-            status = train_pass(cfg, group, split, shards, start_step, n_steps, device, stop, echo)
+            status = train_pass(cfg, group, split, shards, start_step, n_steps, device, stop, echo, dp)
+            if dp is not None:
+                dist.barrier()  # rank 0 has written metrics.json
             for run in group:
                 if run.failed:
                     results[run.dpath] = RunResult(run.dpath, "failed", None, run.failed)
@@ -133,15 +163,28 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo) -> list[RunResul
     return [results[r.dpath] for r in runs]
 
 
+def run_state(run: Run) -> str:
+    return "already trained" if run.done else f"resuming at step {run.step:,}" if run.step else "new"
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
 def train_pass(cfg: TrainConfig, runs: list[Run], split: TokenSplit, shards: Shards, start_step: int,
-               n_steps: int, device: torch.device, stop: "_InterruptFlag", echo) -> str:
-    """One pass over the data for runs that start at the same step. Returns 'done' or 'stopped'."""
+               n_steps: int, device: torch.device, stop: "_InterruptFlag", echo,
+               dp: DataParallel | None = None) -> str:
+    """One pass over the data for runs that start at the same step. Returns 'done' or 'stopped'.
+
+    With `dp` this process trains on its rows of every batch, in step with the other ranks."""
     if start_step == 0:
         init_from_data(cfg, runs, split, device)
+    # batches in pinned memory on CUDA: the copy to the GPU below does not stall this thread
     loader = ShuffledLoader(split, cfg.batch_size, cfg.seed, cfg.chunk_rows, cfg.buffer_mb,
-                            state=runs[0].loader_state)
-    loggers = [make_logger(cfg.log_to, run) for run in runs]
-    bar = progress_bar(cfg, start_step, n_steps)
+                            state=runs[0].loader_state, rows=dp.rows if dp else None,
+                            pin_memory=device.type == "cuda")
+    loggers = [make_logger(cfg.log_to, run) if run.writes else None for run in runs]
+    bar = progress_bar(cfg, start_step, n_steps) if dist.world().is_main else None
     t_window, tokens_window = time.perf_counter(), 0
     status = "done"
     try:
@@ -149,15 +192,17 @@ def train_pass(cfg: TrainConfig, runs: list[Run], split: TokenSplit, shards: Sha
             for step in range(start_step, n_steps):
                 # --- one batch, one step of every SAE ---
                 x_bd = next(loader).to(device, non_blocking=True)
+                if dp is not None:
+                    dp.begin_step(x_bd, stop.is_set())  # this share's weight; whether any rank must stop
                 for run in runs:
                     if not run.failed:
-                        train_step(run, x_bd, step, n_steps, bf16=cfg.dtype == "bfloat16")
+                        train_step(run, x_bd, step, n_steps, bf16=cfg.dtype == "bfloat16", dp=dp)
                         if run.failed:
                             echo(f"\n{run.dpath}: {run.failed}; stopped this run, its last good checkpoint is kept")
-                tokens_window += len(x_bd)
+                tokens_window += cfg.batch_size
                 tokens = (step + 1) * cfg.batch_size
                 if bar is not None:
-                    bar.update(len(x_bd))
+                    bar.update(cfg.batch_size)
                 # --- metrics ---
                 if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
                     seconds = time.perf_counter() - t_window
@@ -174,11 +219,12 @@ def train_pass(cfg: TrainConfig, runs: list[Run], split: TokenSplit, shards: Sha
                 # --- checkpoints, a requested stop, Ctrl-C ---
                 crossed = tokens // cfg.checkpoint_every > (tokens - cfg.batch_size) // cfg.checkpoint_every
                 stop_now = (cfg.stop_after is not None and tokens >= cfg.stop_after and step + 1 < n_steps)
-                if crossed or stop_now or stop.is_set() or step + 1 == n_steps:
+                interrupted = dp.stop if dp is not None else stop.is_set()  # every rank stops at the same step
+                if crossed or stop_now or interrupted or step + 1 == n_steps:
                     for run in runs:
                         if not run.failed:
                             save_checkpoint(run, step + 1, loader.state)
-                if stop.is_set():
+                if interrupted:
                     raise KeyboardInterrupt
                 if stop_now:
                     echo(f"\nstopped after {tokens:,} tokens as asked (--stop-after); rerun without it to continue")
@@ -192,17 +238,21 @@ def train_pass(cfg: TrainConfig, runs: list[Run], split: TokenSplit, shards: Sha
                 logger(None)
     if status == "done":
         for run in runs:
-            if not run.failed:
+            if not run.failed and run.writes:
                 finish_run(cfg, run, split, shards)
     return status
 
 
 # --- one step ---
 
-def train_step(run: Run, x_raw_bd: torch.Tensor, step: int, n_steps: int, bf16: bool = False) -> None:
+def train_step(run: Run, x_raw_bd: torch.Tensor, step: int, n_steps: int, bf16: bool = False,
+               dp: DataParallel | None = None) -> None:
     """Forward, backward and Adam step of one SAE on one batch (raw activations).
 
     With `bf16` the forward's matrix products run in bfloat16 (weights, gradients and Adam stay float32).
+    With `dp`, `x_raw_bd` is this rank's share of the global batch: the gradients, the loss parts and
+    the firing counts are summed over ranks before anything uses them, so every rank takes the step a
+    single process would take on the whole batch.
     """
     s = run.settings
     sae = run.sae
@@ -211,13 +261,21 @@ def train_step(run: Run, x_raw_bd: torch.Tensor, step: int, n_steps: int, bf16: 
     l1_scale = min(1.0, (step + 1) / (s.l1_warmup * n_steps)) if s.l1_warmup > 0 else 1.0
     with torch.autocast(x_bd.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = sae(x_bd, dead_s=dead_s, l1_scale=l1_scale, k_aux=s.k_aux, auxk_alpha=s.auxk_alpha)
-    if not torch.isfinite(out.loss):
+    if dp is None and not torch.isfinite(out.loss):
         run.failed = f"the loss became {float(out.loss.detach())} at step {step + 1}"
         return
     for group in run.opt.param_groups:
         group["lr"] = lr_at(s, step, n_steps)
     run.opt.zero_grad(set_to_none=True)
-    out.loss.backward()
+    if dp is None:
+        out.loss.backward()
+    else:
+        (out.loss * dp.loss_weight(sae)).backward()
+        out = dp.reduce(sae, out)  # the whole batch's gradients, loss, parts and firing counts
+        if not torch.isfinite(out.loss):
+            run.failed = f"the loss became {float(out.loss)} at step {step + 1}"
+            return
+    n_tokens = dp.batch_size if dp is not None else len(x_bd)
     sae.remove_parallel_grads_()
     grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), s.grad_clip if s.grad_clip > 0 else math.inf)
     if not torch.isfinite(grad_norm):
@@ -228,11 +286,11 @@ def train_step(run: Run, x_raw_bd: torch.Tensor, step: int, n_steps: int, bf16: 
     run.step = step + 1
     # counters for dead latents and the logging window
     fired_s = out.n_fired_s > 0
-    run.since_fired_s.add_(len(x_bd)).masked_fill_(fired_s, 0)
+    run.since_fired_s.add_(n_tokens).masked_fill_(fired_s, 0)
     run.fired_window_s = out.n_fired_s if run.fired_window_s is None else run.fired_window_s + out.n_fired_s
     w = run.window
     w["n"] += 1
-    w["tokens"] += len(x_bd)
+    w["tokens"] += n_tokens
     w["loss"] += out.loss.detach()
     for name, value in out.parts.items():
         w[name] += value
@@ -261,8 +319,9 @@ def log_window(run: Run, step: int, tokens: int, tokens_per_s: float) -> dict:
         record["dense_frac"] = round(float((run.fired_window_s.float() / window_tokens > 0.1).float().mean()), 6)
     record["lr"] = run.opt.param_groups[0]["lr"]
     record["tokens_per_s"] = round(tokens_per_s, 1)
-    with open(run.dpath / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if run.writes:
+        with open(run.dpath / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
     run.window = defaultdict(float)
     run.fired_window_s = None
     run.last_record = record
@@ -308,10 +367,12 @@ def geometric_median(x_nd: torch.Tensor, n_iter: int = 100, tol: float = 1e-7) -
 # --- run folders and checkpoints ---
 
 def open_run(cfg: TrainConfig, s: RunSettings, identity: dict, dpath: Path, shards: Shards, split: TokenSplit,
-             device: torch.device) -> Run:
-    """Create a run's folder, or reopen it: finished, resumable from its checkpoint, or refused."""
+             device: torch.device, writes: bool = True) -> Run:
+    """Create a run's folder, or reopen it: finished, resumable from its checkpoint, or refused.
+
+    Without `writes` (the other ranks of a data-parallel job) the folder is only read."""
     d_model = split.d_model
-    if cfg.restart and dpath.is_dir():
+    if cfg.restart and dpath.is_dir() and writes:
         for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "metrics.json",
                      "sae.safetensors", "curves.png"):
             p = dpath / name
@@ -319,7 +380,7 @@ def open_run(cfg: TrainConfig, s: RunSettings, identity: dict, dpath: Path, shar
     torch.manual_seed(cfg.seed)
     sae = build_sae(SAEConfig(**s.sae_config(d_model))).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(s.beta1, s.beta2), **adam_impl(device))
-    run = Run(dpath, s, identity, sae, opt, torch.zeros(s.d_sae, dtype=torch.long, device=device))
+    run = Run(dpath, s, identity, sae, opt, torch.zeros(s.d_sae, dtype=torch.long, device=device), writes=writes)
     config_fpath = dpath / "config.json"
     if config_fpath.is_file():
         check_same_run(dpath, read_json(config_fpath), identity, shards, split)
@@ -364,6 +425,9 @@ def check_same_run(dpath: Path, config: dict, identity: dict, shards: Shards, sp
 
 def save_checkpoint(run: Run, step: int, loader_state: LoaderState) -> None:
     """Write checkpoint/ (atomically: a new folder is renamed into place) and the current SAE."""
+    if not run.writes:  # another rank writes this run's folder
+        run.loader_state = loader_state
+        return
     tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in run.sae.state_dict().items()}
     names = {id(p): n for n, p in run.sae.named_parameters()}
     for group in run.opt.param_groups:
@@ -411,7 +475,7 @@ def load_checkpoint(run: Run, device: torch.device) -> None:
     run.loader_state = LoaderState(**state["loader"])
     # metrics.jsonl keeps only what the checkpoint had seen
     log_fpath = run.dpath / "metrics.jsonl"
-    if log_fpath.is_file():
+    if log_fpath.is_file() and run.writes:
         lines = [ln for ln in log_fpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= run.step]
         log_fpath.write_text("".join(ln + "\n" for ln in lines))
 
@@ -461,14 +525,8 @@ def finish_run(cfg: TrainConfig, run: Run, split: TokenSplit, shards: Shards) ->
 # --- small helpers ---
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TraitscopeError("--device cuda: no CUDA GPU is available to torch here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise TraitscopeError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    """auto: cuda (the GPU of this process's LOCAL_RANK under torchrun), else mps, else cpu."""
+    return dist.pick_device(name)
 
 
 def adam_impl(device: torch.device) -> dict:
@@ -484,6 +542,7 @@ def check_shared(cfg: TrainConfig) -> None:
               (cfg.chunk_rows >= 1 and cfg.buffer_mb >= 1, "chunk_rows and buffer_mb must be positive"),
               (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "log_every and checkpoint_every must be positive"),
               (cfg.val_tokens >= 1, "val_tokens must be positive"),
+              (cfg.dist_mode in ("data", "sweep"), f"dist_mode must be data or sweep, not {cfg.dist_mode!r}"),
               (cfg.log_to in ("none", "tensorboard", "wandb"), f"log_to must be none, tensorboard or wandb, not {cfg.log_to!r}")]
     for ok, message in checks:
         if not ok:
