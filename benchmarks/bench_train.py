@@ -14,6 +14,12 @@ first read); shuffled batches of 4096 from a running `ShuffledLoader` (steady st
 reads, shuffle buffer, background prefetch, validation rows dropped), an epoch at a time, against a
 sequential read of the same files in large chunks. Target: shuffled >= 30% of sequential.
 
+GPU (only where CUDA is available): can the loader keep a GPU busy? At d_model 768, d_sae 16384,
+k 32, batch 4096 on float16 shards (the default storage), the loader's tokens/s *into the GPU* (batches
+assembled in pinned memory, copied with non_blocking=True, as `train` does) against the GPU's TopK
+step rate (float32 and bfloat16 autocast). Target: loader >= 1x the step rate, so the GPU is never
+starved. Without a GPU this section says so and is skipped.
+
     python benchmarks/bench_train.py [--repeats N]
 """
 
@@ -37,19 +43,20 @@ from traitscope.train.trainer import Run, adam_impl, train_step
 D_MODEL, D_SAE, K, BATCH = 384, 6144, 32, 4096
 N_IMAGES, GRID = 800, (16, 16)
 STEP_TARGET, LOADER_TARGET = 0.5, 0.3
+GPU_D_MODEL, GPU_D_SAE, GPU_IMAGES, GPU_FEED_TARGET = 768, 16_384, 600, 1.0
 
 
-def make_shards(root: Path):
+def make_shards(root: Path, n_images: int = N_IMAGES, d_model: int = D_MODEL, dtype=np.float32):
     rng = np.random.default_rng(0)
     n_p = GRID[0] * GRID[1]
-    acts = rng.standard_normal((N_IMAGES, n_p, D_MODEL), dtype=np.float32)
-    header = {"model": {"name": "bench", "family": "random", "n_layers": 12, "d_model": D_MODEL,
+    acts = rng.standard_normal((n_images, n_p, d_model), dtype=np.float32).astype(dtype, copy=False)
+    header = {"model": {"name": "bench", "family": "random", "n_layers": 12, "d_model": d_model,
                         "weights_sha256": "0" * 64},
-              "layers": [10], "token_kinds": ["patches"], "d_model": {"10": D_MODEL}, "grid": {"10": list(GRID)},
-              "layout": {"n_cls": 1, "n_registers": 0}, "preprocess": {}, "dtype": "float32",
+              "layers": [10], "token_kinds": ["patches"], "d_model": {"10": d_model}, "grid": {"10": list(GRID)},
+              "layout": {"n_cls": 1, "n_registers": 0}, "preprocess": {}, "dtype": np.dtype(dtype).name,
               "images_root": str(root), "patch_labels": [], "image_labels": []}
     listing = [{"index": i, "path": f"{i}.png", "width": 224, "height": 224, "label": None, "row": i,
-                "skipped": None} for i in range(N_IMAGES)]
+                "skipped": None} for i in range(n_images)]
     return write_arrays(root / "shards", header, listing, {"L10/patches": acts}, images_per_shard=100)
 
 
@@ -78,12 +85,12 @@ def shuffled_tokens_per_s(loader: ShuffledLoader, n_batches: int) -> float:
 
 # --- training step ---
 
-def make_run(variant: str, device: torch.device) -> Run:
-    settings = RunSettings(variant=variant, k=None if variant == "relu" else K, d_sae=D_SAE).resolved(D_MODEL)
+def make_run(variant: str, device: torch.device, d_model: int = D_MODEL, d_sae: int = D_SAE) -> Run:
+    settings = RunSettings(variant=variant, k=None if variant == "relu" else K, d_sae=d_sae).resolved(d_model)
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(**settings.sae_config(D_MODEL))).to(device)
+    sae = build_sae(SAEConfig(**settings.sae_config(d_model))).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=settings.lr, **adam_impl(device))
-    return Run(Path("."), settings, {}, sae, opt, torch.zeros(D_SAE, dtype=torch.long, device=device))
+    return Run(Path("."), settings, {}, sae, opt, torch.zeros(d_sae, dtype=torch.long, device=device))
 
 
 def best_seconds(fn, n: int) -> float:
@@ -139,6 +146,55 @@ def end_to_end_tokens_per_s(shards, root: Path) -> float:
     return statistics.median(r["tokens_per_s"] for r in records[1:])  # the first window includes start-up
 
 
+# --- the loader against a GPU's step rate ---
+
+class GpuFeed(NamedTuple):
+    """Tokens/s into the device against the device's training-step rate."""
+
+    loader: float
+    """Shuffled batches from float16 shards, float32 in pinned memory, copied to the device (non-blocking)."""
+    step: float
+    """TopK `train_step` on the device, float32."""
+    step_bf16: float
+    """The same step with bfloat16 autocast."""
+
+
+def gpu_feed_figures(root: Path, device: torch.device, repeats: int) -> GpuFeed:
+    """The loader's rate into `device` and the TopK step rate there, best of `repeats` rounds each."""
+    shards = make_shards(root / "gpu", GPU_IMAGES, GPU_D_MODEL, np.float16)
+    split = TokenSplit(shards, 10, "patches", val_frac=0.05, seed=0)
+    sequential_tokens_per_s(split)  # warm the page cache
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n_batches = split.n_train_tokens // BATCH
+    loader_best = 0.0
+    with ShuffledLoader(split, BATCH, seed=0, pin_memory=device.type == "cuda") as loader:
+        for _ in range(2 * n_batches):  # every block buffer allocated and in use
+            next(loader).to(device, non_blocking=True)
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n_batches):
+                x_bd = next(loader).to(device, non_blocking=True)
+            sync()
+            loader_best = max(loader_best, n_batches * BATCH / (time.perf_counter() - t0))
+    x_bd = x_bd / x_bd.pow(2).sum(1).mean().sqrt()
+    steps = {}
+    for bf16 in (False, True):
+        run = make_run("topk", device, GPU_D_MODEL, GPU_D_SAE)
+        for step in range(3):  # warm-up: kernels, buffers, allocator
+            train_step(run, x_bd, step, 10_000, bf16=bf16)
+        best, n = 0.0, 10
+        for rnd in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            for step in range(n):
+                train_step(run, x_bd, 3 + rnd * n + step, 10_000, bf16=bf16)
+            sync()
+            best = max(best, n * BATCH / (time.perf_counter() - t0))
+        steps[bf16] = best
+    return GpuFeed(loader_best, steps[False], steps[True])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="alternating timing rounds (default: 5)")
@@ -179,6 +235,20 @@ def main() -> None:
         floor = max(floor_before, BATCH / best_seconds(lambda: x_bd @ W_enc, 3))
         print(f"\nwhole train() loop, TopK (loader, steps, metrics): {e2e:,.0f} tokens/s; floor around it "
               f"{floor:,.0f} = {e2e / floor:.0%}")
+
+        print(f"\nloader against a GPU (d_model {GPU_D_MODEL}, d_sae {GPU_D_SAE}, k {K}, batch {BATCH}, "
+              "float16 shards):")
+        if not torch.cuda.is_available():
+            print("  no CUDA GPU here: skipped (the same code runs where one is present)")
+        else:
+            device = torch.device("cuda")
+            feed = gpu_feed_figures(root, device, args.repeats)
+            print(f"  {torch.cuda.get_device_name(device)}")
+            for name, step in (("float32", feed.step), ("bfloat16", feed.step_bf16)):
+                ratio = feed.loader / step
+                print(f"  loader into the GPU {feed.loader:12,.0f} tokens/s   TopK step ({name}) {step:12,.0f} "
+                      f"tokens/s   = {ratio:.2f}x (target >= {GPU_FEED_TARGET:.0f}x: "
+                      f"{'met' if ratio >= GPU_FEED_TARGET else 'NOT met'})")
 
 if __name__ == "__main__":
     main()

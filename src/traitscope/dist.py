@@ -16,7 +16,9 @@ stages call them unconditionally.
 What the stages use: `pick_device` (cuda:LOCAL_RANK, mps or cpu), `say` (rank 0 prints),
 `broadcast` / `all_gather` (small Python objects), `check_agree` (every rank computed the same plan),
 `raise_if_any` (an error on one rank stops all of them with its message, instead of a hang),
-`all_reduce_` (tensors), and `cpus_per_rank` (decode threads that do not oversubscribe a node).
+`main_first` (rank 0 does something first, e.g. fills a shared cache), `all_reduce_` /
+`all_gather_tensor` / `any_true` (tensors and flags), `cpus_per_rank` (decode threads that do not
+oversubscribe a node), and `check_joined` (a stage called under torchrun outside a session refuses).
 """
 
 import contextlib
@@ -86,6 +88,14 @@ def world() -> World:
         env = env_world()
         return World(tdist.get_rank(), tdist.get_world_size(), env.local_rank, env.local_size)
     return World()
+
+
+def check_joined() -> None:
+    """Refuse to run a stage in one process of a torchrun job that has not joined its process group:
+    each process would do all the work and write the same files as the others."""
+    if env_world().distributed and not (tdist.is_available() and tdist.is_initialized()):
+        raise TraitscopeError("started by torchrun (WORLD_SIZE > 1) but not inside traitscope.dist.session(); "
+                              "run the `traitscope` command, or wrap the call in `with dist.session(device):`")
 
 
 def pick_device(name: str | None = "auto", local_rank: int | None = None) -> torch.device:
@@ -285,6 +295,6 @@ def cpus_per_rank() -> int:
     return max(1, n_cpus // max(1, env_world().local_size))
 
 
-__all__ = ["World", "env_world", "world", "pick_device", "backend_for", "session", "barrier", "broadcast",
-           "all_gather", "all_gather_tensor", "any_true", "all_reduce_", "check_agree", "raise_if_any", "main_first",
-           "say", "cpus_per_rank", "DEVICE_CHOICES"]
+__all__ = ["World", "env_world", "world", "check_joined", "pick_device", "backend_for", "session", "barrier",
+           "broadcast", "all_gather", "all_gather_tensor", "any_true", "all_reduce_", "check_agree", "raise_if_any",
+           "main_first", "say", "cpus_per_rank", "DEVICE_CHOICES"]

@@ -441,6 +441,7 @@ def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out
     """
     if batch_size < 1:
         raise TraitscopeError(f"batch size must be at least 1, not {batch_size}")
+    dist.check_joined()
     world = dist.world()
     verbose_here = verbose and world.is_main
     plan = plan_shards(source, backbone, layers, out_dpath, token_kinds, dtype, images_per_shard)
@@ -453,20 +454,19 @@ def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out
         return shards
 
     with _folder_lock(plan.dpath):
+        store = ShardWriter(plan.dpath, plan.header)
         todo = None
         if world.is_main:  # before any rank writes: clear what an interrupted run left, list what is left to do
-            store = ShardWriter(plan.dpath, plan.header)
             store.remove_stale_tmp()
             todo = [s for s in range(plan.n_shards) if not store.shard_done(s)]
         todo = dist.broadcast(todo)
-        store = ShardWriter(plan.dpath, plan.header)
         n_done = sum(len(plan.shard_records(s)) for s in range(plan.n_shards) if s not in set(todo))
         if n_done:
             _say(verbose_here, f"resuming {plan.dpath}: {plan.n_shards - len(todo)} of {plan.n_shards} shards "
                                "already written")
         mine = todo[world.rank::world.size]  # round-robin: disjoint, and balanced even when resuming
         if world.distributed:
-            _say(verbose_here, f"{len(todo)} shards over {world.size} processes "
+            _say(verbose_here, f"{len(todo)} shard(s) over {world.size} processes "
                                f"(rank 0 writes {len(mine)}; the progress bar is rank 0's share)")
         t0 = time.perf_counter()
         error = None
@@ -483,6 +483,8 @@ def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out
         shards, error = None, None
         if world.is_main:
             try:
+                if world.distributed:
+                    _wait_for_records(plan, store)
                 shards = _finish(plan, store, verbose_here)
             except Exception as err:
                 error = err
@@ -596,6 +598,16 @@ def _compute(plan: ShardPlan, source: ImageSource, backbone: Backbone, store: Sh
                     break
             writer.join(timeout=30)
             loader.join(timeout=30)
+
+
+def _wait_for_records(plan: ShardPlan, store: ShardWriter, timeout_s: float = 120.0) -> None:
+    """Give shard records other machines wrote time to appear: a network file system (NFS) may cache
+    a directory's listing for a while. `_finish` names any still missing."""
+    deadline = time.monotonic() + timeout_s
+    missing = [s for s in range(plan.n_shards) if not store.shard_done(s)]
+    while missing and time.monotonic() < deadline:
+        time.sleep(1.0)
+        missing = [s for s in missing if not store.shard_done(s)]
 
 
 def _finish(plan: ShardPlan, store: ShardWriter, verbose: bool) -> Shards:

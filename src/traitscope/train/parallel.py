@@ -17,6 +17,12 @@ counts and the logged loss parts (weighted the same way) travel in the same all-
 BatchTopK and Matryoshka keep the B·k largest pre-activations of the whole batch: each rank offers its
 own B·k largest, the ranks gather them, and every rank keeps its entries at or above the global B·k-th
 value (the one-process rule, ties included). The running threshold is updated with that global cut.
+
+Why an explicit all-reduce rather than DistributedDataParallel: the ranks' gradients need unequal
+weights (DDP averages them); the firing counts and loss parts would need their own collectives beside
+DDP's; one pass trains several SAEs on each batch; and an SAE's backward is a few kernels, so DDP's
+overlap of communication with the backward would save little. Gradients are flattened into one buffer
+per SAE and step (for d_model 768 and d_sae 16k, 100 MB in float32: NVLink moves it in milliseconds).
 """
 
 from typing import NamedTuple

@@ -101,6 +101,7 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo) -> list[RunResul
     # --- setup ---
     device = resolve_device(cfg.device)
     check_shared(cfg)
+    dist.check_joined()
     world = dist.world()
     sweep = world.distributed and cfg.dist_mode == "sweep"
     dp = DataParallel(world, cfg.batch_size, device) if world.distributed and not sweep else None
