@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from traitscope.cli import main
 
 MODEL = "random-dinov2"
-pytestmark = pytest.mark.slow  # each test starts torchrun jobs of 2 processes (about 15 s each on 2 cores)
+slow = pytest.mark.slow  # starts torchrun jobs of 2 processes (about 15 s each on 2 cores)
 
 
 def _free_port() -> int:
@@ -66,6 +66,7 @@ def _shards_args(photos: Path, out: Path) -> list[str]:
             "--batch-size", "2", "--device", "cpu", "--workers", "1", "--out", str(out)]
 
 
+@slow
 def test_two_ranks_write_the_bytes_of_one_process(photos, tmp_path, capsys):
     # the reference: one process, in this one
     assert main(_shards_args(photos, tmp_path / "one")) == 0
@@ -95,6 +96,29 @@ def test_two_ranks_write_the_bytes_of_one_process(photos, tmp_path, capsys):
     assert any(line.startswith(f"resuming {double}") for line in lines)
     assert _digests(double) == _digests(single)
     assert not (double / ".lock").exists()
+
+
+def test_a_stage_under_torchrun_outside_a_session_refuses(photos, tmp_path, monkeypatch):
+    """Without joining the job, every process would write the whole folder: refused with one line."""
+    from traitscope.backbones import load_backbone
+    from traitscope.errors import TraitscopeError
+    from traitscope.images import open_source
+    from traitscope.shards.build import build_shards
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(TraitscopeError, match="not inside traitscope.dist.session"):
+        build_shards(open_source(str(photos)), load_backbone(MODEL), [-1], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is present")
+def test_asking_for_a_missing_gpu_gives_one_line(photos, tmp_path, capsys):
+    assert main(["shards", "--images", str(photos), "--model", MODEL, "--device", "cuda",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["traitscope shards: error: --device cuda: no CUDA GPU is available to torch here; "
+                   "use --device cpu"]
 
 
 # --- training ---
@@ -163,6 +187,7 @@ def one_process_runs(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     return shards_dpath, runs
 
 
+@slow
 def test_two_ranks_train_like_one_and_resume_on_one(one_process_runs, tmp_path):
     shards_dpath, one = one_process_runs
     # data parallel: each rank steps on half of every batch of 128; stopped (with checkpoints) after 40 steps
@@ -181,6 +206,7 @@ def test_two_ranks_train_like_one_and_resume_on_one(one_process_runs, tmp_path):
         _assert_same_training(one[name], two[name], rtol=1e-5)
 
 
+@slow
 def test_a_sweep_spreads_whole_saes_over_ranks(one_process_runs, tmp_path):
     shards_dpath, one = one_process_runs
     out = tmp_path / "sweep"
