@@ -1,0 +1,136 @@
+"""The demo, read top to bottom: data, shards, a sweep, the Pareto plot, inference, alignment, report.
+
+Every step reuses what an earlier run of the demo finished (content-addressed shards, finished SAE
+runs, inference folders keyed by weights and shards), so a rerun or a resumed run is quick.
+"""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from traitscope.backbones import load_backbone
+from traitscope.features.alignment import LabelScore, align, summarise, write_report
+from traitscope.features.enrichment import label_enrichment, write_enrichment
+from traitscope.features.heldout import baselines_for, heldout_metrics
+from traitscope.features.inference import Inference, run_inference
+from traitscope.features.inputs import open_inputs
+from traitscope.features.metrics import Metrics
+from traitscope.features.pareto import RunPoint, find_runs, mark_frontier, plot, write_csv
+from traitscope.images import open_source
+from traitscope.shards.build import build_shards
+from traitscope.train.config import RunSettings, TrainConfig
+from traitscope.train.trainer import train
+
+OFFLINE_MODEL = "dinov2-vits14-saliency-offline"
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """What the demo runs on; every default works offline on a laptop-class CPU."""
+
+    out: str = "demo-out"
+    """Folder for everything the demo writes (data, shards, runs, report)."""
+    images: str | None = None
+    """A folder of your own images instead of the synthetic trait set."""
+    n_images: int = 400
+    """Images of the synthetic trait set."""
+    seed: int = 0
+    """Seed of the synthetic set, the split and the training."""
+    model: str = OFFLINE_MODEL
+    """Backbone (the offline saliency-fine-tuned DINOv2 ViT-S/14 needs no model hub)."""
+    layer: int = -2
+    """Layer whose patch tokens are stored and modelled."""
+    tokens: int = 600_000
+    """Training tokens per SAE (one pass over the data shared by the whole sweep)."""
+    expansion: int = 8
+    """Latents per input dimension."""
+    batch_size: int = 1024
+    """Tokens per optimiser step (small data: more, smaller steps)."""
+    ks: tuple[int, ...] = (8, 16, 32)
+    """TopK sparsities of the sweep."""
+    l1: float = 5.0
+    """λ of the one ReLU/L1 SAE of the sweep (trained at lr 5e-4: L1 SAEs need more steps than small data gives)."""
+    align_k: int = 16
+    """The TopK run (by k) whose features are scored against the traits and drawn in the report."""
+    val_frac: float = 0.2
+    """Share of images held out: every reported metric and AP is measured on them."""
+
+
+class RunOutcome(NamedTuple):
+    """The SAE of the sweep that is scored against the traits."""
+
+    dpath: Path
+    point: RunPoint
+    inference: Inference
+    metrics: dict[str, Metrics]
+    alignment: list[LabelScore]
+
+
+class DemoResult(NamedTuple):
+    shards_dpath: Path
+    runs_dpath: Path
+    aligned: RunOutcome
+    """The run scored against the traits."""
+    report_fpath: Path
+
+
+def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_steps = 5
+    t0 = time.perf_counter()
+
+    def step(i: int, what: str) -> None:
+        echo(f"\n[{i}/{n_steps}] {what}  ({time.perf_counter() - t0:.0f} s so far)")
+
+    step(1, "images and activations")
+    spec = cfg.images or f"synthetic:{cfg.n_images}:{cfg.seed}"
+    source = open_source(spec, cache_dpath=out / "data")
+    backbone = load_backbone(cfg.model)
+    echo(f"model: {backbone.description}")
+    shards = build_shards(source, backbone, [cfg.layer], out / "shards")
+    del backbone
+    echo(f"shards: {shards.dpath}")
+
+    step(2, "a sweep of SAEs in one pass over the data")
+    runs_dpath = out / "runs"
+    train_cfg = TrainConfig(shards=str(shards.dpath), layer=cfg.layer, token_kind="patches", tokens=cfg.tokens,
+                            batch_size=cfg.batch_size, seed=cfg.seed, val_frac=cfg.val_frac, out=str(runs_dpath),
+                            checkpoint_every=cfg.tokens // 4)
+    settings = [RunSettings(variant="topk", k=k, expansion=cfg.expansion) for k in cfg.ks]
+    settings.append(RunSettings(variant="relu", l1_coeff=cfg.l1, expansion=cfg.expansion, lr=5e-4))
+    results = train(train_cfg, settings, echo=echo)
+    failed = [r for r in results if r.status not in ("trained", "already trained")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} SAE run(s) did not finish: {failed[0].dpath}: {failed[0].message}")
+
+    step(3, "Pareto frontier: sparsity against reconstruction error")
+    points, _ = find_runs(runs_dpath)
+    points = mark_frontier(points)
+    write_csv(points, out / "pareto.csv")
+    plot(points, out / "pareto.png", labels=True)
+    by_dpath = {(runs_dpath / p.run).resolve(): p for p in points}
+
+    step(4, "inference for every run; held-out metrics and trait alignment next to the baselines")
+    inferences = {r.dpath: run_inference(r.dpath, shards.dpath)[0] for r in results}
+    chosen = next((r for r, s in zip(results, settings) if s.variant == "topk" and s.k == cfg.align_k), results[0])
+    inputs = open_inputs(chosen.dpath, shards.dpath)
+    inf = inferences[chosen.dpath]
+    baselines, info = baselines_for(inputs, inf)
+    metrics, _ = heldout_metrics(inputs, inf, baselines, info)
+    rows = align(inputs, inf, baselines)
+    write_report(rows, inf.dpath / "alignment.csv", inf.dpath / "alignment.md")
+    write_enrichment(label_enrichment(inf, shards), inf.dpath / "enrichment.csv")
+    aligned = RunOutcome(chosen.dpath, by_dpath[chosen.dpath.resolve()], inf, metrics, rows)
+
+    step(5, "report")
+    from traitscope.demo.report import write_report as write_html
+
+    report_fpath = write_html(cfg, shards, train_cfg, points, aligned, out)
+    echo(f"\ndone in {time.perf_counter() - t0:.0f} s")
+    return DemoResult(shards.dpath, runs_dpath, aligned, report_fpath)
+

@@ -1,0 +1,143 @@
+"""The demo's HTML report: Pareto plot, metrics, trait alignment against baselines, feature heatmaps.
+
+Every number is printed next to what it was measured on: the model, the data, the token budget and
+the held-out images. Pictures are PNG files beside report.html, drawn with traitscope.viz.
+"""
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from traitscope.backbones import Preprocess
+from traitscope.features.alignment import summarise
+from traitscope.shards import Shards
+from traitscope.train.config import TrainConfig
+from traitscope.viz.heatmap import image_grid, overlay_heatmap
+
+N_GRID_IMAGES = 8
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.facts { background: #f4f4f0; padding: 0.8em 1.2em; border-left: 4px solid #b35900; }
+.feature { display: inline-block; margin: 0.6em 1em 0.6em 0; vertical-align: top; }
+code { background: #eee; padding: 0.1em 0.3em; }
+img.plot { max-width: 640px; }
+"""
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "n/a" if np.isnan(v) else f"{v:.3f}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def feature_grid(shards: Shards, inf, feature: int, n_images: int = N_GRID_IMAGES) -> Image.Image:
+    """A feature's top images with its activation map over each (one colour scale for all)."""
+    preprocess = Preprocess.from_dict(shards.manifest["preprocess"])
+    top = inf.top_images(feature)[:n_images]
+    vmax = max((v for _, v in top), default=1.0)
+    tiles = []
+    for slot, (row, _) in enumerate(top):
+        with Image.open(shards.image_fpath(row)) as image:
+            tiles.append(overlay_heatmap(image.convert("RGB"), inf.patch_map(feature, slot), preprocess,
+                                         vmax=vmax, max_side=256))
+    return image_grid(tiles + [None] * (n_images - len(tiles)), n_cols=n_images // 2, cell=150)
+
+
+def write_report(cfg, shards: Shards, train_cfg: TrainConfig, points: list, best, out: Path) -> Path:
+    """report.html in `out`, for the sweep's `points` (Pareto rows) and the aligned run `best`."""
+    run_config = json.loads((best.dpath / "config.json").read_text())
+    n_val = len(run_config["train"]["val_rows"])
+    n_train_tokens = run_config["train"]["n_train_tokens"]
+    model = shards.model
+    held = f"{n_val} held-out images (never trained on)"
+
+    facts = f"""<div class="facts">
+<b>Model:</b> {html.escape(model['description'])} (<code>{html.escape(model['name'])}</code>), block {shards.layers[0]}
+of {model['n_layers']} (patch tokens, d_model {shards.d_model(shards.layers[0])}).<br>
+<b>Data:</b> {shards.n_images} images from <code>{html.escape(cfg.images or f'synthetic:{cfg.n_images}:{cfg.seed}')}</code>
+({shards.manifest['n_skipped']} skipped); {shards.n_patches(shards.layers[0])} patches per image.<br>
+<b>Training:</b> {train_cfg.tokens:,} tokens per SAE ({train_cfg.tokens / n_train_tokens:.1f} epochs of
+{n_train_tokens:,} training tokens), all SAEs in one pass, seed {train_cfg.seed}.<br>
+<b>Held out:</b> {held}: every metric and AP below is measured on them.
+</div>"""
+
+    pareto_rows = [[p.run, p.variant, p.k if p.k is not None else f"λ={p.l1_coeff}", p.l0, p.nmse, p.dead_frac,
+                    "yes" if p.on_frontier else ""] for p in points]
+    pareto = _table(["run", "variant", "k or λ", "L0", "NMSE", "dead", "frontier"], pareto_rows)
+
+    metric_rows = [[name, m.nmse, m.explained_variance, m.l0, m.dead_frac, m.dense_frac, m.n_codes]
+                   for name, m in best.metrics.items()]
+    metrics = _table(["method", "NMSE", "explained var.", "L0", "dead", "dense", "codes"], metric_rows)
+
+
+    by = {s.method: s for s in summarise(best.alignment) if s.level == "patch"}
+    methods = [m for m in ("sae", "dense", "pca", "kmeans", "probe")
+               if any(s.method == m for s in best.alignment)]
+    summary = _table(["method", "mean AP", "coverage (AP ≥ 0.5)", "labels"],
+                     [[m, by[m].mean_ap, f"{by[m].coverage:.0%}", by[m].n_labels] for m in methods if m in by])
+
+    label_rows = []
+    for label in dict.fromkeys(s.label for s in best.alignment if s.level == "patch"):
+        cells = {s.method: s for s in best.alignment if s.label == label and s.level == "patch"}
+        any_row = next(iter(cells.values()))
+        label_rows.append([label + (" (dominant)" if any_row.dominant else ""), any_row.base_rate]
+                          + [cells[m].ap if m in cells else float("nan") for m in methods])
+    per_label = _table(["label", "base rate"] + [f"{m} AP" for m in methods], label_rows)
+
+    figures_dpath = out / "figures"
+    figures_dpath.mkdir(exist_ok=True)
+    tiles = []
+    for s in best.alignment:
+        if s.method != "sae" or s.dominant or not s.feature or s.feature.startswith("-") or s.level != "patch":
+            continue
+        feature = int(s.feature)
+        fpath = figures_dpath / f"feature-{feature}.png"
+        feature_grid(shards, best.inference, feature).save(fpath)
+        tiles.append(f"""<div class="feature"><b>{html.escape(s.label)}</b>: feature {feature},
+held-out AP {s.ap:.3f}, purity@16 {s.purity:.2f}<br><img src="{fpath.relative_to(out)}"></div>""")
+
+    app_cmd = f"traitscope app --runs {out / 'runs'} --shards {shards.dpath}"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>traitscope demo report</title>
+<style>{STYLE}</style></head><body>
+<h1>traitscope demo: traits found by sparse autoencoders</h1>
+{facts}
+<h2>Sparsity against reconstruction error</h2>
+<p>Each SAE of the sweep on the {held}: L0 (active latents per token) against NMSE. Runs on the
+frontier are not beaten on both at once.</p>
+<img class="plot" src="pareto.png">
+{pareto}
+<h2>Held-out reconstruction: {html.escape(best.dpath.name)} against baselines</h2>
+<p>The run scored from here on is the TopK SAE with k = {cfg.align_k}, chosen before looking at any score.
+Baselines need no SAE: the dense dimensions themselves, PCA and k-means fitted on training tokens.</p>
+{metrics}
+<h2>Trait alignment</h2>
+<p>For each trait label, the single feature with the best average precision on training patches;
+its AP on the {held} is reported. Coverage is the share of labels whose held-out AP is at least 0.5.
+The probe (logistic regression on the dense activations) is a ceiling, not a competitor. Dominant labels
+(background) are left out of the means: their AP is high by base rate alone.</p>
+{summary}
+<h3>Per label ({html.escape(best.dpath.name)})</h3>
+{per_label}
+<h2>Best-aligned features</h2>
+<p>Top {N_GRID_IMAGES} images of each label's feature, with its activation drawn over the patches the
+model saw (one colour scale per feature).</p>
+{''.join(tiles)}
+<h2>Explore further</h2>
+<p>Browse every feature, compare runs and take the blind test in the app:</p>
+<pre>{html.escape(app_cmd)}</pre>
+</body></html>
+"""
+    report_fpath = out / "report.html"
+    report_fpath.write_text(page)
+    return report_fpath
