@@ -48,8 +48,8 @@ class DemoConfig:
     """Training tokens per SAE (one pass over the data shared by the whole sweep)."""
     expansion: int = 8
     """Latents per input dimension."""
-    batch_size: int = 1024
-    """Tokens per optimiser step (small data: more, smaller steps)."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
     ks: tuple[int, ...] = (8, 16, 32)
     """TopK sparsities of the sweep."""
     l1: float = 5.0
