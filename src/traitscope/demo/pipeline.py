@@ -36,7 +36,7 @@ class DemoConfig:
     """Folder for everything the demo writes (data, shards, runs, report)."""
     images: str | None = None
     """A folder of your own images instead of the synthetic trait set."""
-    n_images: int = 400
+    n_images: int = 300
     """Images of the synthetic trait set."""
     seed: int = 0
     """Seed of the synthetic set, the split and the training."""
@@ -44,7 +44,7 @@ class DemoConfig:
     """Backbone (the offline saliency-fine-tuned DINOv2 ViT-S/14 needs no model hub)."""
     layer: int = -2
     """Layer whose patch tokens are stored and modelled."""
-    tokens: int = 600_000
+    tokens: int = 400_000
     """Training tokens per SAE (one pass over the data shared by the whole sweep)."""
     expansion: int = 8
     """Latents per input dimension."""
