@@ -12,7 +12,6 @@ made from other weights, other shards or other settings is recomputed into a fre
 replaces it whole.
 """
 
-import contextlib
 import json
 import queue
 import shutil
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from traitscope.errors import TraitscopeError
 from traitscope.features.inputs import RunInputs, open_inputs
 from traitscope.shards.store import NpyAppender, atomic_save_npy, atomic_write_json
+from traitscope.sae.sparse import one_thread
 
 FORMAT = "traitscope-inference/1"
 HIST_RANGE = (-5.0, 5.0)
@@ -244,21 +244,6 @@ class _TopN:
         return self.rows.cpu().numpy(), self.values.cpu().numpy(), maps
 
 
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Run the per-chunk bookkeeping on one CPU thread: its ops are small (about k x chunk entries),
-    and on a busy machine every multi-threaded op waits for its slowest thread (10x slower here)."""
-    if device.type != "cpu":
-        yield
-        return
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n_threads)
-
-
 class _Totals:
     """Everything but the top-N, accumulated over chunks from the non-zero codes."""
 
@@ -332,7 +317,7 @@ def _compute(inputs: RunInputs, out_dpath: Path, top_n: int, chunk_tokens: int, 
             if cls_out is not None:
                 cls_out.append(codes_bs.cpu().numpy())
             del codes_bs
-            with _one_thread(device):
+            with one_thread(device):
                 pos = vals > 0  # a feature fires when its code is positive
                 if not bool(pos.all()):
                     tok, feat, vals = tok[pos], feat[pos], vals[pos]
