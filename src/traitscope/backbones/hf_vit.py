@@ -13,6 +13,8 @@ import torch
 import transformers
 
 from traitscope.backbones.base import (
+    CLIP_MEAN,
+    CLIP_STD,
     Backbone,
     LayerActs,
     Preprocess,
@@ -22,8 +24,6 @@ from traitscope.backbones.base import (
 from traitscope.backbones.registry import check_hub, register
 from traitscope.errors import TraitscopeError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # What each family's image processor does (values from their preprocessor_config.json).
 DINOV2_PREPROCESS = Preprocess(crop=224, resize=256, interpolation="bicubic", mode="shorter")

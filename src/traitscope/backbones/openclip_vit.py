@@ -11,6 +11,8 @@ import open_clip
 import torch
 
 from traitscope.backbones.base import (
+    CLIP_MEAN,
+    CLIP_STD,
     Backbone,
     LayerActs,
     Preprocess,
@@ -20,9 +22,6 @@ from traitscope.backbones.base import (
 from traitscope.backbones.registry import check_hub, register
 from traitscope.backbones.timm_vit import TimmViTBackbone
 from traitscope.errors import TraitscopeError
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def openclip_preprocess(visual: torch.nn.Module) -> Preprocess:
@@ -42,8 +41,8 @@ def openclip_preprocess(visual: torch.nn.Module) -> Preprocess:
     return Preprocess(
         crop=int(size),
         resize=int(size),
-        mean=tuple(cfg.get("mean", OPENAI_MEAN)),
-        std=tuple(cfg.get("std", OPENAI_STD)),
+        mean=tuple(cfg.get("mean", CLIP_MEAN)),
+        std=tuple(cfg.get("std", CLIP_STD)),
         interpolation=interpolation,
         mode=mode,
     )
@@ -170,7 +169,7 @@ def _random_open_clip(name: str) -> Backbone:
         visual = open_clip.transformer.VisionTransformer(
             image_size=224, patch_size=16, width=64, layers=4, heads=2, mlp_ratio=2.0, output_dim=32
         )
-    visual.preprocess_cfg = {"size": 224, "mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic",
+    visual.preprocess_cfg = {"size": 224, "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic",
                              "resize_mode": "shortest"}
     return OpenClipViTBackbone(
         visual.eval(), name, "random-init open_clip ViT-shaped test model (64 wide, 4 blocks, patch 16)"

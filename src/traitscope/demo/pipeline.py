@@ -5,15 +5,13 @@ runs, inference folders keyed by weights and shards), so a rerun or a resumed ru
 """
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 from traitscope.backbones import load_backbone
-from traitscope.features.alignment import LabelScore, align, summarise, write_report
+from traitscope.demo.report import write_report as write_html
+from traitscope.features.alignment import LabelScore, align, write_report
 from traitscope.features.enrichment import label_enrichment, write_enrichment
 from traitscope.features.heldout import baselines_for, heldout_metrics
 from traitscope.features.inference import Inference, run_inference
@@ -128,8 +126,6 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
     aligned = RunOutcome(chosen.dpath, by_dpath[chosen.dpath.resolve()], inf, metrics, rows)
 
     step(5, "report")
-    from traitscope.demo.report import write_report as write_html
-
     report_fpath = write_html(cfg, shards, train_cfg, points, aligned, out)
     echo(f"\ndone in {time.perf_counter() - t0:.0f} s")
     return DemoResult(shards.dpath, runs_dpath, aligned, report_fpath)
