@@ -35,7 +35,9 @@ def _free_port() -> int:
 
 def torchrun(args: list[str], n_procs: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node n_procs <args>` on this machine only (loopback rendezvous, free port)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRAITSCOPE_DIST_TIMEOUT_MIN="2", PYTHONUNBUFFERED="1")
+    # the venv's bin first on PATH, as for a user whose venv is active (`--no-python traitscope`)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRAITSCOPE_DIST_TIMEOUT_MIN="2", PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(n_procs),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
