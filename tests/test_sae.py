@@ -119,6 +119,21 @@ def test_batchtopk_inference_codes_do_not_depend_on_the_batch(variant):
 
 
 @pytest.mark.parametrize("variant", ["relu", *TOPK_FAMILY])
+def test_sparse_codes_are_the_positive_dense_codes(variant):
+    """encode_sparse (what inference streams) lists exactly the positive entries of encode."""
+    sae = make(variant).eval()
+    if variant in ("batchtopk", "matryoshka"):
+        sae.threshold.fill_(0.2)
+    x = torch.randn(300, 16)
+    with torch.no_grad():
+        dense = sae.encode(x)
+        tok, feat, vals = sae.encode_sparse(x)
+    assert bool((vals > 0).all()) and len(vals) == int((dense > 0).sum()) > 0
+    rebuilt = torch.zeros_like(dense).index_put_((tok, feat), vals)
+    assert torch.allclose(rebuilt, dense, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["relu", *TOPK_FAMILY])
 def test_folding_the_scale_gives_the_same_codes_on_raw_inputs(variant):
     """An SAE trained on scale·x, folded, gives codes/scale and x̂/scale on raw x."""
     sae = make(variant)

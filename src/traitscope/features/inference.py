@@ -311,16 +311,11 @@ def _compute(inputs: RunInputs, out_dpath: Path, top_n: int, chunk_tokens: int, 
         for first_row, acts_np in _chunks(inputs, chunk_tokens):
             n_img = acts_np.shape[0] // n_p
             x_bd = torch.from_numpy(acts_np).to(device=device, dtype=torch.float32)
-            codes_bs = sae.encode(x_bd)
-            tok, feat = codes_bs.nonzero(as_tuple=True)
-            vals = codes_bs[tok, feat]
+            tok, feat, vals = sae.encode_sparse(x_bd)  # a feature fires where its code is positive
             if cls_out is not None:
+                codes_bs = torch.zeros(len(x_bd), sae.d_sae, device=device).index_put_((tok, feat), vals)
                 cls_out.append(codes_bs.cpu().numpy())
-            del codes_bs
             with one_thread(device):
-                pos = vals > 0  # a feature fires when its code is positive
-                if not bool(pos.all()):
-                    tok, feat, vals = tok[pos], feat[pos], vals[pos]
                 image_max_is = totals.add(first_row, n_img, n_p, tok, feat, vals)
                 top.update(first_row, image_max_is, tok, feat, vals)
             bar.update(n_img)

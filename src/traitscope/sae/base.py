@@ -90,6 +90,12 @@ class SAE(torch.nn.Module):
         """Inference codes (batch, d_sae): a token's codes never depend on the rest of the batch."""
         raise NotImplementedError
 
+    def encode_sparse(self, x_bd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The positive codes of `encode` as (token, latent, value) triplets, in no particular order."""
+        codes_bs = self.encode(x_bd)
+        tok, feat = (codes_bs > 0).nonzero(as_tuple=True)
+        return tok, feat, codes_bs[tok, feat]
+
     def decode(self, codes_bs: torch.Tensor) -> torch.Tensor:
         return codes_bs @ self.W_dec + self.b_dec
 

@@ -32,6 +32,11 @@ class BatchTopKSAE(TopKSAE):
         pre_bs = self.pre_acts(x_bd)
         return pre_bs.relu() * (pre_bs > self.threshold)
 
+    def encode_sparse(self, x_bd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre_bs = self._pre_acts_into_buffer(x_bd - self.b_dec)
+        tok, feat = (pre_bs > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
+        return tok, feat, pre_bs[tok, feat]
+
     def select(self, pre_bs: torch.Tensor) -> tuple[torch.Tensor, Selection]:
         flat_idx, values = batch_topk_flat(pre_bs, pre_bs.shape[0] * self.cfg.k)
         if self.training and values.numel():

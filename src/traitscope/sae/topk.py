@@ -32,6 +32,13 @@ class TopKSAE(SAE):
         values_bk, idx_bk = topk_rows(pre_bs, self.cfg.k)
         return torch.zeros_like(pre_bs).scatter_(1, idx_bk, values_bk.relu())
 
+    def encode_sparse(self, x_bd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The k selected latents per token straight from the pre-activations: no dense code matrix."""
+        values_bk, feat_bk = topk_rows(self._pre_acts_into_buffer(x_bd - self.b_dec), self.cfg.k)
+        tok_bk = torch.arange(x_bd.shape[0], device=x_bd.device)[:, None].expand_as(feat_bk)
+        fired = values_bk > 0
+        return tok_bk[fired], feat_bk[fired], values_bk[fired]
+
     # --- training ---
     def select(self, pre_bs: torch.Tensor) -> tuple[torch.Tensor, Selection]:
         """Which pre-activations are active in training: values (nnz,) and where they are."""
