@@ -118,6 +118,25 @@ def test_batchtopk_inference_codes_do_not_depend_on_the_batch(variant):
     assert 0 < (together > 0).sum(1).float().mean() < 96
 
 
+@pytest.mark.parametrize("variant", ["batchtopk", "matryoshka"])
+def test_a_short_run_learns_a_threshold_that_keeps_about_k(variant):
+    """The threshold follows the batch cut of the trained encoder, not of the first steps: after 60
+    steps the JumpReLU keeps about k latents per token at inference."""
+    sae = make(variant, k=8)
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    mix = torch.randn(96, 16)
+    for _ in range(60):
+        x = torch.relu(torch.randn(256, 96) - 1.5) @ mix
+        out = sae(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    with torch.no_grad():
+        l0 = (sae.eval().encode(torch.relu(torch.randn(2000, 96) - 1.5) @ mix) > 0).sum(1).float().mean()
+    assert 6.5 < float(l0) < 9.5, float(l0)
+
+
 @pytest.mark.parametrize("variant", ["relu", *TOPK_FAMILY])
 def test_sparse_codes_are_the_positive_dense_codes(variant):
     """encode_sparse (what inference streams) lists exactly the positive entries of encode."""

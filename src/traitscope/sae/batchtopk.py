@@ -16,7 +16,9 @@ from traitscope.sae.sparse import Selection, batch_topk_flat, make_selection
 from traitscope.sae.topk import TopKSAE
 
 THRESHOLD_DECAY = 0.99
-"""Running-average decay of the per-batch cut (about the last 100 steps count)."""
+"""Running-average decay of the per-batch cut (about the last 100 steps count). Early on the decay is
+(1 + n) / (10 + n) after n updates, so the cuts of the first steps, made by an untrained encoder, do
+not linger in the threshold of a short run."""
 
 
 @register
@@ -27,6 +29,7 @@ class BatchTopKSAE(TopKSAE):
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
     def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
         pre_bs = self.pre_acts(x_bd)
@@ -50,7 +53,10 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, cut: torch.Tensor) -> None:
-        if float(self.threshold) <= 0:
+        n = int(self.threshold_updates)
+        if n == 0:
             self.threshold.copy_(cut)
         else:
-            self.threshold.lerp_(cut.to(self.threshold.dtype), 1 - THRESHOLD_DECAY)
+            decay = min(THRESHOLD_DECAY, (1 + n) / (10 + n))
+            self.threshold.lerp_(cut.to(self.threshold.dtype), 1 - decay)
+        self.threshold_updates += 1
