@@ -118,9 +118,9 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
     chosen = next((r for r, s in zip(results, settings) if s.variant == "topk" and s.k == cfg.align_k), results[0])
     inputs = open_inputs(chosen.dpath, shards.dpath)
     inf = inferences[chosen.dpath]
-    baselines, info = baselines_for(inputs, inf)
+    baselines, info = baselines_for(inputs, inf, progress=True)
     metrics, _ = heldout_metrics(inputs, inf, baselines, info)
-    rows = align(inputs, inf, baselines)
+    rows = align(inputs, inf, baselines, progress=True)
     write_report(rows, inf.dpath / "alignment.csv", inf.dpath / "alignment.md")
     write_enrichment(label_enrichment(inf, shards), inf.dpath / "enrichment.csv")
     aligned = RunOutcome(chosen.dpath, by_dpath[chosen.dpath.resolve()], inf, metrics, rows)
