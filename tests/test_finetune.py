@@ -181,6 +181,22 @@ def test_celeba_grids_show_the_top_faces_of_dimensions_and_sae_features(faces_ru
     assert "enrichment (dense, 32 units" in faces_run["stdout"]
 
 
+@needs_celeba
+def test_the_app_blind_test_shows_the_grids_of_the_cli(faces_run, tmp_path):
+    """For an image-level run the blind test ranks images as `traitscope grids` does (L2-normalised
+    rows), dense dimensions and SAE features alike."""
+    from traitscope.app.data import Dataset, Run, dense_top_images, sae_top_rows
+    from traitscope.features.inference import run_inference
+
+    shards, top = faces_run["shards"], np.load(faces_run["grids"] / "top_images.npz")
+    inference, _ = run_inference(faces_run["run"], shards.dpath, progress=False)
+    dataset, run = Dataset(shards.dpath), Run(faces_run["run"], "relu")
+    np.testing.assert_array_equal(sae_top_rows(dataset, run, inference, 16, tmp_path), top["sae_rows"])
+    np.testing.assert_array_equal(sae_top_rows(dataset, run, inference, 16, tmp_path), top["sae_rows"])  # cached
+    dense = dense_top_images(dataset, run.layer, run.token_kind, 16, tmp_path)
+    np.testing.assert_array_equal(dense, top["dense_rows"])
+
+
 def test_resume_from_checkpoint_continues_identically(tmp_path):
     images = str(_faces_like(tmp_path / "imgs", n=8))
     cfg = dict(QUICK, batch_size=4, save_every=1000)  # 2 steps per epoch

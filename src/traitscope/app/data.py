@@ -21,7 +21,7 @@ from PIL import Image
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.features import Inference
-from traitscope.finetune.grids import top_images
+from traitscope.finetune.grids import sae_top_images, top_images
 from traitscope.images import load_image, open_source
 from traitscope.shards.store import Shards, atomic_save_npy, content_hash
 
@@ -482,13 +482,16 @@ def dense_top_images(dataset: Dataset, layer: int, kind: str, top_n: int, cache_
                      chunk_images: int = 256, progress: Progress = _no_progress) -> np.ndarray:
     """(d_model, top_n) image rows where each raw dimension is largest, best first (the dense baseline).
 
-    An image's value is its CLS / pooled value (`kind='cls'`) or its maximum over patches
-    (`kind='patches'`), raw (not normalised), as the SAE's top images are ranked by raw maxima too.
+    Ranked as the same run's SAE features are: an image-level embedding (`kind='cls'`) is
+    L2-normalised per image first, as in the faces experiment and `traitscope grids`; a patch-level
+    one is ranked by each image's raw maximum over its patches, as inference ranks SAE features.
     One bounded pass over the shard (a running top-n, `chunk_images` images at a time), cached.
     """
     shards = dataset.shards
     layer = shards.resolve(layer)
-    key = {"what": "dense-top/1", "shards": dataset.hash, "layer": layer, "kind": kind, "top_n": top_n}
+    normalize = kind == "cls"
+    key = {"what": "dense-top/2", "shards": dataset.hash, "layer": layer, "kind": kind, "top_n": top_n,
+           "normalize": normalize}
     rows_fpath = _cache_dpath(cache_root, key) / "dense_top_rows.npy"
     if rows_fpath.is_file():
         return load_npy(rows_fpath, mmap=False)
@@ -502,6 +505,25 @@ def dense_top_images(dataset: Dataset, layer: int, kind: str, top_n: int, cache_
             yield start, block.reshape(stop - start, per_image, acts.width).max(axis=1)
             progress(stop / n, f"dense dimensions: {stop}/{n} images")
 
-    rows = top_images(batches(), top_n, normalize=False, kind="dense").rows_un
+    rows = top_images(batches(), top_n, normalize=normalize, kind="dense").rows_un
+    atomic_save_npy(rows_fpath, rows)
+    return rows
+
+
+def sae_top_rows(dataset: Dataset, run: Run, inference: Inference, top_n: int, cache_root: Path) -> np.ndarray:
+    """(d_sae, top_n) image rows of each SAE feature's top images, best first (-1: fewer firing images).
+
+    Patch-level runs: inference's ranking by raw per-image maxima. Image-level runs: codes
+    L2-normalised per image before ranking (as `traitscope grids` and the faces experiment), one pass
+    over the CLS rows through the SAE, cached by the SAE's weights.
+    """
+    if run.token_kind != "cls":
+        return np.asarray(inference.top_rows[:, :top_n])
+    key = {"what": "sae-top/1", "shards": dataset.hash, "sae": inference.manifest.get("sae_sha256"),
+           "layer": run.layer, "top_n": top_n}
+    rows_fpath = _cache_dpath(cache_root, key) / "sae_top_rows.npy"
+    if rows_fpath.is_file():
+        return load_npy(rows_fpath, mmap=False)
+    rows = sae_top_images(dataset.shards, run.dpath, top_n, normalize=True, layer=run.layer).rows_un
     atomic_save_npy(rows_fpath, rows)
     return rows

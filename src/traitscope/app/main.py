@@ -25,7 +25,7 @@ import streamlit as st
 
 from traitscope.app import blind
 from traitscope.app.data import (Dataset, Enrichment, FeatureData, InferenceView, Run, dense_top_images, find_runs,
-                                 label_enrichment, open_image_file, parse_int)
+                                 label_enrichment, open_image_file, parse_int, sae_top_rows)
 from traitscope.errors import TraitscopeError
 from traitscope.viz import fit_thumbnail, image_grid, overlay_heatmap
 
@@ -389,10 +389,15 @@ def page_image(runs: list[Run], dataset: Dataset) -> None:
 
 
 def blind_candidates(run: Run, dataset: Dataset, inference: InferenceView) -> tuple[np.ndarray, np.ndarray]:
+    """Every dense dimension, and the SAE features with a full grid of firing images."""
     d_model = dataset.shards.d_model(run.layer)
-    need = min(16, inference.top_n)
-    alive = np.flatnonzero(np.asarray(inference.top_rows[:, need - 1]) >= 0)
-    return np.arange(d_model), alive
+    rows = sae_rows(dataset, run, inference)
+    return np.arange(d_model), np.flatnonzero(rows[:, rows.shape[1] - 1] >= 0)
+
+
+def sae_rows(dataset: Dataset, run: Run, inference: InferenceView) -> np.ndarray:
+    """(d_sae, <= 16) top images of the SAE features, ranked as `traitscope grids` ranks them."""
+    return sae_top_rows(dataset, run, inference, min(16, inference.top_n), ARGS.cache)
 
 
 def page_blind(runs: list[Run], dataset: Dataset) -> None:
@@ -471,8 +476,7 @@ def blind_item(session: blind.Session, position: int, run: Run, dataset: Dataset
     st.progress(position / n_items, text=f"item {position + 1} of {n_items}")
     item = session.items[position]
     if item.kind == "sae":
-        inference = inference_of(run, dataset)
-        rows = np.asarray(inference.top_rows[item.index][:16])
+        rows = sae_rows(dataset, run, inference_of(run, dataset))[item.index]
     else:
         rows = dense_rows(dataset, run)[item.index]
     st.image(blind_grid_png(str(dataset.dpath), tuple(int(r) for r in rows)), width=740)
