@@ -3,6 +3,8 @@
 import re
 
 from traitscope.cli import main
+from traitscope.demo.report import coverage_verdict
+from traitscope.features.alignment import MethodSummary
 
 
 def test_demo_writes_an_honest_report_and_reuses_finished_steps(tmp_path, capsys):
@@ -22,8 +24,19 @@ def test_demo_writes_an_honest_report_and_reuses_finished_steps(tmp_path, capsys
     for method in ("sae", "dense", "pca", "kmeans", "probe"):
         assert f"<td>{method}</td>" in page
     assert "traitscope app --runs" in first.out
+    assert "Here the SAE's coverage" in page
 
     assert main(args) == 0  # a rerun reuses the shards and the trained runs
     second = capsys.readouterr()
     assert "already complete" in second.out + second.err
     assert "already trained" in second.out + second.err
+
+
+def test_the_report_says_whether_the_sae_beats_every_baseline():
+    def by(**coverage):
+        return {m: MethodSummary("patch", m, 0.5, c, 14) for m, c in coverage.items()}
+
+    assert "is above every baseline" in coverage_verdict(by(sae=0.57, dense=0.5, pca=0.14, kmeans=0.36, probe=1.0))
+    text = coverage_verdict(by(sae=0.29, dense=0.36, pca=0.07, kmeans=0.43, probe=1.0))
+    assert "<b>not</b> above every baseline (kmeans: 43%)" in text
+    assert "not" in coverage_verdict(by(sae=0.5, dense=0.5))  # a tie is not above
