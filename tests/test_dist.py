@@ -9,7 +9,6 @@ checkpoints resume on another number of processes, and a sweep spreads whole SAE
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys

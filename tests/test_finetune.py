@@ -338,7 +338,7 @@ def test_dense_top_images_are_the_brute_force_ranking_of_l2_normalised_rows(tmp_
     raw = grids.dense_top_images(shards, n=16, normalize=False)
     assert any((raw.rows_un[d] != top.rows_un[d]).any() for d in range(6))
     # small batches give the same running top-n
-    again = grids.top_images(grids._batches(shards.acts(0, "cls"), 7), n=16)
+    again = grids.top_images(grids.row_batches(shards.acts(0, "cls"), 7), n=16)
     np.testing.assert_array_equal(again.rows_un, top.rows_un)
 
 

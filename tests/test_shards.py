@@ -227,7 +227,7 @@ def test_unreadable_files_are_skipped_and_listed(photos, tmp_path, backbone, cap
     (photos / "readme.txt").write_text("not listed: not an image extension\n")
     shards = build_shards(FolderSource(photos), backbone, [-2], tmp_path / "out", images_per_shard=4)
     err = capsys.readouterr().err
-    assert f"skipped 2 of 9 images" in err and str(shards.dpath / "images.jsonl") in err
+    assert "skipped 2 of 9 images" in err and str(shards.dpath / "images.jsonl") in err
     m = shards.manifest
     assert (m["n_listed"], m["n_images"], m["n_skipped"]) == (9, 7, 2)
     skipped = {e["path"]: e for e in shards.listing() if e["skipped"]}

@@ -21,7 +21,7 @@ from PIL import Image
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.features import Inference
-from traitscope.finetune.grids import sae_top_images, top_images
+from traitscope.finetune.grids import row_batches, top_images
 from traitscope.images import load_image, open_source
 from traitscope.shards.store import Shards, atomic_save_npy, content_hash
 
@@ -513,17 +513,18 @@ def dense_top_images(dataset: Dataset, layer: int, kind: str, top_n: int, cache_
 def sae_top_rows(dataset: Dataset, run: Run, inference: Inference, top_n: int, cache_root: Path) -> np.ndarray:
     """(d_sae, top_n) image rows of each SAE feature's top images, best first (-1: fewer firing images).
 
-    Patch-level runs: inference's ranking by raw per-image maxima. Image-level runs: codes
-    L2-normalised per image before ranking (as `traitscope grids` and the faces experiment), one pass
-    over the CLS rows through the SAE, cached by the SAE's weights.
+    Patch-level runs: inference's ranking by raw per-image maxima. Image-level runs: inference's
+    codes (`cls_codes`) L2-normalised per image before ranking (as `traitscope grids` and the faces
+    experiment), one pass over them, cached by the SAE's weights.
     """
     if run.token_kind != "cls":
         return np.asarray(inference.top_rows[:, :top_n])
-    key = {"what": "sae-top/1", "shards": dataset.hash, "sae": inference.manifest.get("sae_sha256"),
+    key = {"what": "sae-top/2", "shards": dataset.hash, "sae": inference.manifest.get("sae_sha256"),
            "layer": run.layer, "top_n": top_n}
     rows_fpath = _cache_dpath(cache_root, key) / "sae_top_rows.npy"
     if rows_fpath.is_file():
         return load_npy(rows_fpath, mmap=False)
-    rows = sae_top_images(dataset.shards, run.dpath, top_n, normalize=True, layer=run.layer).rows_un
+    rows = top_images(row_batches(inference.array("cls_codes"), 4096), top_n, normalize=True, positive_only=True,
+                      kind="sae").rows_un
     atomic_save_npy(rows_fpath, rows)
     return rows

@@ -234,9 +234,8 @@ def _sae_triplets(sae, x_nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     """The positive codes of x as (token, feature, value), encoded in chunks."""
     parts = []
     for start in range(0, x_nd.shape[0], CHUNK_TOKENS):
-        codes = sae.encode(x_nd[start:start + CHUNK_TOKENS].to(sae.W_enc.device)).cpu()
-        tok, feat = (codes > 0).nonzero(as_tuple=True)
-        parts.append((tok + start, feat, codes[tok, feat]))
+        tok, feat, vals = sae.encode_sparse(x_nd[start:start + CHUNK_TOKENS].to(sae.W_enc.device))
+        parts.append((tok.cpu() + start, feat.cpu(), vals.cpu()))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
 

@@ -53,7 +53,8 @@ class TopImages(NamedTuple):
         return np.flatnonzero((self.rows_un >= 0).all(axis=1))
 
 
-def _batches(x_nd, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+def row_batches(x_nd, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 block) over consecutive blocks of `batch_size` rows of an array (or memmap)."""
     for start in range(0, len(x_nd), batch_size):
         yield start, np.asarray(x_nd[start:start + batch_size], dtype=np.float32)
 
@@ -102,7 +103,7 @@ def dense_top_images(shards: Shards, layer: int | None = None, n: int = N_TOP, n
                      batch_size: int = 4096) -> TopImages:
     """Top images per dimension of the stored CLS / pooled embedding of `layer` (default: deepest)."""
     acts = shards.acts(default_layer(shards) if layer is None else layer, "cls")
-    return top_images(_batches(acts, batch_size), n, normalize, positive_only=False, kind="dense")
+    return top_images(row_batches(acts, batch_size), n, normalize, positive_only=False, kind="dense")
 
 
 def _run_shards_info(run_dpath: str | Path) -> dict:
@@ -133,7 +134,7 @@ def sae_codes(shards: Shards, run_dpath: str | Path, layer: int | None = None,
         raise TraitscopeError(f"{run_dpath} reads {sae.d_model}-wide activations; layer {layer} of "
                               f"{shards.dpath} is {acts.width} wide")
     with torch.no_grad():
-        for start, x_bd in _batches(acts, batch_size):
+        for start, x_bd in row_batches(acts, batch_size):
             yield start, sae.encode(torch.from_numpy(x_bd)).numpy()
 
 
