@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from traitscope.backbones.base import Preprocess
-from traitscope.shards.store import atomic_save_npy, write_arrays
+from traitscope.files import atomic_save_npy
+from traitscope.shards.store import write_arrays
 
 PREPROCESS = Preprocess(crop=224, resize=256)
 GRID = (16, 16)

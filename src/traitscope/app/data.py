@@ -23,7 +23,8 @@ from traitscope.errors import TraitscopeError
 from traitscope.features import Inference
 from traitscope.finetune.grids import row_batches, top_images
 from traitscope.images import load_image, open_source
-from traitscope.shards.store import Shards, atomic_save_npy, content_hash
+from traitscope.files import atomic_save_npy
+from traitscope.shards.store import Shards, content_hash
 
 MAX_IMAGE_PIXELS = 80_000_000
 """Refuse to decode larger images (decompression bombs), from the dataset or uploaded."""

@@ -16,7 +16,7 @@ from traitscope.features.baselines import Baseline, fit_baselines, load_baseline
 from traitscope.features.inference import Inference
 from traitscope.features.inputs import RunInputs, split_rows
 from traitscope.features.metrics import Metrics, MetricsAccumulator, write_table
-from traitscope.shards.store import atomic_write_json
+from traitscope.files import atomic_write_json
 
 FIT_TOKENS = 50_000
 """Default cap on training tokens used to fit the baselines (and to pick alignment features)."""

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from traitscope.errors import TraitscopeError
 from traitscope.features.inputs import RunInputs, open_inputs
-from traitscope.shards.store import NpyAppender, atomic_save_npy, atomic_write_json
+from traitscope.files import atomic_save_npy, atomic_write_json
+from traitscope.shards.store import NpyAppender
 from traitscope.sae.sparse import one_thread
 
 FORMAT = "traitscope-inference/1"

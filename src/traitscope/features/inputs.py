@@ -14,7 +14,7 @@ import numpy as np
 from traitscope.errors import TraitscopeError
 from traitscope.sae import SAE, load_sae
 from traitscope.shards import Shards, TokenArray
-from traitscope.shards.store import file_sha256
+from traitscope.files import file_sha256
 
 
 class RunInputs(NamedTuple):

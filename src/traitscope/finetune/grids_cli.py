@@ -20,7 +20,8 @@ import numpy as np
 
 from traitscope.errors import TraitscopeError
 from traitscope.finetune import grids
-from traitscope.shards.store import Shards, atomic_write_json
+from traitscope.files import atomic_write_json
+from traitscope.shards.store import Shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

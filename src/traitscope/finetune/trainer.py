@@ -51,7 +51,8 @@ from traitscope.finetune.model import (
 )
 from traitscope.finetune.bases import build_base
 from traitscope.images import ImageError, ImageSource, open_source
-from traitscope.shards.store import atomic_write_json, content_hash
+from traitscope.files import atomic_write_json, truncate_log
+from traitscope.shards.store import content_hash
 
 
 @dataclass
@@ -260,13 +261,6 @@ def find_checkpoint(out_dpath: Path) -> Path | None:
     return None
 
 
-def _truncate_metrics(fpath: Path, last_step: int) -> None:
-    """Drop metric lines past the checkpoint (steps an interrupted run did after its last save)."""
-    if fpath.is_file():
-        lines = [line for line in fpath.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        fpath.write_text("".join(line + "\n" for line in lines))
-
-
 def _say(verbose: bool, msg: str) -> None:
     if verbose:
         print(msg, file=sys.stderr, flush=True)
@@ -319,7 +313,7 @@ def finetune(cfg: FinetuneConfig, images: str | ImageSource, out_dpath: str | Pa
         eval_before = evaluate(model, data, cfg, device)
     n_steps = cfg.epochs * steps_per_epoch(n_images, cfg.batch_size)
     metrics_fpath = out_dpath / "metrics.jsonl"
-    _truncate_metrics(metrics_fpath, step)
+    truncate_log(metrics_fpath, step)
     manifest_fpath = out_dpath / MANIFEST_FNAME
     if step >= n_steps and manifest_fpath.is_file():
         _say(verbose, f"{out_dpath} is already complete ({step} steps)")

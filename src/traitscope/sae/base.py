@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from traitscope.errors import TraitscopeError
+from traitscope.files import atomic_write_bytes, atomic_write_json
 
 
 @dataclasses.dataclass
@@ -156,9 +157,9 @@ class SAE(torch.nn.Module):
         dpath = Path(dpath)
         dpath.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(dpath / "sae.safetensors"))
-        config = {"sae": self.cfg.to_dict(), **(extra_config or {})}
-        (dpath / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # each file is renamed into place whole: a run killed mid-save keeps the previous SAE
+        atomic_write_bytes(dpath / "sae.safetensors", save(tensors))
+        atomic_write_json(dpath / "config.json", {"sae": self.cfg.to_dict(), **(extra_config or {})})
 
 
 _VARIANTS: dict[str, type[SAE]] = {}

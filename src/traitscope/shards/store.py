@@ -23,56 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from traitscope.errors import TraitscopeError
+from traitscope.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, file_sha256, tmp_name, unlink_quietly
 
 FORMAT = "traitscope-shards/1"
 TOKEN_KINDS = ("patches", "cls")
-
-
-def file_sha256(fpath: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(fpath, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tmp_name(fpath: Path) -> Path:
-    """Where a file is written before it is renamed to its final name."""
-    return fpath.with_name(fpath.name + ".tmp")
-
-
-def _unlink_quietly(fpath: Path) -> None:
-    try:
-        fpath.unlink()
-    except OSError:
-        pass
-
-
-def atomic_write_bytes(fpath: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, then rename: a half-written file never has the final name."""
-    tmp_fpath = tmp_name(fpath)
-    try:
-        with open(tmp_fpath, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_fpath, fpath)
-    except BaseException:
-        _unlink_quietly(tmp_fpath)  # a full disk leaves no half file behind
-        raise
-
-
-def atomic_save_npy(fpath: Path, array: np.ndarray) -> None:
-    tmp_fpath = tmp_name(fpath)
-    try:
-        with open(tmp_fpath, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_fpath, fpath)
-    except BaseException:
-        _unlink_quietly(tmp_fpath)
-        raise
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -136,11 +90,7 @@ class NpyAppender:
             self._f.close()
         except OSError:
             pass
-        _unlink_quietly(self.tmp_fpath)
-
-
-def atomic_write_json(fpath: Path, obj) -> None:
-    atomic_write_bytes(fpath, (json.dumps(obj, indent=2) + "\n").encode())
+        unlink_quietly(self.tmp_fpath)
 
 
 def shard_fname(kind: str, shard: int) -> str:
@@ -363,7 +313,7 @@ class ShardWriter:
         """Delete half-written `*.tmp` files an interrupted run left behind; returns what it removed."""
         stale = sorted(self.dpath.rglob("*.tmp"))
         for fpath in stale:
-            _unlink_quietly(fpath)
+            unlink_quietly(fpath)
         return stale
 
     def write_shard(self, shard: int, first_listed: int, n_listed: int, arrays: dict[str, np.ndarray],

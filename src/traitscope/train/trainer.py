@@ -36,7 +36,8 @@ from traitscope import dist
 from traitscope.errors import TraitscopeError
 from traitscope.features.metrics import MetricsAccumulator
 from traitscope.sae import SAE, SAEConfig, build_sae
-from traitscope.shards.store import Shards, atomic_write_json
+from traitscope.files import atomic_write_json, truncate_log
+from traitscope.shards.store import Shards
 from traitscope.train.config import RunSettings, TrainConfig, identity_hash, run_identity
 from traitscope.train.curves import plot_curves
 from traitscope.train.loader import LoaderState, ShuffledLoader, TokenSplit
@@ -474,11 +475,8 @@ def load_checkpoint(run: Run, device: torch.device) -> None:
     run.step = int(state["step"])
     run.scale = float(state["input_scale"])
     run.loader_state = LoaderState(**state["loader"])
-    # metrics.jsonl keeps only what the checkpoint had seen
-    log_fpath = run.dpath / "metrics.jsonl"
-    if log_fpath.is_file() and run.writes:
-        lines = [ln for ln in log_fpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= run.step]
-        log_fpath.write_text("".join(ln + "\n" for ln in lines))
+    if run.writes:
+        truncate_log(run.dpath / "metrics.jsonl", run.step)  # keeps only what the checkpoint had seen
 
 
 def folded_sae(run: Run) -> SAE:

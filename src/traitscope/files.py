@@ -1,0 +1,76 @@
+"""Files that are whole or absent: every write goes to a temporary name and is renamed into place, so
+a kill, a crash or a full disk never leaves a half-written file under its final name."""
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def file_sha256(fpath: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(fpath, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tmp_name(fpath: Path) -> Path:
+    """Where a file is written before it is renamed to its final name."""
+    return fpath.with_name(fpath.name + ".tmp")
+
+
+def unlink_quietly(fpath: Path) -> None:
+    try:
+        fpath.unlink()
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(fpath: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, then rename: a half-written file never has the final name."""
+    tmp_fpath = tmp_name(fpath)
+    try:
+        with open(tmp_fpath, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_fpath, fpath)
+    except BaseException:
+        unlink_quietly(tmp_fpath)  # a full disk leaves no half file behind
+        raise
+
+
+def atomic_save_npy(fpath: Path, array: np.ndarray) -> None:
+    tmp_fpath = tmp_name(fpath)
+    try:
+        with open(tmp_fpath, "wb") as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_fpath, fpath)
+    except BaseException:
+        unlink_quietly(tmp_fpath)
+        raise
+
+
+def atomic_write_json(fpath: Path, obj) -> None:
+    atomic_write_bytes(fpath, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def truncate_log(fpath: Path, last_step: int) -> None:
+    """Keep the lines of a JSON-lines log up to `last_step` (a resumed run redoes the steps after its
+    checkpoint); a line torn by a kill in the middle of writing it is dropped too."""
+    if fpath.is_file():
+        lines = [line for line in fpath.read_text().splitlines() if _logged_step(line) <= last_step]
+        atomic_write_bytes(fpath, "".join(line + "\n" for line in lines).encode())
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
