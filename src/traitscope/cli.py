@@ -45,17 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except TraitscopeError as err:
-        print(f"traitscope {args.command}: error: {err}", file=sys.stderr)
+        say(f"traitscope {args.command}: error: {err}")
         return 2
     except KeyboardInterrupt:
-        print(f"traitscope {args.command}: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        say(f"traitscope {args.command}: interrupted; finished work is kept, rerun to resume")
         return 130
     except OSError as err:
         if err.errno == 28:  # ENOSPC
-            print(f"traitscope {args.command}: error: disk full while writing {err.filename or ''}; "
-                  "finished work is kept, free space and rerun to resume", file=sys.stderr)
+            say(f"traitscope {args.command}: error: disk full while writing {err.filename or ''}; "
+                "finished work is kept, free space and rerun to resume")
             return 2
         raise
+
+
+def say(line: str) -> None:
+    """One line on stderr in a single write, so the lines of processes sharing it never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
