@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         if r.status in ("trained", "already trained") and r.metrics:
             m = r.metrics
             print(f"{r.dpath}  {r.status}: NMSE {m['nmse']:.4f}, L0 {m['l0']:.1f}, "
-                  f"dead {m['dead_frac']:.1%}, dense {m['dense_frac']:.1%}")
+                  f"dead {m['dead_frac']:.1%} on held-out images ({m['dead_frac_train']:.1%} in training), "
+                  f"dense {m['dense_frac']:.1%}")
         elif r.status == "stopped":
             print(f"{r.dpath}  stopped with a checkpoint; rerun the same command to continue")
         else:

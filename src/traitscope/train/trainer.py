@@ -316,7 +316,7 @@ def log_window(run: Run, step: int, tokens: int, tokens_per_s: float) -> dict:
     window_tokens = w.pop("tokens", 0)
     record = {"step": step, "tokens": tokens}
     record.update({name: round(float(value) / n, 6) for name, value in w.items()})
-    record["dead_frac"] = round(float((run.since_fired_s >= run.settings.dead_tokens).float().mean()), 6)
+    record["dead_frac"] = round(dead_frac(run, tokens), 6)
     if run.fired_window_s is not None and window_tokens:
         record["dense_frac"] = round(float((run.fired_window_s.float() / window_tokens > 0.1).float().mean()), 6)
     record["lr"] = run.opt.param_groups[0]["lr"]
@@ -514,14 +514,19 @@ def evaluate(sae: SAE, split: TokenSplit, batch_size: int, max_tokens: int) -> d
 def finish_run(cfg: TrainConfig, run: Run, split: TokenSplit, shards: Shards) -> None:
     """Validation metrics, metrics.json and curves.png (the SAE was saved with the last checkpoint)."""
     metrics = evaluate(folded_sae(run), split, cfg.batch_size, cfg.val_tokens)
-    metrics["dead_frac_train"] = float((run.since_fired_s >= run.settings.dead_tokens).float().mean())
     metrics["tokens_trained"] = run.step * cfg.batch_size
+    metrics["dead_frac_train"] = dead_frac(run, metrics["tokens_trained"])
     records = [json.loads(ln) for ln in (run.dpath / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     plot_curves(records, run.dpath / "curves.png", title=run.dpath.name)
     atomic_write_json(run.dpath / "metrics.json", metrics)
 
 
 # --- small helpers ---
+
+def dead_frac(run: Run, tokens: int) -> float:
+    """Share of latents silent for the last dead_tokens training tokens (all of them, in a shorter run)."""
+    return float((run.since_fired_s >= min(run.settings.dead_tokens, tokens)).float().mean())
+
 
 def resolve_device(name: str) -> torch.device:
     """auto: cuda (the GPU of this process's LOCAL_RANK under torchrun), else mps, else cpu."""
