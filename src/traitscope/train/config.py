@@ -109,7 +109,9 @@ class RunSettings:
     l1_warmup: float = 0.05
     """Fraction of training over which λ ramps up linearly from 0 (relu)."""
     dead_tokens: int = 10_000_000
-    """A latent is dead after this many tokens without firing (AuxK then trains it)."""
+    """A latent is dead after this many tokens without firing (AuxK then trains it). A run shorter than
+    this trains without AuxK: in runs of ~100 steps, a window of a tenth of the budget left more latents
+    dead, not fewer (docs/training.md)."""
     k_aux: int | None = None
     """Dead latents used by the AuxK loss per token (default d_model / 2)."""
     auxk_alpha: float = 1 / 32
