@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from traitscope.errors import TraitscopeError
-from traitscope.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, file_sha256, tmp_name, unlink_quietly
+from traitscope.files import (atomic_save_npy, atomic_write_bytes, atomic_write_json, file_sha256, tmp_name,
+                              unlink_quietly)
 
 FORMAT = "traitscope-shards/1"
 TOKEN_KINDS = ("patches", "cls")
