@@ -24,7 +24,8 @@ def make_runs(root):
         dpath.mkdir(parents=True)
         (dpath / "config.json").write_text(json.dumps({"sae": {"variant": variant, "d_model": 8, "d_sae": 64,
                                                                "k": k, "l1_coeff": l1, "prefixes": None}}))
-        (dpath / "metrics.json").write_text(json.dumps({"l0": l0, "nmse": nmse, "dead_frac": 0.01}))
+        metrics = {"l0": l0, "nmse": nmse, "dead_frac": 0.01, "dead_frac_train": 0.002}
+        (dpath / "metrics.json").write_text(json.dumps(metrics))
     unfinished = root / "sweep" / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.json").write_text(json.dumps({"sae": {"variant": "topk"}}))
@@ -47,5 +48,6 @@ def test_pareto_cli_writes_csv_and_png(tmp_path, capsys):
         rows = {r["run"]: r for r in csv.DictReader(f)}
     assert rows["sweep/topk-64"]["on_frontier"] == "False" and rows["sweep/topk-32"]["on_frontier"] == "True"
     assert rows["sweep/relu-1e-3"]["l1_coeff"] == "0.001" and rows["sweep/topk-16"]["k"] == "16"
+    assert rows["sweep/topk-16"]["dead_frac"] == "0.01" and rows["sweep/topk-16"]["dead_frac_train"] == "0.002"
     assert Image.open(tmp_path / "out" / "pareto.png").size[0] > 300
     assert main(["pareto", "--runs", str(tmp_path / "empty")]) == 2

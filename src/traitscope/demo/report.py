@@ -88,8 +88,9 @@ of {model['n_layers']} (patch tokens, d_model {shards.d_model(shards.layers[0])}
 </div>"""
 
     pareto_rows = [[p.run, p.variant, p.k if p.k is not None else f"λ={p.l1_coeff}", p.l0, p.nmse, p.dead_frac,
-                    "yes" if p.on_frontier else ""] for p in points]
-    pareto = _table(["run", "variant", "k or λ", "L0", "NMSE", "dead", "frontier"], pareto_rows)
+                    p.dead_frac_train, "yes" if p.on_frontier else ""] for p in points]
+    pareto = _table(["run", "variant", "k or λ", "L0", "NMSE", "dead (held-out)", "dead (training)", "frontier"],
+                    pareto_rows)
 
     metric_rows = [[name, m.nmse, m.explained_variance, m.l0, m.dead_frac, m.dense_frac, m.n_codes]
                    for name, m in best.metrics.items()]

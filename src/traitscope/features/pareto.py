@@ -28,6 +28,9 @@ class RunPoint(NamedTuple):
     l0: float
     nmse: float
     dead_frac: float
+    """Latents that never fire on the held-out tokens (an overestimate when they are few)."""
+    dead_frac_train: float
+    """Latents silent for the run's last dead_tokens training tokens."""
     on_frontier: bool = False
 
 
@@ -64,7 +67,8 @@ def find_runs(runs_dpath: str | Path) -> tuple[list[RunPoint], list[str]]:
         points.append(RunPoint(run=str(dpath.relative_to(root)) if dpath != root else dpath.name,
                                variant=str(sae.get("variant", "?")), k=sae.get("k"), l1_coeff=sae.get("l1_coeff"),
                                d_sae=sae.get("d_sae"), l0=float(metrics["l0"]), nmse=float(metrics["nmse"]),
-                               dead_frac=float(metrics.get("dead_frac", math.nan))))
+                               dead_frac=float(metrics.get("dead_frac", math.nan)),
+                               dead_frac_train=float(metrics.get("dead_frac_train", math.nan))))
     return points, skipped
 
 
@@ -80,7 +84,8 @@ def mark_frontier(points: list[RunPoint]) -> list[RunPoint]:
 def write_csv(points: list[RunPoint], fpath: Path) -> None:
     with open(fpath, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "variant", "k", "l1_coeff", "d_sae", "l0", "nmse", "dead_frac", "on_frontier"])
+        writer.writerow(["run", "variant", "k", "l1_coeff", "d_sae", "l0", "nmse", "dead_frac", "dead_frac_train",
+                         "on_frontier"])
         for p in points:
             writer.writerow(["" if v is None else v for v in p])
 
@@ -119,8 +124,10 @@ def plot(points: list[RunPoint], fpath: Path, labels: bool = False) -> None:
 
 def frontier_table(points: list[RunPoint]) -> str:
     """Markdown table of the frontier runs, sparsest first."""
-    lines = ["| run | variant | k / λ | L0 | NMSE | dead |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | variant | k / λ | L0 | NMSE | dead (held-out) | dead (training) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for p in sorted((p for p in points if p.on_frontier), key=lambda p: p.l0):
         setting = p.k if p.k is not None else (p.l1_coeff if p.l1_coeff is not None else "")
-        lines.append(f"| {p.run} | {p.variant} | {setting} | {p.l0:.1f} | {p.nmse:.4f} | {p.dead_frac:.1%} |")
+        lines.append(f"| {p.run} | {p.variant} | {setting} | {p.l0:.1f} | {p.nmse:.4f} | {p.dead_frac:.1%} | "
+                     f"{p.dead_frac_train:.1%} |")
     return "\n".join(lines) + "\n"
