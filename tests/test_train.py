@@ -93,8 +93,9 @@ def test_topk_family_learns_the_dictionary_and_sparser_is_worse(shards, tmp_path
 
 
 def test_dead_latents_in_training_are_counted_in_a_run_shorter_than_the_dead_window(shards, tmp_path):
-    """With dead_tokens beyond the budget, a latent is dead in training when it never fired: the same
-    count as with a window of exactly the budget, and some of 512 latents with k = 1 never do."""
+    """With dead_tokens beyond the budget, a latent is dead in training when it was silent for the last
+    pass over the data (or the whole run, if shorter): the same count as with a window of exactly the
+    budget, and some of 512 latents with k = 1 are."""
     settings = [RunSettings(variant="topk", k=1, d_sae=512, dead_tokens=d) for d in (10_000_000, 20_480)]
     long_window, budget_window = train(cfg_for(shards, tmp_path, tokens=20_480), settings, echo=lambda *a: None)
     assert 0 < long_window.metrics["dead_frac_train"] == budget_window.metrics["dead_frac_train"]

@@ -210,7 +210,8 @@ def train_pass(cfg: TrainConfig, runs: list[Run], split: TokenSplit, shards: Sha
                     seconds = time.perf_counter() - t_window
                     for run, logger in zip(runs, loggers):
                         if not run.failed:
-                            record = log_window(run, step + 1, tokens, tokens_window / max(seconds, 1e-9))
+                            record = log_window(run, step + 1, tokens, tokens_window / max(seconds, 1e-9),
+                                                split.n_train_tokens)
                             if logger is not None:
                                 logger(record)
                     if bar is not None:
@@ -309,14 +310,14 @@ def lr_at(s: RunSettings, step: int, n_steps: int) -> float:
     return s.lr * factor
 
 
-def log_window(run: Run, step: int, tokens: int, tokens_per_s: float) -> dict:
+def log_window(run: Run, step: int, tokens: int, tokens_per_s: float, epoch: int) -> dict:
     """Append the logging window's means to metrics.jsonl and start a new window."""
     w = run.window
     n = max(w.pop("n", 1), 1)
     window_tokens = w.pop("tokens", 0)
     record = {"step": step, "tokens": tokens}
     record.update({name: round(float(value) / n, 6) for name, value in w.items()})
-    record["dead_frac"] = round(dead_frac(run, tokens), 6)
+    record["dead_frac"] = round(dead_frac(run, tokens, epoch), 6)
     if run.fired_window_s is not None and window_tokens:
         record["dense_frac"] = round(float((run.fired_window_s.float() / window_tokens > 0.1).float().mean()), 6)
     record["lr"] = run.opt.param_groups[0]["lr"]
@@ -515,7 +516,7 @@ def finish_run(cfg: TrainConfig, run: Run, split: TokenSplit, shards: Shards) ->
     """Validation metrics, metrics.json and curves.png (the SAE was saved with the last checkpoint)."""
     metrics = evaluate(folded_sae(run), split, cfg.batch_size, cfg.val_tokens)
     metrics["tokens_trained"] = run.step * cfg.batch_size
-    metrics["dead_frac_train"] = dead_frac(run, metrics["tokens_trained"])
+    metrics["dead_frac_train"] = dead_frac(run, metrics["tokens_trained"], split.n_train_tokens)
     records = [json.loads(ln) for ln in (run.dpath / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     plot_curves(records, run.dpath / "curves.png", title=run.dpath.name)
     atomic_write_json(run.dpath / "metrics.json", metrics)
@@ -523,9 +524,10 @@ def finish_run(cfg: TrainConfig, run: Run, split: TokenSplit, shards: Shards) ->
 
 # --- small helpers ---
 
-def dead_frac(run: Run, tokens: int) -> float:
-    """Share of latents silent for the last dead_tokens training tokens (all of them, in a shorter run)."""
-    return float((run.since_fired_s >= min(run.settings.dead_tokens, tokens)).float().mean())
+def dead_frac(run: Run, tokens: int, epoch: int) -> float:
+    """Share of latents silent for the last dead_tokens training tokens, or for the last `epoch` tokens (one
+    pass over the training tokens) or the whole run (`tokens` so far) when either is shorter."""
+    return float((run.since_fired_s >= min(run.settings.dead_tokens, epoch, tokens)).float().mean())
 
 
 def resolve_device(name: str) -> torch.device:
