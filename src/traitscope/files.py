@@ -57,6 +57,21 @@ def atomic_save_npy(fpath: Path, array: np.ndarray) -> None:
         raise
 
 
+def atomic_save_safetensors(fpath: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, written under a temporary name and renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp_fpath = tmp_name(fpath)
+    try:
+        save_file(tensors, str(tmp_fpath), metadata=metadata)
+        with open(tmp_fpath, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_fpath, fpath)
+    except BaseException:
+        unlink_quietly(tmp_fpath)
+        raise
+
+
 def atomic_write_json(fpath: Path, obj) -> None:
     atomic_write_bytes(fpath, (json.dumps(obj, indent=2) + "\n").encode())
 

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.decomposition import PCA
+
+from traitscope.files import atomic_save_safetensors
 
 
 class Baseline:
@@ -151,7 +153,7 @@ def save_baselines(baselines: list[Baseline], fpath: Path, info: dict) -> None:
             meta["pca_k"] = str(b.k)
         elif isinstance(b, KMeansBaseline):
             tensors["kmeans_centers"] = b.centers_cd
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(fpath), metadata=meta)
+    atomic_save_safetensors(fpath, {k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
 
 
 def load_baselines(fpath: Path) -> tuple[list[Baseline], dict]:

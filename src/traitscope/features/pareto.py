@@ -30,7 +30,7 @@ class RunPoint(NamedTuple):
     dead_frac: float
     """Latents that never fire on the held-out tokens (an overestimate when they are few)."""
     dead_frac_train: float
-    """Latents silent for the run's last dead_tokens training tokens."""
+    """Latents silent at the end of training (the last dead_tokens tokens, at most one pass over the data)."""
     on_frontier: bool = False
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from traitscope.errors import TraitscopeError
-from traitscope.files import atomic_write_bytes, atomic_write_json
+from traitscope.files import atomic_save_safetensors, atomic_write_json
 
 
 @dataclasses.dataclass
@@ -158,7 +158,7 @@ class SAE(torch.nn.Module):
         dpath.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         # each file is renamed into place whole: a run killed mid-save keeps the previous SAE
-        atomic_write_bytes(dpath / "sae.safetensors", save(tensors))
+        atomic_save_safetensors(dpath / "sae.safetensors", tensors)
         atomic_write_json(dpath / "config.json", {"sae": self.cfg.to_dict(), **(extra_config or {})})
 
 
