@@ -46,8 +46,8 @@ class DemoConfig:
     """Training tokens per SAE (one pass over the data shared by the whole sweep)."""
     expansion: int = 8
     """Latents per input dimension."""
-    batch_size: int = 4096
-    """Tokens per optimiser step."""
+    batch_size: int = 1024
+    """Tokens per optimiser step (1024 gives ~390 steps: at 4096, held-out NMSE of k = 16 was 0.267, not 0.183)."""
     ks: tuple[int, ...] = (8, 16, 32)
     """TopK sparsities of the sweep."""
     l1: float = 5.0
