@@ -117,6 +117,7 @@ def test_cli_trains_a_grid_in_one_pass_and_prints_each_run_folder(shards, tmp_pa
             "--checkpoint-every", "20k", "--val-tokens", "2k", "--threads", "1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
+    assert "AuxK stays off in 2 SAE(s)" in printed  # the default dead-latent window is 10M tokens
     run_dpaths = sorted(out.iterdir())
     assert len(run_dpaths) == 2
     for dpath in run_dpaths:

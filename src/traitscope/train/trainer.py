@@ -38,7 +38,7 @@ from traitscope.features.metrics import MetricsAccumulator
 from traitscope.sae import SAE, SAEConfig, build_sae
 from traitscope.files import atomic_write_json, truncate_log
 from traitscope.shards.store import Shards
-from traitscope.train.config import RunSettings, TrainConfig, identity_hash, run_identity
+from traitscope.train.config import VARIANTS_WITH_K, RunSettings, TrainConfig, identity_hash, run_identity
 from traitscope.train.curves import plot_curves
 from traitscope.train.loader import LoaderState, ShuffledLoader, TokenSplit
 from traitscope.train.parallel import DataParallel
@@ -142,8 +142,14 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo) -> list[RunResul
     if sweep and world.size > len(resolved):
         say(f"  note: {world.size} processes for {len(resolved)} SAE(s): ranks {len(resolved)} and up have "
             "nothing to do; use --dist-mode data")
-    if cfg.tokens > split.n_train_tokens and dist.any_true(bool(pending)):
-        say(f"  note: the budget is {cfg.tokens / split.n_train_tokens:.1f} epochs of the training tokens")
+    if dist.any_true(bool(pending)):
+        if cfg.tokens > split.n_train_tokens:
+            say(f"  note: the budget is {cfg.tokens / split.n_train_tokens:.1f} epochs of the training tokens")
+        no_auxk = [s for s in resolved
+                   if s.variant in VARIANTS_WITH_K and s.auxk_alpha > 0 and s.dead_tokens >= cfg.tokens]
+        if no_auxk:
+            say(f"  note: AuxK stays off in {len(no_auxk)} SAE(s): --dead-tokens is not shorter than the budget "
+                "(docs/training.md)")
 
     # Runs resumed from different checkpoints cannot share a pass: each group gets its own.
     groups: dict[tuple, list[Run]] = defaultdict(list)
