@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import save_file
 
 
 def file_sha256(fpath: Path, chunk: int = 1 << 24) -> str:
@@ -59,8 +60,6 @@ def atomic_save_npy(fpath: Path, array: np.ndarray) -> None:
 
 def atomic_save_safetensors(fpath: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """safetensors' `save_file`, written under a temporary name and renamed into place."""
-    from safetensors.torch import save_file
-
     tmp_fpath = tmp_name(fpath)
     try:
         save_file(tensors, str(tmp_fpath), metadata=metadata)

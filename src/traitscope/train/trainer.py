@@ -316,14 +316,14 @@ def lr_at(s: RunSettings, step: int, n_steps: int) -> float:
     return s.lr * factor
 
 
-def log_window(run: Run, step: int, tokens: int, tokens_per_s: float, epoch: int) -> dict:
+def log_window(run: Run, step: int, tokens: int, tokens_per_s: float, epoch_tokens: int) -> dict:
     """Append the logging window's means to metrics.jsonl and start a new window."""
     w = run.window
     n = max(w.pop("n", 1), 1)
     window_tokens = w.pop("tokens", 0)
     record = {"step": step, "tokens": tokens}
     record.update({name: round(float(value) / n, 6) for name, value in w.items()})
-    record["dead_frac"] = round(dead_frac(run, tokens, epoch), 6)
+    record["dead_frac"] = round(dead_frac(run, tokens, epoch_tokens), 6)
     if run.fired_window_s is not None and window_tokens:
         record["dense_frac"] = round(float((run.fired_window_s.float() / window_tokens > 0.1).float().mean()), 6)
     record["lr"] = run.opt.param_groups[0]["lr"]
@@ -530,10 +530,10 @@ def finish_run(cfg: TrainConfig, run: Run, split: TokenSplit, shards: Shards) ->
 
 # --- small helpers ---
 
-def dead_frac(run: Run, tokens: int, epoch: int) -> float:
-    """Share of latents silent for the last dead_tokens training tokens, or for the last `epoch` tokens (one
-    pass over the training tokens) or the whole run (`tokens` so far) when either is shorter."""
-    return float((run.since_fired_s >= min(run.settings.dead_tokens, epoch, tokens)).float().mean())
+def dead_frac(run: Run, tokens: int, epoch_tokens: int) -> float:
+    """Share of latents silent for the last dead_tokens training tokens, or for one pass over the training
+    tokens (`epoch_tokens`) or the whole run (`tokens` so far) when either is shorter."""
+    return float((run.since_fired_s >= min(run.settings.dead_tokens, epoch_tokens, tokens)).float().mean())
 
 
 def resolve_device(name: str) -> torch.device:
