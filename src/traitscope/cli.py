@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("traitscope.finetune.cli", "contrastive + orientation fine-tuning of a backbone"),
     "grids": ("traitscope.finetune.grids_cli", "4x4 grids of top images per dimension / feature"),
     "demo": ("traitscope.demo.cli", "the whole workflow on an embedded default, with a report"),
+    "import": ("traitscope.interop.import_cli", "turn a saev, SAELens or sparsify SAE into a run folder"),
 }
 
 

@@ -4,7 +4,7 @@ import importlib
 
 from traitscope.sae.base import SAE, ForwardOutput, SAEConfig, build_sae, load_sae, register, variants
 
-VARIANT_MODULES = ["relu", "topk", "batchtopk", "matryoshka"]
+VARIANT_MODULES = ["relu", "topk", "batchtopk", "matryoshka", "jumprelu"]
 for _name in VARIANT_MODULES:
     try:
         importlib.import_module(f"traitscope.sae.{_name}")

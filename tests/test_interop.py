@@ -1,0 +1,251 @@
+"""SAEs from saev, SAELens and sparsify, in and out.
+
+Each foreign folder is written here in the library's documented layout (a saev dump: JSON header line
+then `torch.save` of the state dict; SAELens: cfg.json + sae_weights.safetensors; sparsify: cfg.json +
+sae.safetensors), with random weights, and the imported SAE's codes and reconstructions are compared
+with the foreign library's formula written out independently below. Exports are read back exactly.
+`benchmarks/check_interop.py` runs the real libraries side by side.
+"""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_features import LAYER, make_shards
+from traitscope.cli import main
+from traitscope.errors import TraitscopeError
+from traitscope.interop import read_foreign_sae
+from traitscope.interop.saelens import write_saelens
+from traitscope.interop.sparsify import write_sparsify
+from traitscope.sae import SAEConfig, build_sae, load_sae
+
+D, S, K = 16, 48, 6
+
+
+def weights(seed=0, d=D, s=S):
+    g = torch.Generator().manual_seed(seed)
+    return {"W_enc": torch.randn(d, s, generator=g) / d ** 0.5, "b_enc": torch.randn(s, generator=g) * 0.2,
+            "W_dec": torch.randn(s, d, generator=g) / d ** 0.5, "b_dec": torch.randn(d, generator=g) * 0.3}
+
+
+def inputs(n=64, seed=1, d=D):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.2
+
+
+def topk_keep(pre, k):
+    """Keep each row's k largest values, zero the rest."""
+    idx = pre.topk(k, dim=1).indices
+    return torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx))
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- saev ---
+
+def saev_dump(fpath, header, state):
+    with open(fpath, "wb") as f:
+        f.write((json.dumps(header) + "\n").encode())
+        torch.save(state, f)
+    return fpath
+
+
+def saev_header(activation, schema=5):
+    return {"schema": schema, "cfg": {"d_model": D, "d_sae": S, "activation": activation,
+                                      "normalize_w_dec": True}, "commit": "abc", "lib": "1.2"}
+
+
+@pytest.mark.parametrize("schema", [5, 2])
+def test_saev_batchtopk_and_topk_match_saev_formula(tmp_path, schema):
+    w = weights()
+    x = inputs()
+    thr = 0.4
+    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    act = {"cls": "BatchTopK", "params": {"key": "batch-top-k", "top_k": K, "momentum": 0.1}}
+    saev_dump(ckpt / "sae.pt", saev_header(act, schema), w | {"activation.threshold": torch.tensor(thr)})
+    (ckpt / "config.json").write_text(json.dumps({"train_data": {"layer": -2, "tokens": "content",
+                                                                 "shards": "/x/saev/shards/0123abcd"}}))
+    foreign = read_foreign_sae(f"saev:{tmp_path / 'run'}")  # the run folder finds checkpoint/sae.pt
+    h = x @ w["W_enc"] + w["b_enc"]  # saev >= schema 2: no b_dec subtracted
+    expected = torch.where(h > thr, h, torch.zeros_like(h))
+    close(foreign.sae.encode(x), expected)
+    close(foreign.sae.decode(foreign.sae.encode(x)), expected @ w["W_dec"] + w["b_dec"])
+    assert (foreign.sae.cfg.variant, foreign.sae.cfg.k, foreign.layer, foreign.token_kind) == ("batchtopk", K, -2, "patches")
+
+    act = {"cls": "TopK", "params": {"key": "top-k", "top_k": K}}
+    saev_dump(tmp_path / "topk.pt", saev_header(act, schema), w)
+    sae = read_foreign_sae(f"saev:{tmp_path / 'topk.pt'}").sae
+    expected = topk_keep(h, K)
+    assert (expected > 0).sum(1).min() == K  # the case where saev's TopK and ReLU(TopK) agree
+    close(sae.encode(x), expected)
+
+
+def test_saev_schema1_and_legacy_subtract_b_dec(tmp_path):
+    w = weights(3)
+    x = inputs()
+    header = {"schema": 1, "cls": "SparseAutoencoderConfig",
+              "cfg": {"d_vit": D, "exp_factor": S // D, "activation": {"cls": "Relu", "params": {}}}}
+    legacy = {"d_vit": D, "exp_factor": S // D, "sparsity_coeff": 4e-4, "ghost_grads": False, "seed": 0}
+    for name, hdr in (("s1.pt", header), ("legacy.pt", legacy)):
+        sae = read_foreign_sae(f"saev:{saev_dump(tmp_path / name, hdr, w)}").sae
+        expected = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
+        assert sae.cfg.variant == "relu"
+        close(sae.encode(x), expected)
+
+
+def test_saev_bad_files_one_line_each(tmp_path):
+    w = weights()
+    good = saev_dump(tmp_path / "good.pt", saev_header({"cls": "Relu", "params": {}}), w)
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    saev_dump(tmp_path / "future.pt", saev_header({"cls": "Relu", "params": {}}, schema=9), w)
+
+    with open(tmp_path / "pickle.pt", "wb") as f:
+        f.write((json.dumps(saev_header({"cls": "Relu", "params": {}})) + "\n").encode())
+        torch.save({"W_enc": w["W_enc"], "extra": argparse.Namespace(a=1)}, f)  # needs pickle
+    (tmp_path / "noheader.pt").write_bytes(b"\x80\x02garbage")
+    for name, words in (("trunc.pt", "truncated"), ("future.pt", "schema 9"), ("pickle.pt", "needs pickle"),
+                        ("noheader.pt", "not a saev checkpoint")):
+        with pytest.raises(TraitscopeError, match=words):
+            read_foreign_sae(f"saev:{tmp_path / name}")
+
+
+# --- SAELens ---
+
+def saelens_folder(dpath, cfg, tensors):
+    dpath.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dpath / "sae_weights.safetensors"))
+    (dpath / "cfg.json").write_text(json.dumps(cfg))
+    return dpath
+
+
+def test_saelens_architectures_match_saelens_formula(tmp_path):
+    w = weights(5)
+    x = inputs()
+    base = {"d_in": D, "d_sae": S, "dtype": "float32", "device": "cpu", "normalize_activations": "none",
+            "metadata": {"model_name": "dinov2", "hook_name": "blocks.9.hook_resid_post", "sae_lens_version": "6.5.0"}}
+    # standard, with apply_b_dec_to_input False
+    sae = read_foreign_sae(f"saelens:{saelens_folder(tmp_path / 'std', base | {'architecture': 'standard', 'apply_b_dec_to_input': False}, w)}")
+    close(sae.sae.encode(x), (x @ w["W_enc"] + w["b_enc"]).relu())
+    assert sae.layer == 9 and sae.model == "dinov2"
+    # topk with rescale_acts_by_decoder_norm
+    cfg = base | {"architecture": "topk", "k": K, "apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": True}
+    sae = read_foreign_sae(f"saelens:{saelens_folder(tmp_path / 'topk', cfg, w)}").sae
+    norms = w["W_dec"].norm(dim=1)
+    codes = topk_keep(((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms, K).relu()
+    close(sae.encode(x), codes)
+    close(sae.decode(sae.encode(x)), (codes / norms) @ w["W_dec"] + w["b_dec"])
+    # jumprelu, per-latent threshold
+    thr = torch.rand(S) * 0.5
+    sae = read_foreign_sae(f"saelens:{saelens_folder(tmp_path / 'jr', base | {'architecture': 'jumprelu'}, w | {'threshold': thr})}").sae
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    close(sae.encode(x), pre.relu() * (pre > thr))
+
+
+def test_saelens_refuses_what_it_cannot_map(tmp_path):
+    w = weights()
+    cfg = {"architecture": "standard", "d_in": D, "d_sae": S, "normalize_activations": "layer_norm"}
+    with pytest.raises(TraitscopeError, match="layer_norm"):
+        read_foreign_sae(f"saelens:{saelens_folder(tmp_path / 'ln', cfg, w)}")
+    cfg = {"architecture": "gated", "d_in": D, "d_sae": S}
+    with pytest.raises(TraitscopeError, match="gated"):
+        read_foreign_sae(f"saelens:{saelens_folder(tmp_path / 'g', cfg, w)}")
+    d = saelens_folder(tmp_path / "t", {"architecture": "standard", "d_in": D, "d_sae": S}, w)
+    data = (d / "sae_weights.safetensors").read_bytes()
+    (d / "sae_weights.safetensors").write_bytes(data[:-100])
+    with pytest.raises(TraitscopeError, match="truncated"):
+        read_foreign_sae(f"saelens:{d}")
+
+
+# --- sparsify ---
+
+def test_sparsify_matches_sparsify_formula(tmp_path):
+    w = weights(7)
+    x = inputs()
+    d = tmp_path / "sp" / "layers.9"
+    d.mkdir(parents=True)
+    save_file({"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"],
+               "b_dec": w["b_dec"]}, str(d / "sae.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 3, "normalize_decoder": True,
+                                            "num_latents": S, "k": K, "multi_topk": False, "skip_connection": False,
+                                            "transcode": False, "d_in": D}))
+    sae = read_foreign_sae(f"sparsify:{d}").sae
+    pre = torch.nn.functional.linear(x - w["b_dec"], w["W_enc"].T, w["b_enc"]).relu()
+    close(sae.encode(x), topk_keep(pre, K))
+    with pytest.raises(TraitscopeError, match="several hookpoints"):
+        read_foreign_sae(f"sparsify:{tmp_path / 'sp'}")
+
+
+# --- export: ours -> theirs -> ours ---
+
+def trained_like(variant, seed=0):
+    torch.manual_seed(seed)
+    sae = build_sae(SAEConfig(variant, D, S, k=K if variant != "relu" else None))
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_enc.normal_(std=0.5)
+        sae.b_dec.normal_(std=0.3)
+        if hasattr(sae, "threshold"):
+            sae.threshold.fill_(0.7)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("variant,fmt", [("topk", "saelens"), ("relu", "saelens"), ("batchtopk", "saelens"),
+                                         ("matryoshka", "saelens"), ("topk", "sparsify")])
+def test_export_round_trip_is_exact(tmp_path, variant, fmt):
+    sae = trained_like(variant)
+    out = tmp_path / fmt
+    (write_saelens(sae, out, {"model_name": "toy"}) if fmt == "saelens" else write_sparsify(sae, out))
+    back = read_foreign_sae(f"{fmt}:{out}").sae
+    x = inputs()
+    assert torch.equal(back.encode(x), sae.encode(x))
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(back, name), getattr(sae, name)), name
+
+
+def test_sparsify_export_refuses_non_topk(tmp_path):
+    with pytest.raises(TraitscopeError, match="TopK only"):
+        write_sparsify(trained_like("relu"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+# --- the import command ---
+
+def test_import_command_writes_a_run_that_inference_uses(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(20, 6, D)).astype(np.float32)
+    shards = make_shards(tmp_path / "shards", acts)
+    w = weights()
+    act = {"cls": "BatchTopK", "params": {"key": "batch-top-k", "top_k": K}}
+    ckpt = saev_dump(tmp_path / "sae.pt", saev_header(act), w | {"activation.threshold": torch.tensor(0.3)})
+    run = tmp_path / "runs" / "fish-saev"
+    assert main(["import", f"saev:{ckpt}", "--shards", str(shards.dpath), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out: nmse" in out and "wrote" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["shards"]["layer"] == LAYER and config["train"]["imported"]["format"] == "saev"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["l0"] > 0 and metrics["n_tokens"] == 2 * 6  # 10% of 20 images held out, 6 patches each
+    sae = load_sae(run)
+    x = torch.from_numpy(acts.reshape(-1, D).astype(np.float16).astype(np.float32))
+    h = x @ w["W_enc"] + w["b_enc"]
+    close(sae.encode(x), torch.where(h > 0.3, h, torch.zeros_like(h)))
+    assert main(["inference", "--run", str(run), "--shards", str(shards.dpath)]) == 0
+    assert main(["pareto", "--runs", str(tmp_path / "runs")]) == 0
+
+
+def test_import_refuses_width_mismatch_and_writes_nothing(tmp_path, capsys):
+    shards = make_shards(tmp_path / "shards", np.random.default_rng(0).normal(size=(10, 4, D + 2)))
+    ckpt = saev_dump(tmp_path / "sae.pt", saev_header({"cls": "Relu", "params": {}}), weights())
+    run = tmp_path / "run"
+    assert main(["import", f"saev:{ckpt}", "--shards", str(shards.dpath), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "width 16" in err and "width 18" in err and len(err.strip().splitlines()) == 1
+    assert not run.exists() and not (tmp_path / "run.partial").exists()
+    assert main(["import", f"foo:{ckpt}", "--shards", str(shards.dpath), "--out", str(run)]) == 2
