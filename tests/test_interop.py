@@ -249,3 +249,27 @@ def test_import_refuses_width_mismatch_and_writes_nothing(tmp_path, capsys):
     assert "width 16" in err and "width 18" in err and len(err.strip().splitlines()) == 1
     assert not run.exists() and not (tmp_path / "run.partial").exists()
     assert main(["import", f"foo:{ckpt}", "--shards", str(shards.dpath), "--out", str(run)]) == 2
+
+
+def test_export_command_round_trips_through_import(tmp_path, capsys):
+    acts = np.random.default_rng(1).normal(size=(20, 6, D)).astype(np.float32)
+    shards = make_shards(tmp_path / "shards", acts)
+    sae = trained_like("topk")
+    sae.save(tmp_path / "runs" / "mine", {"shards": {"hash": shards.hash, "path": str(shards.dpath), "layer": LAYER,
+                                                     "token_kind": "patches", "model": "toy"}})
+    for fmt in ("saelens", "sparsify"):
+        out = tmp_path / "out" / fmt
+        assert main(["export", str(tmp_path / "runs" / "mine"), "--to", fmt, str(out)]) == 0
+        back = tmp_path / "runs" / f"back-{fmt}"
+        assert main(["import", f"{fmt}:{out}", "--shards", str(shards.dpath), "--out", str(back)]) == 0
+        config = json.loads((back / "config.json").read_text())
+        assert (config["shards"]["layer"], config["shards"]["token_kind"]) == (LAYER, "patches")
+        x = inputs()
+        assert torch.equal(load_sae(back).encode(x), sae.encode(x))
+    assert main(["export", str(tmp_path / "runs" / "mine"), "--to", "saelens", str(tmp_path / "out" / "saelens")]) == 2
+    relu = trained_like("relu")
+    relu.save(tmp_path / "runs" / "relu")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "runs" / "relu"), "--to", "sparsify", str(tmp_path / "out" / "r")]) == 2
+    assert "TopK only" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "r").exists() and not (tmp_path / "out" / "r.partial").exists()

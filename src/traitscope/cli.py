@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grids": ("traitscope.finetune.grids_cli", "4x4 grids of top images per dimension / feature"),
     "demo": ("traitscope.demo.cli", "the whole workflow on an embedded default, with a report"),
     "import": ("traitscope.interop.import_cli", "turn a saev, SAELens or sparsify SAE into a run folder"),
+    "export": ("traitscope.interop.export_cli", "write a run's SAE as a SAELens or sparsify folder"),
 }
 
 

@@ -90,6 +90,7 @@ def read_saelens(dpath: Path) -> ForeignSAE:
     model = meta.get("model_name", cfg.get("model_name"))
     hook = meta.get("hook_name", cfg.get("hook_name"))
     layer = meta.get("hook_layer", cfg.get("hook_layer"))
+    token_kind = meta.get("token_kind") if meta.get("token_kind") in ("patches", "cls") else _token_kind(hook)
     if layer is None and isinstance(hook, str) and (m := re.search(r"(?:blocks|layers?)[._](-?\d+)", hook)):
         layer = int(m.group(1))
     notes = []
@@ -99,7 +100,7 @@ def read_saelens(dpath: Path) -> ForeignSAE:
     source = {"format": "saelens", "path": str(dpath.resolve()), "architecture": arch,
               "sae_lens_version": meta.get("sae_lens_version"), "cfg": cfg}
     return ForeignSAE(sae, source, model=model, layer=int(layer) if isinstance(layer, int) else None,
-                      token_kind=_token_kind(hook), notes=tuple(notes))
+                      token_kind=token_kind, notes=tuple(notes))
 
 
 def _token_kind(hook) -> str | None:

@@ -41,11 +41,15 @@ def read_sparsify(dpath: Path) -> ForeignSAE:
         raise TraitscopeError(f"{where}: cfg.json has no k")
     sae = build_foreign("topk", enc_sd.T, b_enc, W_dec, b_dec, where, k=int(cfg["k"]))
     source = {"format": "sparsify", "path": str(dpath.resolve()), "cfg": cfg}
-    return ForeignSAE(sae, source)
+    meta = cfg.get("traitscope") if isinstance(cfg.get("traitscope"), dict) else {}  # written by our export
+    layer = meta.get("hook_layer")
+    return ForeignSAE(sae, source, model=meta.get("model_name"), layer=layer if isinstance(layer, int) else None,
+                      token_kind=meta.get("token_kind"))
 
 
-def write_sparsify(sae: SAE, dpath: Path) -> None:
-    """Write a TopK SAE as a sparsify folder (sparsify's `SparseCoder.load_from_disk` reads it)."""
+def write_sparsify(sae: SAE, dpath: Path, metadata: dict | None = None) -> None:
+    """Write a TopK SAE as a sparsify folder (sparsify's `SparseCoder.load_from_disk` reads it; it drops
+    the `traitscope` key of cfg.json, which says where the SAE belongs)."""
     if sae.cfg.variant != "topk":
         raise TraitscopeError(f"sparsify SAEs are TopK only; this is a {sae.cfg.variant} SAE (export it to saelens)")
     tensors = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
@@ -53,6 +57,8 @@ def write_sparsify(sae: SAE, dpath: Path) -> None:
     cfg = {"activation": "topk", "expansion_factor": max(1, sae.d_sae // sae.d_model), "normalize_decoder": True,
            "num_latents": sae.d_sae, "k": int(sae.cfg.k), "multi_topk": False, "skip_connection": False,
            "transcode": False, "d_in": sae.d_model}
+    if metadata:
+        cfg["traitscope"] = metadata
     dpath.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(dpath / WEIGHTS_FNAME, tensors)
     atomic_write_json(dpath / CFG_FNAME, cfg)

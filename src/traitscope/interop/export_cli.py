@@ -1,0 +1,59 @@
+"""`traitscope export RUN --to saelens|sparsify OUT`: a traitscope SAE as a SAELens or sparsify folder,
+which those libraries' own loaders read (SAELens `SAE.load_from_disk`, sparsify
+`SparseCoder.load_from_disk`) and which `traitscope import` reads back exactly."""
+
+import argparse
+import shutil
+from pathlib import Path
+
+from traitscope.errors import TraitscopeError
+from traitscope.interop.tensors import read_json_file
+from traitscope.sae import load_sae
+
+TARGETS = ("saelens", "sparsify")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="traitscope run folder (config.json + sae.safetensors)")
+    parser.add_argument("--to", required=True, choices=TARGETS, help="format to write")
+    parser.add_argument("out", metavar="OUT", help="folder to write (must not hold an SAE already)")
+
+
+def provenance(config: dict) -> dict:
+    """What the exported files say about where the SAE belongs: model, layer, token kind, shards."""
+    shards = config.get("shards") or {}
+    layer, kind = shards.get("layer"), shards.get("token_kind", "patches")
+    return {"model_name": shards.get("model"), "hook_name": f"blocks.{layer}.{kind}" if layer is not None else None,
+            "hook_layer": layer, "token_kind": kind, "shards_hash": shards.get("hash"),
+            "weights_sha256": shards.get("weights_sha256"), "exported_by": "traitscope"}
+
+
+def export_run(run_dpath: Path, to: str, out_dpath: Path) -> Path:
+    from traitscope.interop.saelens import write_saelens
+    from traitscope.interop.sparsify import write_sparsify
+
+    sae = load_sae(run_dpath)
+    meta = provenance(read_json_file(run_dpath / "config.json"))
+    if out_dpath.exists() and (not out_dpath.is_dir() or any(out_dpath.iterdir())):
+        raise TraitscopeError(f"{out_dpath} exists and is not an empty folder; choose another or remove it")
+    part = out_dpath.with_name(out_dpath.name + ".partial")
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        if to == "saelens":
+            write_saelens(sae, part, meta)
+        else:
+            write_sparsify(sae, part, meta)
+        out_dpath.parent.mkdir(parents=True, exist_ok=True)
+        if out_dpath.exists():
+            out_dpath.rmdir()
+        part.rename(out_dpath)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    return out_dpath
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_run(Path(args.run), args.to, Path(args.out))
+    print(f"wrote {out} ({args.to}); read it back with: traitscope import {args.to}:{out} --shards DIR --out RUN")
+    return 0
