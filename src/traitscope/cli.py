@@ -2,11 +2,19 @@
 
 Each stage module exposes `add_arguments(parser)` and `run(args) -> int`; this file only wires them,
 so adding a command means adding a line to COMMANDS.
+
+Whatever goes wrong ends in one line on stderr: exit 2 for a problem with the input or the machine
+(bad value, damaged file, full disk, a second writer), 1 for a bug. `--debug` (or TRAITSCOPE_DEBUG=1)
+prints the traceback too.
 """
 
 import argparse
+import errno
 import importlib
+import os
+import re
 import sys
+import traceback
 
 from traitscope.errors import TraitscopeError
 
@@ -29,10 +37,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported, so start-up stays quick and one stage cannot break another."""
-    parser = argparse.ArgumentParser(prog="traitscope", description=__doc__.splitlines()[0])
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the Python traceback of an error (or set TRAITSCOPE_DEBUG=1)")
+    parser = argparse.ArgumentParser(prog="traitscope", description=__doc__.splitlines()[0], parents=[debug])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
         if name == command:
             module = importlib.import_module(module_name)
             module.add_arguments(p)
@@ -46,18 +57,47 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except TraitscopeError as err:
-        say(f"traitscope {args.command}: error: {err}")
-        return 2
     except KeyboardInterrupt:
         say(f"traitscope {args.command}: interrupted; finished work is kept, rerun to resume")
         return 130
-    except OSError as err:
-        if err.errno == 28:  # ENOSPC
-            say(f"traitscope {args.command}: error: disk full while writing {err.filename or ''}; "
-                "finished work is kept, free space and rerun to resume")
-            return 2
-        raise
+    except Exception as err:
+        if getattr(args, "debug", False) or os.environ.get("TRAITSCOPE_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        line, code = describe_error(err)
+        say(f"traitscope {args.command}: error: {' '.join(line.split())}")
+        return code
+
+
+def describe_error(err: BaseException) -> tuple[str, int]:
+    """One line for an error, and the exit code: 2 for the user's input or machine, 1 for a bug."""
+    if isinstance(err, TraitscopeError):
+        return str(err), 2
+    for cause in _chain(err):  # a full disk, whoever wrote (numpy, safetensors' Rust writer, PIL...)
+        code = getattr(cause, "errno", None)
+        if code is None and (found := re.search(r"\(os error (\d+)\)", str(cause))):
+            code = int(found.group(1))
+        if code is None and re.search(r"\d+ requested and \d+ written|file write failed", str(cause)):
+            code = errno.ENOSPC  # numpy's tofile and torch.save report a short write without an errno
+        if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            where = getattr(cause, "filename", None) or getattr(err, "filename", None)
+            full = "disk full" if code == errno.ENOSPC else os.strerror(code).lower()
+            return (f"{full}{f' while writing {where}' if where else ''}; finished work is kept, "
+                    "free space and rerun to resume"), 2
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}", 2
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return "out of memory; use a smaller --batch-size or fewer workers", 2
+    return (f"unexpected {type(err).__name__}: {err} (a bug: rerun with --debug for the traceback and "
+            "please report it)"), 1
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def say(line: str) -> None:

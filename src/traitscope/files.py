@@ -1,6 +1,8 @@
 """Files that are whole or absent: every write goes to a temporary name and is renamed into place, so
 a kill, a crash or a full disk never leaves a half-written file under its final name."""
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -9,6 +11,32 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.torch import save_file
+
+from traitscope.errors import TraitscopeError
+
+
+@contextlib.contextmanager
+def folder_lock(dpath: Path, command: str, lock_name: str = ".lock"):
+    """One writer per folder: while the body runs, a second `folder_lock` on `dpath` (from any process)
+    fails at once with a clear line naming `command` (e.g. 'traitscope train'). The lock is the kernel's
+    (flock), so a killed writer never leaves the folder locked. A folder that is replaced whole takes
+    its lock in its parent, under `lock_name`."""
+    dpath = Path(dpath)
+    lock_fpath = dpath / lock_name
+    lock_fpath.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock_fpath, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        where = dpath if lock_name == ".lock" else dpath / lock_name.strip(".").removesuffix(".lock")
+        raise TraitscopeError(f"another `{command}` run is writing {where}; wait for it to end") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_fpath.unlink()
+        f.close()
 
 
 def file_sha256(fpath: Path, chunk: int = 1 << 24) -> str:

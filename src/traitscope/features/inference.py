@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from traitscope.errors import TraitscopeError
 from traitscope.features.inputs import RunInputs, open_inputs
-from traitscope.files import atomic_save_npy, atomic_write_json
+from traitscope.files import atomic_save_npy, atomic_write_json, folder_lock
 from traitscope.shards.store import NpyAppender
 from traitscope.sae.sparse import one_thread
 
@@ -134,6 +134,12 @@ def run_inference(run_dpath: str | Path, shards_dpath: str | Path, top_n: int = 
         raise TraitscopeError(f"--top-n must be at least 1, got {top_n}")
     inputs = inputs or open_inputs(run_dpath, shards_dpath, device=device)
     dpath = inference_dpath(inputs.run_dpath, inputs.shards.hash)
+    with folder_lock(dpath.parent, "traitscope inference", lock_name=f".{dpath.name}.lock"):
+        return _run_inference(inputs, dpath, top_n, chunk_tokens, progress)
+
+
+def _run_inference(inputs: RunInputs, dpath: Path, top_n: int, chunk_tokens: int,
+                   progress: bool) -> tuple[Inference, bool]:
     settings = _settings(inputs, top_n)
     reason = _stale_reason(dpath / "manifest.json", settings)
     if reason is None:

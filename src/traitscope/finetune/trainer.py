@@ -51,7 +51,7 @@ from traitscope.finetune.model import (
 )
 from traitscope.finetune.bases import build_base
 from traitscope.images import ImageError, ImageSource, open_source
-from traitscope.files import atomic_write_json, truncate_log
+from traitscope.files import atomic_write_json, folder_lock, truncate_log
 from traitscope.shards.store import content_hash
 
 
@@ -276,9 +276,13 @@ def finetune(cfg: FinetuneConfig, images: str | ImageSource, out_dpath: str | Pa
     Resumes from `out_dpath/checkpoint` when there is one (its settings must match, except `epochs`,
     `save_every` and `device`); returns at once when the folder is complete for `cfg.epochs`.
     """
-    # --- setup ---
     out_dpath = Path(out_dpath).expanduser().resolve()
-    out_dpath.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dpath, "traitscope finetune"):
+        return _finetune(cfg, images, out_dpath, verbose)
+
+
+def _finetune(cfg: FinetuneConfig, images: str | ImageSource, out_dpath: Path, verbose: bool) -> FinetuneResult:
+    # --- setup ---
     device = resolve_device(cfg.device)
     source = open_source(images) if isinstance(images, str) else images
     name = PREFIX + str(out_dpath)

@@ -23,7 +23,6 @@ values from the model itself are an error: nothing of that shard is kept.
 """
 
 import contextlib
-import fcntl
 import queue
 import sys
 import threading
@@ -41,6 +40,7 @@ import traitscope
 from traitscope import dist
 from traitscope.backbones.base import Backbone, Preprocess
 from traitscope.errors import TraitscopeError
+from traitscope.files import folder_lock
 from traitscope.images.source import ImageError, ImageSource
 from traitscope.shards.store import FORMAT, TOKEN_KINDS, NpyAppender, Shards, ShardWriter, content_hash
 
@@ -394,25 +394,17 @@ def _folder_lock(dpath: Path):
 
     In a distributed job rank 0 holds the lock for all ranks and tells them whether it got it.
     """
-    lock_fpath = dpath / ".lock"
-    f, busy = None, False
-    if dist.world().is_main:
-        dpath.mkdir(parents=True, exist_ok=True)
-        f = open(lock_fpath, "w")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            f, busy = None, True
-    if dist.broadcast(busy):
-        raise TraitscopeError(f"another `traitscope shards` run is writing {dpath}; wait for it to end")
-    try:
+    with contextlib.ExitStack() as stack:
+        busy = None
+        if dist.world().is_main:
+            try:
+                stack.enter_context(folder_lock(dpath, "traitscope shards"))
+            except TraitscopeError as err:
+                busy = str(err)
+        busy = dist.broadcast(busy)
+        if busy:
+            raise TraitscopeError(busy)
         yield
-    finally:
-        if f is not None:
-            with contextlib.suppress(OSError):
-                lock_fpath.unlink()
-            f.close()
 
 
 def _say(verbose: bool, msg: str, warning: bool = False) -> None:

@@ -16,6 +16,7 @@ rank 0 writes the run folders), and 'sweep' trains SAE i on rank i mod N, which 
 Checkpoints hold global state only, so a run resumes on any number of processes.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -36,7 +37,7 @@ from traitscope import dist
 from traitscope.errors import TraitscopeError
 from traitscope.features.metrics import MetricsAccumulator
 from traitscope.sae import SAE, SAEConfig, build_sae
-from traitscope.files import atomic_write_json, truncate_log
+from traitscope.files import atomic_write_json, folder_lock, truncate_log
 from traitscope.shards.store import Shards
 from traitscope.train.config import VARIANTS_WITH_K, RunSettings, TrainConfig, identity_hash, run_identity
 from traitscope.train.curves import plot_curves
@@ -93,12 +94,13 @@ def train(cfg: TrainConfig, settings: list[RunSettings], echo=print) -> list[Run
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, settings, echo)
+        with contextlib.ExitStack() as locks:  # one writer per run folder, until the pass ends
+            return _train(cfg, settings, echo, locks)
     finally:
         torch.set_num_threads(n_threads)
 
 
-def _train(cfg: TrainConfig, settings: list[RunSettings], echo) -> list[RunResult]:
+def _train(cfg: TrainConfig, settings: list[RunSettings], echo, locks: contextlib.ExitStack) -> list[RunResult]:
     # --- setup ---
     device = resolve_device(cfg.device)
     check_shared(cfg)
@@ -121,6 +123,9 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo) -> list[RunResul
     # creates or checks the folders first and alone writes them; the others read them.
     mine = [i for i in range(len(resolved)) if not sweep or i % world.size == world.rank]
     with dist.main_first():
+        if sweep or world.is_main:
+            for i in mine:
+                locks.enter_context(folder_lock(dpaths[i], "traitscope train"))
         runs = [open_run(cfg, resolved[i], identities[i], dpaths[i], shards, split, device,
                          writes=sweep or world.is_main) for i in mine]
     if dp is not None:

