@@ -273,3 +273,86 @@ def test_export_command_round_trips_through_import(tmp_path, capsys):
     assert main(["export", str(tmp_path / "runs" / "relu"), "--to", "sparsify", str(tmp_path / "out" / "r")]) == 2
     assert "TopK only" in capsys.readouterr().err
     assert not (tmp_path / "out" / "r").exists() and not (tmp_path / "out" / "r.partial").exists()
+
+
+# --- saev shards, read in place ---
+
+def saev_shards(dpath, n_examples=30, layers=(6, 10), n_patches=16, d=D, cls=True, per_shard=8, seed=0,
+                labels=True):
+    """A saev shard folder as saev's protocol 2.1 lays it out: (examples, layers, [CLS] + patches, d)
+    float32 per file, the last file padded to the full shard size as saev's writer leaves it."""
+    dpath.mkdir(parents=True)
+    t = n_patches + int(cls)
+    meta = {"family": "dinov2", "ckpt": "dinov2_vits14_reg", "layers": list(layers),
+            "content_tokens_per_example": n_patches, "cls_token": cls, "d_model": d, "n_examples": n_examples,
+            "max_tokens_per_shard": per_shard * t * len(layers), "data": "b64-pickle-never-read",
+            "dataset": str(dpath / "nowhere"), "pixel_agg": "majority", "dtype": "float32", "protocol": "2.1"}
+    (dpath / "metadata.json").write_text(json.dumps(meta))
+    acts = np.random.default_rng(seed).normal(size=(n_examples, len(layers), t, d)).astype(np.float32)
+    shards = []
+    for s, start in enumerate(range(0, n_examples, per_shard)):
+        block = np.zeros((per_shard, len(layers), t, d), np.float32)
+        part = acts[start:start + per_shard]
+        block[:len(part)] = part
+        block.tofile(dpath / f"acts{s:06d}.bin")
+        shards.append({"name": f"acts{s:06d}.bin", "n_examples": len(part)})
+    (dpath / "shards.json").write_text(json.dumps(shards))
+    classes = np.random.default_rng(seed + 1).integers(0, 3, size=(n_examples, n_patches)).astype(np.uint8)
+    if labels:
+        classes.tofile(dpath / "labels.bin")
+    return dpath, acts, classes
+
+
+def test_saev_shards_read_in_place(tmp_path):
+    from traitscope.interop.saev_shards import SaevShards
+    from traitscope.shards import Shards
+
+    dpath, acts, classes = saev_shards(tmp_path / "saev" / "shards" / "abc123")
+    shards = Shards(dpath)
+    assert isinstance(shards, SaevShards) and shards.n_images == 30 and shards.layers == [6, 10]
+    assert shards.token_kinds == ["patches", "cls"] and shards.grid(10) == (4, 4) and shards.d_model(6) == D
+    patches, cls = shards.acts(10, "patches"), shards.acts(10, "cls")
+    assert patches.shape == (30 * 16, D) and cls.shape == (30, D)
+    np.testing.assert_array_equal(patches[:], acts[:, 1, 1:].reshape(-1, D))
+    np.testing.assert_array_equal(cls[:], acts[:, 1, 0])
+    rows = np.array([0, 17, 130, 479, 200])
+    np.testing.assert_array_equal(patches[rows], acts[:, 1, 1:].reshape(-1, D)[rows])
+    labels = shards.patch_labels()
+    assert shards.patch_label_names == ["class_0", "class_1", "class_2"]
+    np.testing.assert_array_equal(labels[:].argmax(1), classes.reshape(-1))
+    assert labels[:].sum(1).max() == 1
+    with pytest.raises(TraitscopeError, match="do not record image files"):
+        shards.image_fpath(0)
+    with pytest.raises(TraitscopeError, match="layer 3"):
+        shards.acts(3)
+
+
+def test_saev_shards_bad_input(tmp_path):
+    from traitscope.shards import Shards
+
+    dpath, _, _ = saev_shards(tmp_path / "a")
+    data = (dpath / "acts000001.bin").read_bytes()
+    (dpath / "acts000001.bin").write_bytes(data[:1000])
+    with pytest.raises(TraitscopeError, match="truncated"):
+        Shards(dpath)
+    dpath, _, _ = saev_shards(tmp_path / "b")
+    meta = json.loads((dpath / "metadata.json").read_text())
+    (dpath / "metadata.json").write_text(json.dumps(meta | {"protocol": "3.0"}))
+    with pytest.raises(TraitscopeError, match="protocol '3.0'"):
+        Shards(dpath)
+
+
+def test_train_import_inference_align_on_saev_shards(tmp_path, capsys):
+    dpath, acts, _ = saev_shards(tmp_path / "shards" / "abc123", n_examples=40, layers=(10,))
+    runs = tmp_path / "runs"
+    assert main(["train", "--shards", str(dpath), "--layer", "10", "--sae", "topk", "--k", "3", "--d-sae", "32",
+                 "--tokens", "4000", "--batch-size", "256", "--out", str(runs / "trained"), "--quiet"]) == 0
+    ckpt = saev_dump(tmp_path / "sae.pt", saev_header({"cls": "Relu", "params": {}}), weights())
+    assert main(["import", f"saev:{ckpt}", "--shards", str(dpath), "--out", str(runs / "imported")]) == 0
+    run = runs / "imported"
+    assert main(["align", "--run", str(run), "--shards", str(dpath), "--quiet", "--fit-tokens", "500"]) == 0
+    assert "class_1" in capsys.readouterr().out
+    inf = next((run / "inference").iterdir())
+    assert (inf / "alignment.csv").is_file() and (inf / "top_patch_acts.npy").is_file()
+    assert main(["pareto", "--runs", str(runs)]) == 0
+    assert "2 runs" in capsys.readouterr().out

@@ -104,11 +104,12 @@ class TokenArray:
     Patch arrays are flattened to one row per patch token. Reads copy only the rows asked for.
     """
 
-    def __init__(self, fpaths: list[Path], rows_per_item: int):
+    def __init__(self, fpaths: list[Path], rows_per_item: int, maps: list | None = None):
+        """`maps`: the per-file (rows, width) arrays when they are not .npy files (saev shards)."""
         self.fpaths = fpaths
         self.rows_per_item = rows_per_item
-        self._maps: list[np.ndarray] = []
-        for fpath in fpaths:
+        self._maps: list[np.ndarray] = [] if maps is None else list(maps)
+        for fpath in fpaths if maps is None else []:
             arr = np.load(fpath, mmap_mode="r", allow_pickle=False)
             self._maps.append(arr.reshape(arr.shape[0] * rows_per_item, arr.shape[-1]) if arr.size else
                               arr.reshape(0, arr.shape[-1]))
@@ -162,7 +163,17 @@ class TokenArray:
 
 
 class Shards:
-    """A complete shard folder, opened for reading (memory-mapped; nothing is loaded up front)."""
+    """A complete shard folder, opened for reading (memory-mapped; nothing is loaded up front).
+
+    A saev shard folder (metadata.json + acts*.bin) opens as `traitscope.interop.saev_shards.SaevShards`,
+    which reads it in place behind this interface."""
+
+    def __new__(cls, dpath: str | Path):
+        if cls is Shards:
+            from traitscope.interop.saev_shards import SaevShards, is_saev_shards
+            if is_saev_shards(Path(dpath)):
+                return super().__new__(SaevShards)
+        return super().__new__(cls)
 
     def __init__(self, dpath: str | Path):
         self.dpath = Path(dpath)
