@@ -252,7 +252,7 @@ def test_crop_mask_follows_the_image_geometry_exactly():
     rng = np.random.default_rng(0)
     for width, height, preprocess in [(320, 256, VIT), (300, 517, VIT), (97, 61, Preprocess(crop=56, resize=64)),
                                       (400, 250, Preprocess(crop=224, resize=224, mode="squash"))]:
-        ids = rng.integers(0, 1 << 24, size=(height, width))
+        ids = rng.integers(0, (1 << 24) - 1, size=(height, width))
         rgb = np.stack([(ids >> 16) & 255, (ids >> 8) & 255, ids & 255], axis=-1).astype(np.uint8)
         nearest = Preprocess(**{**preprocess.to_dict(), "interpolation": "nearest"})
         seen = np.asarray(nearest.crop_image(Image.fromarray(rgb))).astype(np.int64)

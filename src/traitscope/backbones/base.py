@@ -2,10 +2,12 @@
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -18,15 +20,48 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+GEOMETRIES = ("grid", "letterbox", "squash", "center-crop")
+"""What `--geometry` accepts; each is one `Preprocess.mode` (center-crop is the mode 'shorter')."""
+_MODE_OF = {"grid": "grid", "letterbox": "letterbox", "squash": "squash", "center-crop": "shorter"}
+
+REFERENCES = {
+    "shorter": "torchvision Resize(resize) + CenterCrop(crop), as Meta's DINOv2 eval, saev, OpenAI CLIP, "
+               "open_clip 'shortest' and timm's eval transform",
+    "squash": "torchvision Resize((height, width)), as open_clip 'squash' and transformers' image processors "
+              "without a centre crop (SigLIP, DINOv3)",
+    "letterbox": "open_clip image_transform(resize_mode='longest', fill_color=0) (timm ResizeKeepRatio(longest=1) "
+                 "+ CenterCropOrPad)",
+    "grid": "open_clip image_transform((height, width), resize_mode='longest', fill_color=0) (timm "
+            "ResizeKeepRatio(longest=1) + CenterCropOrPad)",
+}
+"""The named pipeline each mode reproduces pixel for pixel (before normalisation), recorded in manifests."""
+
+
+class Placement(NamedTuple):
+    """Where an image of a given size lands in the model's input."""
+
+    resized: tuple[int, int]
+    """(width, height) the whole image is resized to."""
+    offset: tuple[int, int]
+    """(x, y) of the resized image's top-left corner in the model's input; negative where it is cropped."""
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes the model's input tensor.
+    """How an image becomes the model's input tensor: one place for the geometry.
 
-    The same geometry draws heatmaps over the original image (`crop_box`), so the two never drift.
+    Four geometries (`mode`):
+      - 'shorter' (the CLI's center-crop): resize the shorter side to `resize`, centre-crop crop x crop;
+      - 'squash': resize to crop x crop, aspect ratio lost;
+      - 'letterbox': resize the longer side to crop, aspect kept, pad with black to crop x crop;
+      - 'grid': like letterbox into the `size` rectangle, a patch grid shaped like the collection.
+    Images, masks (`images.masks`) and heatmaps (`canvas_box`) all go through `placement`, so they
+    never drift apart; `valid_patches` says which patches hold image rather than padding.
     """
 
     crop: int
-    """Side of the square the model sees, in pixels."""
+    """Side of the square the model sees, in pixels (the resolution); under 'grid', the side of the square
+    with about as many patches as the grid."""
     resize: int
     """Shorter side is resized to this before the centre crop ('shorter' mode)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -34,50 +69,151 @@ class Preprocess:
     interpolation: str = "bicubic"
     """PIL resampling filter name: 'bicubic', 'bilinear' or 'nearest'."""
     mode: str = "shorter"
-    """'shorter': resize the shorter side, then centre-crop; 'squash': resize to crop x crop directly."""
+    """'shorter' (centre crop), 'squash', 'letterbox' or 'grid' (see the class docstring)."""
+    size: tuple[int, int] | None = None
+    """(height, width) of the model's input under 'grid'; None: crop x crop."""
+
+    def __post_init__(self):
+        if self.mode not in REFERENCES:
+            raise TraitscopeError(f"unknown preprocessing mode {self.mode!r} (known: {', '.join(REFERENCES)})")
+
+    @property
+    def geometry(self) -> str:
+        """The `--geometry` name: 'center-crop', 'squash', 'letterbox' or 'grid'."""
+        return "center-crop" if self.mode == "shorter" else self.mode
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) of the model's input in pixels."""
+        return tuple(self.size) if self.size is not None else (self.crop, self.crop)
+
+    @property
+    def reference(self) -> str:
+        """The named pipeline this geometry reproduces pixel for pixel."""
+        return REFERENCES[self.mode]
+
+    def placement(self, width: int, height: int) -> Placement:
+        """Where an image of this (original) size lands in the model's input (the reference's rounding)."""
+        out_h, out_w = self.input_hw
+        if self.mode == "squash":
+            return Placement((out_w, out_h), (0, 0))
+        if self.mode == "shorter":  # torchvision: int() of the longer side, round() of the crop margin
+            if width <= height:
+                new_w, new_h = self.resize, int(self.resize * height / width)
+            else:
+                new_w, new_h = int(self.resize * width / height), self.resize
+            return Placement((new_w, new_h), (-int(round((new_w - out_w) / 2.0)), -int(round((new_h - out_h) / 2.0))))
+        # letterbox, grid: timm/open_clip ResizeKeepRatio(longest=1), then CenterCropOrPad's floor padding
+        ratio = max(height / out_h, width / out_w)
+        new_w, new_h = max(1, round(width / ratio)), max(1, round(height / ratio))
+        return Placement((new_w, new_h), ((out_w - new_w) // 2, (out_h - new_h) // 2))
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) after the resize step (torchvision's rounding)."""
-        if self.mode == "squash":
-            return self.crop, self.crop
-        if width <= height:
-            return self.resize, int(self.resize * height / width)
-        return int(self.resize * width / height), self.resize
+        """(width, height) after the resize step: what a decoder must provide at least."""
+        return self.placement(width, height).resized
+
+    def canvas_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The model's whole input (left, top, right, bottom) in the original image's pixel coordinates.
+
+        It extends beyond the image where there is padding; a heatmap's patch grid covers exactly it.
+        """
+        (new_w, new_h), (ox, oy) = self.placement(width, height)
+        out_h, out_w = self.input_hw
+        sx, sy = width / new_w, height / new_h
+        return (-ox * sx, -oy * sy, (out_w - ox) * sx, (out_h - oy) * sy)
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The region (left, top, right, bottom) of the original image that the model sees."""
-        new_w, new_h = self.resized_size(width, height)
-        left = int(round((new_w - self.crop) / 2.0))
-        top = int(round((new_h - self.crop) / 2.0))
-        sx, sy = width / new_w, height / new_h
-        return (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        left, top, right, bottom = self.canvas_box(width, height)
+        return (max(left, 0.0), max(top, 0.0), min(right, float(width)), min(bottom, float(height)))
 
-    def crop_image(self, image: Image.Image) -> Image.Image:
-        """The resized, cropped RGB image the model sees, before normalisation."""
+    def seen_fraction(self, width: int, height: int) -> float:
+        """Share of the original image's pixels that reach the model (1.0 for letterbox, grid, squash)."""
+        left, top, right, bottom = self.crop_box(width, height)
+        return (right - left) * (bottom - top) / (width * height)
+
+    def valid_patches(self, width: int, height: int, grid: tuple[int, int]) -> np.ndarray:
+        """(rows, cols) bool: the patches of a `grid` over the model's input that hold any image pixel.
+
+        Only letterbox and grid pad; a patch of pure padding is False and never counts anywhere.
+        """
+        (new_w, new_h), (ox, oy) = self.placement(width, height)
+        out_h, out_w = self.input_hw
+        rows, cols = grid
+
+        def overlaps(n: int, extent: int, lo: int, hi: int) -> np.ndarray:
+            edges = np.arange(n + 1) * extent / n
+            return (edges[1:] > max(lo, 0)) & (edges[:-1] < min(hi, extent))
+
+        return overlaps(rows, out_h, oy, oy + new_h)[:, None] & overlaps(cols, out_w, ox, ox + new_w)[None, :]
+
+    def crop_image(self, image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
+        """The resized, cropped or padded RGB image the model sees, before normalisation.
+
+        size: the original (width, height) when `image` was decoded at a reduced size (JPEG draft): the
+            geometry is worked out from it, so the result lands where the full-size image's would.
+        """
         image = image.convert("RGB")
+        (new_w, new_h), (ox, oy) = self.placement(*(size or image.size))
         resample = getattr(Image.Resampling, self.interpolation.upper())
-        image = image.resize(self.resized_size(*image.size), resample=resample)
-        new_w, new_h = image.size
-        left = int(round((new_w - self.crop) / 2.0))
-        top = int(round((new_h - self.crop) / 2.0))
-        return image.crop((left, top, left + self.crop, top + self.crop))
+        image = image.resize((new_w, new_h), resample=resample)
+        out_h, out_w = self.input_hw
+        return image.crop((-ox, -oy, out_w - ox, out_h - oy))  # PIL fills beyond the image with black
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Normalised float tensor of shape (3, crop, crop)."""
+        """Normalised float tensor of shape (3, height, width)."""
         cropped = self.crop_image(image)
+        out_h, out_w = self.input_hw
         x_hwc = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8)
-        x_chw = x_hwc.view(self.crop, self.crop, 3).permute(2, 0, 1).float().div_(255.0)
+        x_chw = x_hwc.view(out_h, out_w, 3).permute(2, 0, 1).float().div_(255.0)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (x_chw - mean) / std
 
+    def with_geometry(self, geometry: str, resolution: int | None = None, patch_size: int = 1,
+                      aspect: float = 1.0) -> "Preprocess":
+        """This preprocessing under another geometry and resolution (normalisation and filter kept).
+
+        geometry: 'grid', 'letterbox', 'squash' or 'center-crop'.
+        resolution: the square's side in pixels (default: this one's `crop`); center-crop keeps the
+            family's resize : crop ratio (256 : 224 becomes 512 : 448).
+        patch_size: the model's patch (or a CNN's stride); the input must be a whole number of patches.
+        aspect: width / height of the grid under 'grid' (the collection's median); the grid has about as
+            many patches as the square, so memory and time per image stay those of `resolution`.
+        """
+        if geometry not in _MODE_OF:
+            raise TraitscopeError(f"unknown geometry {geometry!r}; use one of {', '.join(GEOMETRIES)}")
+        crop = self.crop if resolution is None else int(resolution)
+        if crop < patch_size or crop % patch_size:
+            lower, upper = max(patch_size, crop // patch_size * patch_size), -(-crop // patch_size) * patch_size
+            raise TraitscopeError(f"resolution {crop} is not a multiple of the model's patch size {patch_size} "
+                                  f"(try {lower} or {upper})")
+        mode, size = _MODE_OF[geometry], None
+        if mode == "grid":
+            if not aspect > 0:
+                raise TraitscopeError(f"the grid's aspect ratio must be positive, not {aspect}")
+            n_patches = (crop // patch_size) ** 2
+            cols = max(1, round(math.sqrt(n_patches * aspect)))
+            rows = max(1, round(math.sqrt(n_patches / aspect)))
+            size = (rows * patch_size, cols * patch_size)
+        resize = crop if mode != "shorter" else round(crop * self.resize / self.crop)
+        return dataclasses.replace(self, crop=crop, resize=resize, mode=mode, size=size)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["size"] is None:  # not written, so an unchanged preprocessing keeps its content hash
+            del d["size"]
+        else:
+            d["size"] = list(d["size"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
+        """From a manifest's `preprocess`; one written before geometries existed means what it meant."""
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        if d.get("size") is not None:
+            d["size"] = tuple(int(n) for n in d["size"])
         return cls(**d)
 
 
@@ -147,6 +283,28 @@ class Backbone(torch.nn.Module):
     def grid_at(self, layer: int) -> tuple[int, int]:
         """Patch grid at a (resolved) layer; constant for transformers."""
         return self.layout.grid
+
+    def set_preprocess(self, preprocess: Preprocess) -> None:
+        """Take inputs of another geometry or resolution from now on; the token grid follows the input.
+
+        Raises a one-line error where the model cannot take that input size.
+        """
+        height, width = preprocess.input_hw
+        if height % self.patch_size or width % self.patch_size:
+            raise TraitscopeError(f"{self.name}: an input of {width}x{height} px is not a whole number of "
+                                  f"{self.patch_size}-px patches")
+        self._fit_input(height, width)
+        self.preprocess = preprocess
+        grid = (height // self.patch_size, width // self.patch_size)
+        self.layout = TokenLayout(n_cls=self.layout.n_cls, n_registers=self.layout.n_registers, grid=grid)
+
+    def _fit_input(self, height: int, width: int) -> None:
+        """Make the model take inputs of this size (e.g. interpolate its position embeddings); families
+        that can override this. By default only the present input size is accepted."""
+        if (height, width) != self.preprocess.input_hw:
+            have_h, have_w = self.preprocess.input_hw
+            raise TraitscopeError(f"{self.name} ({self.family}) takes only {have_w}x{have_h} px inputs; "
+                                  "use its own geometry and resolution")
 
     def weights_sha256(self) -> str:
         """Hash of every parameter and buffer: what identifies the weights in a manifest."""

@@ -98,15 +98,22 @@ class HFViTBackbone(Backbone):
         self.n_cls = 1 if spec.has_cls else 0
         self.n_registers = getattr(config, "num_register_tokens", 0) or 0
         self.config_image_size = getattr(config, "image_size", None)
-        side = self.preprocess.crop // self.patch_size
-        self.layout = TokenLayout(n_cls=self.n_cls, n_registers=self.n_registers, grid=(side, side))
+        height, width = self.preprocess.input_hw
+        self.layout = TokenLayout(n_cls=self.n_cls, n_registers=self.n_registers,
+                                  grid=(height // self.patch_size, width // self.patch_size))
+
+    def _fit_input(self, height: int, width: int) -> None:
+        """Every family here takes any multiple of its patch size: DINOv2, CLIP, SigLIP and ViT interpolate
+        their position embeddings (bicubic), DINOv3's rotary embeddings follow the grid."""
 
     @torch.inference_mode()
     def record(self, pixels_bchw: torch.Tensor, layers: list[int]) -> dict[int, LayerActs]:
         param = next(self.model.parameters())
         pixels_bchw = pixels_bchw.to(device=param.device, dtype=param.dtype)
         kwargs = {}
-        if self.model_type.startswith(("clip", "siglip", "vit")) and pixels_bchw.shape[-1] != self.config_image_size:
+        native = tuple(self.config_image_size) if isinstance(self.config_image_size, (tuple, list)) else (
+            self.config_image_size, self.config_image_size)
+        if self.model_type.startswith(("clip", "siglip", "vit")) and tuple(pixels_bchw.shape[-2:]) != native:
             kwargs["interpolate_pos_encoding"] = True
         outputs = capture_block_outputs(self.blocks, layers, lambda: self.model(pixel_values=pixels_bchw, **kwargs))
         n_prefix = self.n_cls + self.n_registers

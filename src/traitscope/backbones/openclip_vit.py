@@ -9,6 +9,7 @@ open_clip) are recorded like any timm ViT. Preprocessing comes from the tower's 
 
 import open_clip
 import torch
+from timm.layers import resample_abs_pos_embed
 
 from traitscope.backbones.base import (
     CLIP_MEAN,
@@ -35,9 +36,9 @@ def openclip_preprocess(visual: torch.nn.Module) -> Preprocess:
     interpolation = cfg.get("interpolation", "bicubic")
     if interpolation not in ("bicubic", "bilinear", "nearest"):
         interpolation = "bicubic"
-    # 'shortest': resize the shorter side to size, centre-crop; 'squash': resize to size x size.
-    # 'longest' (resize and pad) has no Preprocess equivalent; the centre crop is used instead.
-    mode = "squash" if cfg.get("resize_mode") == "squash" else "shorter"
+    # 'shortest': resize the shorter side to size, centre-crop; 'squash': resize to size x size;
+    # 'longest': resize the longer side to size, pad (our letterbox).
+    mode = {"squash": "squash", "longest": "letterbox"}.get(cfg.get("resize_mode"), "shorter")
     return Preprocess(
         crop=int(size),
         resize=int(size),
@@ -67,16 +68,33 @@ class OpenClipViTBackbone(Backbone):
         self.patch_size = visual.patch_size[0]
         self.preprocess = preprocess or openclip_preprocess(visual)
         self.use_cls = getattr(visual, "pool_type", "tok") == "tok" and not getattr(visual, "attn_pool", None)
-        grid = tuple(visual.grid_size)
-        if self.preprocess.crop != visual.image_size[0]:
-            raise TraitscopeError(f"{name}: crop {self.preprocess.crop} differs from the tower's {visual.image_size}")
-        self.layout = TokenLayout(n_cls=1, n_registers=0, grid=grid)
+        self.native_grid = tuple(visual.grid_size)
+        height, width = self.preprocess.input_hw
+        self.layout = TokenLayout(n_cls=1, n_registers=0, grid=(height // self.patch_size, width // self.patch_size))
+
+    def _fit_input(self, height: int, width: int) -> None:
+        """Any multiple of the patch size: `record` resamples the position embeddings to the grid."""
+
+    def _forward_resampled(self, pixels_bchw: torch.Tensor) -> None:
+        """open_clip's `VisionTransformer._embeds` with the position embeddings resampled (bicubic, timm's
+        `resample_abs_pos_embed`, which open_clip uses to resize checkpoints) to this input's grid."""
+        visual = self.model
+        x = visual.conv1(pixels_bchw)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        pos = resample_abs_pos_embed(visual.positional_embedding.unsqueeze(0), new_size=grid,
+                                     old_size=self.native_grid, num_prefix_tokens=1)
+        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
+        visual.transformer(visual.ln_pre(visual.patch_dropout(x)))
 
     @torch.inference_mode()
     def record(self, pixels_bchw: torch.Tensor, layers: list[int]) -> dict[int, LayerActs]:
         param = next(self.model.parameters())
         pixels_bchw = pixels_bchw.to(device=param.device, dtype=param.dtype)
-        outputs = capture_block_outputs(self.blocks, layers, lambda: self.model(pixels_bchw))
+        native = tuple(pixels_bchw.shape[-2:]) == tuple(n * self.patch_size for n in self.native_grid)
+        forward = (lambda: self.model(pixels_bchw)) if native else (lambda: self._forward_resampled(pixels_bchw))
+        outputs = capture_block_outputs(self.blocks, layers, forward)
         acts = {}
         for layer in layers:
             tokens_btd = outputs[layer] if self.batch_first else outputs[layer].transpose(0, 1)

@@ -46,17 +46,27 @@ class ResNetBackbone(Backbone):
         self.preprocess = preprocess
         self.blocks = tuple(getattr(model, stage) for stage in STAGES)  # a tuple: not a second copy in state_dict
         self.n_layers = len(STAGES)
-        # widths and grids per stage, from one small forward pass at the model's input size
-        param = next(model.parameters())
-        probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop, device=param.device, dtype=param.dtype)
-        with torch.inference_mode():
-            maps = capture_block_outputs(self.blocks, list(range(self.n_layers)), lambda: model(probe))
-        self._widths = [maps[i].shape[1] for i in range(self.n_layers)]
-        self._grids = [(maps[i].shape[2], maps[i].shape[3]) for i in range(self.n_layers)]
-        self._strides = [preprocess.crop // grid[1] for grid in self._grids]
+        self._probe(preprocess)
         self.d_model = self._widths[-1]
         self.patch_size = self._strides[-1]
+
+    def _probe(self, preprocess: Preprocess) -> None:
+        """Widths, grids and strides per stage, from one small forward pass at the input size."""
+        height, width = preprocess.input_hw
+        param = next(self.model.parameters())
+        probe = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
+        with torch.inference_mode():
+            maps = capture_block_outputs(self.blocks, list(range(self.n_layers)), lambda: self.model(probe))
+        self._widths = [maps[i].shape[1] for i in range(self.n_layers)]
+        self._grids = [(maps[i].shape[2], maps[i].shape[3]) for i in range(self.n_layers)]
+        self._strides = [width // grid[1] for grid in self._grids]
         self.layout = TokenLayout(n_cls=0, n_registers=0, grid=self._grids[-1])
+
+    def set_preprocess(self, preprocess: Preprocess) -> None:
+        """A CNN takes any input size; each stage's grid is measured again (use multiples of 32 so every
+        stage's grid covers the input exactly)."""
+        self.preprocess = preprocess
+        self._probe(preprocess)
 
     @classmethod
     def from_module(

@@ -10,6 +10,7 @@ import math
 
 import timm
 import torch
+from timm.layers import Format
 
 from traitscope.backbones.base import (
     Backbone,
@@ -64,8 +65,24 @@ class TimmViTBackbone(Backbone):
         n_cls = 1 if getattr(model, "cls_token", None) is not None else 0
         self.n_prefix = model.num_prefix_tokens
         self.use_cls = n_cls == 1 and getattr(model, "global_pool", "token") == "token"
-        side = self.preprocess.crop // self.patch_size
-        self.layout = TokenLayout(n_cls=n_cls, n_registers=self.n_prefix - n_cls, grid=(side, side))
+        height, width = self.preprocess.input_hw
+        self.layout = TokenLayout(n_cls=n_cls, n_registers=self.n_prefix - n_cls,
+                                  grid=(height // self.patch_size, width // self.patch_size))
+
+    def _fit_input(self, height: int, width: int) -> None:
+        """Switch the model to timm's dynamic image size (position embeddings resampled per forward, as
+        `timm.create_model(..., dynamic_img_size=True)` does), unless the size is its native one."""
+        patch_embed = self.model.patch_embed
+        native = getattr(patch_embed, "img_size", None)
+        if native is not None and tuple(native) == (height, width):
+            return
+        if not hasattr(self.model, "dynamic_img_size") or not hasattr(patch_embed, "strict_img_size"):
+            raise TraitscopeError(f"{self.name}: {type(self.model).__name__} cannot take {width}x{height} px inputs "
+                                  f"(no dynamic image size in timm); use its own geometry and resolution")
+        self.model.dynamic_img_size = True
+        patch_embed.strict_img_size = False
+        patch_embed.flatten = False
+        patch_embed.output_fmt = Format.NHWC
 
     @torch.inference_mode()
     def record(self, pixels_bchw: torch.Tensor, layers: list[int]) -> dict[int, LayerActs]:

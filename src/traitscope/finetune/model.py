@@ -66,6 +66,10 @@ class FinetunedBackbone(Backbone):
     def grid_at(self, layer: int) -> tuple[int, int]:
         return self.base.grid_at(min(layer, self.base.n_layers - 1))
 
+    def set_preprocess(self, preprocess: Preprocess) -> None:
+        self.base.set_preprocess(preprocess)
+        self.preprocess, self.layout = self.base.preprocess, self.base.layout
+
     def _record(self, pixels_bchw: torch.Tensor, layers: list[int], base_record) -> dict[int, LayerActs]:
         last = self.base.n_layers - 1
         acts = base_record(pixels_bchw, sorted({min(layer, last) for layer in layers}))

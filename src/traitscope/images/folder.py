@@ -89,6 +89,9 @@ class FolderSource(ImageSource):
     def load(self, record: dict) -> Image.Image:
         return load_image(self.root / record["path"])
 
+    def image_size(self, record: dict) -> tuple[int, int]:
+        return oriented_size(self.root / record["path"])
+
     def image_labels(self, record: dict) -> np.ndarray | None:
         return None if self._labels is None else self._labels.rows[record["path"]].copy()
 

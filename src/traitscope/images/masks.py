@@ -1,8 +1,8 @@
 """Segmentation masks: integer id maps turned into per-patch labels through the model's own geometry.
 
-A mask is resized and centre-cropped exactly like the image (`Preprocess.crop_image`, with NEAREST
-resampling so ids stay ids), cut into the patch grid, and each patch takes the id covering most of its
-pixels (ties go to the smaller id).
+A mask goes through the image's own geometry (`Preprocess.crop_image`, with NEAREST resampling so ids
+stay ids: resized and centre-cropped, squashed, or letterboxed), is cut into the patch grid, and each
+patch takes the id covering most of its image pixels (ties go to the smaller id; padding never wins).
 """
 
 import dataclasses
@@ -38,30 +38,38 @@ def read_mask(fpath: Path) -> np.ndarray:
         raise ImageError(f"cannot read mask {fpath.name}: {err}") from err
 
 
+PADDING = -1
+"""The id `crop_mask` gives pixels of the model's input that are padding (letterbox, grid), not image."""
+
+
 def crop_mask(mask_hw: np.ndarray, preprocess: Preprocess) -> np.ndarray:
-    """(crop, crop) ids of the region the model sees, through `Preprocess.crop_image` with NEAREST."""
-    ids = mask_hw.astype(np.int64)
-    if ids.min(initial=0) < 0 or ids.max(initial=0) >= 1 << 24:
-        raise ImageError("mask ids must lie in 0..16777215")
+    """(height, width) ids of the model's input, through `Preprocess.crop_image` with NEAREST; padding is -1."""
+    ids = mask_hw.astype(np.int64) + 1  # 0 is left for the padding `crop_image` adds
+    if ids.min(initial=1) < 1 or ids.max(initial=1) >= 1 << 24:
+        raise ImageError("mask ids must lie in 0..16777214")
     # Ids travel as 24-bit RGB through the very code that crops images, so the geometry cannot drift.
     rgb = np.stack([(ids >> 16) & 255, (ids >> 8) & 255, ids & 255], axis=-1).astype(np.uint8)
     nearest = dataclasses.replace(preprocess, interpolation="nearest")
     out = np.asarray(nearest.crop_image(Image.fromarray(rgb))).astype(np.int64)
-    return (out[..., 0] << 16) | (out[..., 1] << 8) | out[..., 2]
+    return ((out[..., 0] << 16) | (out[..., 1] << 8) | out[..., 2]) - 1
 
 
 def patch_majority(mask_hw: np.ndarray, preprocess: Preprocess, grid: tuple[int, int]) -> np.ndarray:
-    """(rows * cols,) int64: the id covering most pixels of each patch, row-major (ties: smaller id)."""
+    """(rows * cols,) int64: the id covering most image pixels of each patch, row-major (ties: smaller
+    id); padding pixels never win, and a patch of pure padding gets `PADDING` (-1)."""
     crop_hw = crop_mask(mask_hw, preprocess)
     n_rows, n_cols = grid
-    size = crop_hw.shape[0]
-    row_of_y = np.minimum(np.arange(size) * n_rows // size, n_rows - 1)
-    col_of_x = np.minimum(np.arange(size) * n_cols // size, n_cols - 1)
+    height, width = crop_hw.shape
+    row_of_y = np.minimum(np.arange(height) * n_rows // height, n_rows - 1)
+    col_of_x = np.minimum(np.arange(width) * n_cols // width, n_cols - 1)
     patch_hw = row_of_y[:, None] * n_cols + col_of_x[None, :]
     uniq, inverse = np.unique(crop_hw, return_inverse=True)
     n_ids = len(uniq)
     counts = np.bincount(patch_hw.ravel() * n_ids + inverse.ravel(), minlength=n_rows * n_cols * n_ids)
-    return uniq[counts.reshape(n_rows * n_cols, n_ids).argmax(axis=1)]
+    counts = counts.reshape(n_rows * n_cols, n_ids)
+    if uniq[0] == PADDING and n_ids > 1:  # padding counts only where a patch holds nothing else
+        counts[:, 0] = np.where(counts[:, 1:].sum(axis=1) > 0, 0, counts[:, 0])
+    return uniq[counts.argmax(axis=1)]
 
 
 def read_names(masks_dpath: Path) -> dict[int, str]:

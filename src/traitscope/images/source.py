@@ -60,6 +60,10 @@ class ImageSource:
         """JSON-able description of the content, for content hashing (see each source for what it holds)."""
         raise NotImplementedError
 
+    def image_size(self, record: dict) -> tuple[int, int]:
+        """(width, height) of the upright image; sources that can read it from a header override this."""
+        return self.load(record).size
+
     def __len__(self) -> int:
         return len(self.records())
 
@@ -151,3 +155,21 @@ def oriented_size(fpath: Path) -> tuple[int, int]:
         raise ImageError(f"cannot read image header: {err}") from err
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
+
+
+def median_aspect(source: ImageSource, records: list[dict], n_max: int = 256) -> float:
+    """Median width / height of up to `n_max` images spread evenly through `records` (what the 'grid'
+    geometry shapes its patch grid by); unreadable images are left out."""
+    if not records:
+        raise TraitscopeError(f"no images in {source.spec}")
+    picks = np.unique(np.linspace(0, len(records) - 1, min(n_max, len(records))).round().astype(int))
+    aspects = []
+    for i in picks:
+        try:
+            width, height = source.image_size(records[i])
+        except ImageError:
+            continue
+        aspects.append(width / height)
+    if not aspects:
+        raise TraitscopeError(f"none of {len(picks)} images sampled from {source.spec} could be read")
+    return float(np.median(aspects))

@@ -116,6 +116,10 @@ def plan_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_
         "grid": {str(layer): [int(n) for n in backbone.grid_at(layer)] for layer in resolved},
         "layout": layout,
         "preprocess": preprocess,
+        "geometry": backbone.preprocess.geometry,
+        "resolution": backbone.preprocess.crop,
+        "input_size": list(backbone.preprocess.input_hw),
+        "preprocess_reference": backbone.preprocess.reference,
         "dtype": dtype,
         "images_root": str(root.resolve()) if root.exists() else str(root),
         "source": {"spec": source.spec, "kind": source_identity.get("kind"),
@@ -135,7 +139,7 @@ def plan_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_
 class _Decoded(NamedTuple):
     record: dict
     pixels: np.ndarray | torch.Tensor | None
-    """(crop, crop, 3) uint8 before normalisation (the usual `Preprocess`), or the (3, crop, crop) tensor."""
+    """(height, width, 3) uint8 before normalisation (the usual `Preprocess`), or the (3, height, width) tensor."""
     size: tuple[int, int] | None
     image_labels: np.ndarray | None
     patch_labels: np.ndarray | None
@@ -145,7 +149,7 @@ class _Decoded(NamedTuple):
 class _Batch(NamedTuple):
     shard: int
     pixels: torch.Tensor
-    """(b, crop, crop, 3) uint8, normalised on the device by `_normalize`, or (b, 3, crop, crop) float."""
+    """(b, height, width, 3) uint8, normalised on the device by `_normalize`, or (b, 3, height, width) float."""
     labels: dict[str, np.ndarray]
     """'labels/images' -> (b, n_image_labels), 'labels/patches' -> (b, n_patches, n_patch_labels)."""
     n_listed: int
@@ -462,6 +466,8 @@ def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out
                                f"(rank 0 writes {len(mine)}; the progress bar is rank 0's share)")
         t0 = time.perf_counter()
         error = None
+        if todo:
+            _say(verbose_here, memory_line(plan, source, backbone, batch_size))
         try:
             if mine:
                 n_mine = sum(len(plan.shard_records(s)) for s in mine)
@@ -486,6 +492,22 @@ def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out
     if n_computed:
         _say(verbose_here, f"read {n_computed} images in {elapsed:.1f} s ({n_computed / max(elapsed, 1e-9):.1f} images/s)")
     return shards
+
+
+def memory_line(plan: ShardPlan, source: ImageSource, backbone: Backbone, batch_size: int) -> str:
+    """One line, printed before a run starts: the input and the stored bytes per image, and their totals."""
+    height, width = backbone.preprocess.input_hw
+    rows, cols = backbone.grid_at(plan.layers[-1])
+    per_image = sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in _row_specs(plan, source, backbone).values())
+    input_bytes = 3 * height * width * 4
+    return (f"per image: a {width}x{height} px input ({backbone.preprocess.geometry}, {rows}x{cols} patches), "
+            f"{_mb(input_bytes)} as float32 ({_mb(input_bytes * batch_size)} per batch of {batch_size}); "
+            f"{_mb(per_image)} of activations stored, {_mb(per_image * len(plan.records))} for "
+            f"{len(plan.records)} images")
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:.2f} MB" if n_bytes < 1e9 else f"{n_bytes / 1e9:.2f} GB"
 
 
 def _row_specs(plan: ShardPlan, source: ImageSource, backbone: Backbone) -> dict[str, tuple[np.dtype, tuple]]:

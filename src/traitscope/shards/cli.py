@@ -18,6 +18,7 @@ import os
 
 from traitscope import dist
 from traitscope.errors import TraitscopeError
+from traitscope.backbones.base import GEOMETRIES
 from traitscope.shards.store import TOKEN_KINDS
 
 
@@ -33,6 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="backbone name, 'hf:<id>', 'timm:<name>', ... (default: DINOv2 ViT-S/14 with registers "
                              "from the Hugging Face hub, or the offline DINOv2-S when the hub cannot be reached)")
+    parser.add_argument("--geometry", default="center-crop", choices=GEOMETRIES,
+                        help="how each image becomes the model's input. grid: the whole image, aspect kept, in a patch grid "
+                             "shaped like the collection's median aspect ratio (e.g. 9x29 patches for long fish), "
+                             "padded where an image differs; letterbox: the whole image, aspect kept, padded to the "
+                             "model's square; squash: the whole image stretched to the square; center-crop "
+                             "(default): the model's own resize and centre crop (only the middle square of a long "
+                             "image is seen)")
+    parser.add_argument("--resolution", type=int, default=None, metavar="PX",
+                        help="side of the model's square input in pixels, a multiple of its patch size (default: the "
+                             "model's own, 224 for most); under grid the grid has about as many patches as that "
+                             "square. Every transformer family (transformers, timm, open_clip, the offline DINOv2) "
+                             "interpolates its position embeddings to other sizes; DINOv2 was trained up to 518")
     parser.add_argument("--layers", nargs="+", default=["-2"], metavar="L",
                         help="blocks to record, comma- or space-separated; negative counts from the end "
                              "(default: -2, the second-to-last block). Write '--layers=-2,-1' or '--layers -2 -1'")
@@ -84,7 +97,7 @@ def parse_tokens(value: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from traitscope.backbones import default_model, load_backbone
-    from traitscope.images import open_source
+    from traitscope.images import median_aspect, open_source
     from traitscope.shards.build import build_shards
 
     layers = parse_layers(args.layers)
@@ -105,10 +118,14 @@ def run(args: argparse.Namespace) -> int:
         with dist.main_first():  # rank 0 first: a generated or downloaded image set lands in a shared cache once
             source = open_source(args.images, labels=args.labels, masks=args.masks)
         backbone = load_backbone(model_name, device=str(device))  # hub downloads lock their cache files
+        aspect = median_aspect(source, source.records()) if args.geometry == "grid" else 1.0
+        backbone.set_preprocess(backbone.preprocess.with_geometry(args.geometry, args.resolution,
+                                                                  backbone.patch_size, aspect))
         about = "" if args.model is None else f" ({backbone.description})"
         where = f"{device}" if not world.distributed else f"{world.size} processes ({device.type})"
+        height, width = backbone.preprocess.input_hw
         dist.say(f"recording layers {','.join(map(str, layers))} of {backbone.name}{about} on {where} "
-                 f"over {source.spec}")
+                 f"over {source.spec}, {backbone.preprocess.geometry} at {width}x{height} px")
 
         shards = build_shards(source, backbone, layers, args.out, token_kinds=token_kinds, dtype=args.dtype,
                               batch_size=batch_size, images_per_shard=args.images_per_shard, strict=args.strict,
