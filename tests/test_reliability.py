@@ -130,3 +130,46 @@ def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(shards,
     assert "Traceback" in debug.stderr and debug.returncode == 2
     env_debug = cli(*train_args(shards, out_fpath, "--tokens", "10k"), env={"TRAITSCOPE_DEBUG": "1"})
     assert "Traceback" in env_debug.stderr
+
+
+# --- hostile image folders ---
+
+def hostile_folder(dpath: Path) -> dict[str, str]:
+    """Three real photos, a link to one, and files that must each be skipped; returns
+    hostile name -> a word its skip reason must hold."""
+    from PIL import Image
+
+    dpath.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (60 + 10 * i, 80, 3), dtype=np.uint8)).save(dpath / f"photo{i}.jpg")
+    os.symlink("photo0.jpg", dpath / "link-to-photo.jpg")
+    os.symlink(dpath, dpath / "loop-folder")  # a link to a folder is not followed: no endless walk
+    hostile = {"dangling.jpg": "dangling", "loop-a.png": "loop", "loop-b.png": "loop", "fifo.jpg": "FIFO",
+               "zero.jpg": "device", "empty.png": "empty", "truncated.jpg": "truncated",
+               "text.png": "not an image", "bomb.png": "megapixels"}
+    os.symlink("nowhere.jpg", dpath / "dangling.jpg")
+    os.symlink("loop-b.png", dpath / "loop-a.png")
+    os.symlink("loop-a.png", dpath / "loop-b.png")
+    os.mkfifo(dpath / "fifo.jpg")
+    os.symlink("/dev/zero", dpath / "zero.jpg")
+    (dpath / "empty.png").write_bytes(b"")
+    (dpath / "truncated.jpg").write_bytes((dpath / "photo1.jpg").read_bytes()[:400])
+    (dpath / "text.png").write_text("just text")
+    Image.new("1", (10_000, 9_000)).save(dpath / "bomb.png")  # 90 megapixels in a few kB
+    return hostile
+
+
+def test_a_hostile_folder_is_read_to_the_end_with_every_bad_file_skipped_and_listed(tmp_path):
+    hostile = hostile_folder(tmp_path / "photos")
+    proc = cli("shards", "--images", tmp_path / "photos", "--model", "random-dinov2", "--out", tmp_path / "shards",
+               "--batch-size", "4", timeout=180, check_rc=0)
+    shards = Shards(proc.stdout.strip().splitlines()[-1])
+    listing = {rec["path"]: rec for rec in shards.listing()}
+    FIGURES["hostile"][0] += len(hostile)
+    for name, word in hostile.items():
+        reason = listing[name]["skipped"]
+        assert reason and word in reason, (name, reason)
+        assert f"{name}: {reason}" in proc.stderr  # listed on the terminal too
+        FIGURES["hostile"][1] += 1
+    assert shards.n_images == 4 and listing["link-to-photo.jpg"]["row"] is not None

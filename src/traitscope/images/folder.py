@@ -1,6 +1,7 @@
 """A folder of image files, searched recursively, with optional labels and segmentation masks."""
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ def list_images(root: Path, exclude: Path | None = None) -> list[str]:
     """Relative POSIX paths of files with a Pillow image extension under `root`, sorted.
 
     Hidden files and folders (names starting with '.') are skipped, and so is `exclude` (a masks folder
-    inside the images folder). Files are listed by name only: one that is not really an image is
-    reported later, when it fails to load.
+    inside the images folder); links to folders are not followed. Files are listed by name only: one
+    that is not really an image (or a dangling link, a FIFO...) is reported later, when it fails to load.
     """
     extensions = image_extensions()
     exclude = exclude.resolve() if exclude is not None else None
@@ -39,8 +40,8 @@ class FolderSource(ImageSource):
     `masks`: a folder with one single-channel PNG per image at the same relative path (extension .png)
     holding trait ids, and a labels.json / labels.txt naming them.
 
-    Identity (for content hashing): the resolved root and each file's relative path and size in bytes,
-    plus the labels file's sha256 and the masks' paths, sizes and names. Modification times are left out
+    Identity (for content hashing): the resolved root and each file's relative path and size in bytes
+    (None for a path that is not a regular file: a dangling link, a FIFO...), plus the labels file's sha256 and the masks' paths, sizes and names. Modification times are left out
     so a copied folder keeps its identity; an edit that keeps a file's size exactly is not noticed.
     """
 
@@ -58,7 +59,8 @@ class FolderSource(ImageSource):
         if not self._paths:
             exts = " ".join(sorted(e for e in image_extensions() if e in (".jpg", ".jpeg", ".png", ".webp", ".tif", ".bmp")))
             raise TraitscopeError(f"no images in {self.root} (looked recursively for {exts} and other Pillow formats)")
-        self._sizes = [os.stat(self.root / p).st_size for p in self._paths]
+        self._sizes = [_size(self.root / p) for p in self._paths]
+        unusable = {p for p, size in zip(self._paths, self._sizes) if size is None}  # skipped when loaded
 
         self._labels = None
         if labels == "folders":
@@ -70,7 +72,7 @@ class FolderSource(ImageSource):
         self._mask_names: dict[int, str] = {}
         if self.masks_dpath is not None:
             self._mask_names = read_names(self.masks_dpath)
-            missing = [p for p in self._paths if not self._mask_fpath(p).is_file()]
+            missing = [p for p in self._paths if p not in unusable and not self._mask_fpath(p).is_file()]
             if missing:
                 raise TraitscopeError(
                     f"{len(missing)} of {len(self._paths)} images have no mask in {self.masks_dpath} "
@@ -114,6 +116,15 @@ class FolderSource(ImageSource):
             "masks": None,
         }
         if self.masks_dpath is not None:
-            sizes = [os.stat(self._mask_fpath(p)).st_size for p in self._paths]
+            sizes = [_size(self._mask_fpath(p)) for p in self._paths]
             identity["masks"] = {"names": {str(k): v for k, v in self._mask_names.items()}, "sizes": sizes}
         return identity
+
+
+def _size(fpath: Path) -> int | None:
+    """Size in bytes of a regular file (links followed), None for anything else; never opens it."""
+    try:
+        st = os.stat(fpath)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None

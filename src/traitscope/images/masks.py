@@ -6,6 +6,7 @@ patch takes the id covering most of its image pixels (ties go to the smaller id;
 """
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image, ImageOps
 
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
-from traitscope.images.source import ImageError
+from traitscope.images.source import ImageError, check_pixels, read_file
 
 NAMES_FNAMES = ("labels.json", "labels.txt")
 """Where a masks folder names its ids, tried in this order."""
@@ -22,8 +23,10 @@ NAMES_FNAMES = ("labels.json", "labels.txt")
 
 def read_mask(fpath: Path) -> np.ndarray:
     """(height, width) int64 ids from a single-channel mask image (L, P, I or 16-bit; palette indices as ids)."""
+    data = read_file(fpath)
     try:
-        with Image.open(fpath) as image:
+        with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image)
             image.load()
             try:
                 image = ImageOps.exif_transpose(image)

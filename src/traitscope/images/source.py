@@ -5,9 +5,14 @@ source decodes through `load_image`, so EXIF orientation, transparency, odd mode
 handled the same way whether the bytes come from a folder, a Hugging Face dataset or the synthetic set.
 """
 
+import contextlib
+import errno
 import io
+import os
+import stat
+import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -81,27 +86,100 @@ def image_extensions() -> set[str]:
     return {ext for ext, fmt in registered.items() if fmt in Image.OPEN and ext not in _NOT_IMAGES}
 
 
+MAX_FILE_BYTES = 256 << 20
+"""Image files larger than this (256 MiB) are skipped unread."""
+# Pixel counts are checked from the header before anything is decoded (`check_pixels`, against
+# Pillow's own MAX_IMAGE_PIXELS, about 89 megapixels: 270 MB per decoding thread), so Pillow's warning
+# for images between its limit and twice it would only repeat what the skip reason says.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def file_problem(fpath: Path) -> str | None:
+    """Why a listed path cannot be read as an image file (dangling or looping link, FIFO, device,
+    folder, too large), or None. Links are followed; nothing is opened."""
+    try:
+        st = os.stat(fpath)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if err.errno == errno.ENOENT and os.path.islink(fpath):
+            return f"dangling symbolic link (to {os.readlink(fpath)})"
+        return f"cannot read file: {err.strerror or err}"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "folder"
+                if stat.S_ISDIR(st.st_mode) else "special file")
+        return f"not a regular file: a {kind}{' (through a link)' if os.path.islink(fpath) else ''}"
+    if st.st_size > MAX_FILE_BYTES:
+        return f"file of {st.st_size / 2**20:.0f} MiB is over the {MAX_FILE_BYTES >> 20} MiB limit for an image"
+    return None
+
+
+@contextlib.contextmanager
+def open_regular(fpath: str | Path) -> Iterator[BinaryIO]:
+    """A regular file of at most MAX_FILE_BYTES opened for reading, or ImageError. Never blocks on a
+    FIFO and never reads a device: the file is opened without waiting and checked before any read."""
+    try:
+        fd = os.open(fpath, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise ImageError(file_problem(Path(fpath)) or f"cannot read file: {err.strerror or err}") from err
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+            raise ImageError(file_problem(Path(fpath)) or "not a regular file")
+        yield f
+
+
+def read_file(fpath: str | Path) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES (see `open_regular`), or ImageError."""
+    with open_regular(fpath) as f:
+        try:
+            data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as err:
+            raise ImageError(f"cannot read file: {err.strerror or err}") from err
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"file grew over the {MAX_FILE_BYTES >> 20} MiB limit for an image while being read")
+    return data
+
+
+def check_pixels(image: Image.Image) -> None:
+    """ImageError for an image over Pillow's MAX_IMAGE_PIXELS (its size comes from the header: nothing
+    is decoded). Raise `PIL.Image.MAX_IMAGE_PIXELS` to read larger images."""
+    width, height = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ImageError(f"{width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
+                         f"{limit / 1e6:.0f}-megapixel limit (PIL.Image.MAX_IMAGE_PIXELS)")
+
+
 def load_image(fp: str | Path | BinaryIO) -> Image.Image:
     """Decode an image file fully into an upright RGB image, or raise ImageError with the reason.
 
-    The file is checked with Pillow's `verify()`, then decoded with `load()`; truncated files fail
-    (unless some other code set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES`). The result has EXIF orientation
-    applied, transparency composited on white, and greyscale, palette, CMYK and 16-bit data as 8-bit RGB.
+    Only a regular file of at most MAX_FILE_BYTES is read, and only an image of at most Pillow's
+    MAX_IMAGE_PIXELS (from its header) is decoded. The file is checked with Pillow's `verify()`, then decoded with
+    `load()`; truncated files fail (unless some other code set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES`).
+    The result has EXIF orientation applied, transparency composited on white, and greyscale, palette,
+    CMYK and 16-bit data as 8-bit RGB.
     """
-    try:
-        if isinstance(fp, (str, Path)):
-            data = Path(fp).read_bytes()
-        else:
-            data = fp.read()
-    except OSError as err:
-        raise ImageError(f"cannot read file: {err.strerror or err}") from err
+    if isinstance(fp, (str, Path)):
+        data = read_file(fp)
+    else:
+        try:
+            data = fp.read(MAX_FILE_BYTES + 1)
+        except OSError as err:
+            raise ImageError(f"cannot read file: {err.strerror or err}") from err
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageError(f"over the {MAX_FILE_BYTES >> 20} MiB limit for an image")
     if not data:
         raise ImageError("empty file")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image)
             image.verify()
         image = Image.open(io.BytesIO(data))
         image.load()
+    except ImageError:
+        raise
     except Image.DecompressionBombError as err:
         raise ImageError(f"too large to decode safely ({err})") from err
     except Image.UnidentifiedImageError as err:
@@ -148,9 +226,11 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 def oriented_size(fpath: Path) -> tuple[int, int]:
     """(width, height) of an image after EXIF orientation, read from the header only."""
     try:
-        with Image.open(fpath) as image:
+        with open_regular(fpath) as f, Image.open(f) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
+    except ImageError:
+        raise
     except Exception as err:
         raise ImageError(f"cannot read image header: {err}") from err
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

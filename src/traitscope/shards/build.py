@@ -653,9 +653,10 @@ def _finish(plan: ShardPlan, store: ShardWriter, verbose: bool) -> Shards:
         _say(verbose, f"{total} activation values were beyond the float16 range and were clamped to +-{FP16_MAX:g} "
                       f"({where}); use --dtype float32 to keep them exactly", warning=True)
     if skipped:
-        first = skipped[0]
-        _say(verbose, f"skipped {len(skipped)} of {len(listing)} images (first: {first['path']}: {first['skipped']}); "
-                      f"see {plan.dpath / 'images.jsonl'}", warning=True)
+        shown = 20
+        _say(verbose, f"skipped {len(skipped)} of {len(listing)} images; all are listed with the reason in "
+                      f"{plan.dpath / 'images.jsonl'}:" + "".join(f"\n  {e['path']}: {e['skipped']}" for e in skipped[:shown])
+                      + (f"\n  ... and {len(skipped) - shown} more" if len(skipped) > shown else ""), warning=True)
     return shards
 
 
