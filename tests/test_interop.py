@@ -356,3 +356,90 @@ def test_train_import_inference_align_on_saev_shards(tmp_path, capsys):
     assert (inf / "alignment.csv").is_file() and (inf / "top_patch_acts.npy").is_file()
     assert main(["pareto", "--runs", str(runs)]) == 0
     assert "2 runs" in capsys.readouterr().out
+
+
+# --- the Hugging Face hub: a local hub cache, laid out as huggingface_hub lays it out, read offline ---
+
+def hub_cache(hf_home, repo_id, files):
+    """models--owner--name/{blobs/<sha256>, refs/main, snapshots/<commit>/<path> -> ../../blobs/<sha256>}."""
+    import hashlib
+    import os
+
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repr(sorted(files)).encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for rel, data in files.items():
+        digest = hashlib.sha256(data).hexdigest()
+        (repo / "blobs").mkdir(exist_ok=True)
+        (repo / "blobs" / digest).write_bytes(data)
+        link = repo / "snapshots" / commit / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(repo / "blobs" / digest, link.parent), link)
+    return repo
+
+
+def run_offline(hf_home, *commands):
+    """Run traitscope commands in a fresh process with HF_HUB_OFFLINE=1 and HF_HOME set (huggingface_hub
+    reads both when it is imported); returns [(exit code, stdout + stderr)]."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import contextlib, io, json, sys\nfrom traitscope.cli import main\nout = []\n"
+              "for argv in json.loads(sys.argv[1]):\n    buf = io.StringIO()\n"
+              "    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):\n        code = main(argv)\n"
+              "    out.append([code, buf.getvalue()])\nprint(json.dumps(out))\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), HF_TOKEN="")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(list(commands))], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_push_card_and_pull_from_a_local_hub_cache(tmp_path):
+    from huggingface_hub import scan_cache_dir
+
+    from traitscope.interop.hub import stage_push
+
+    acts = np.random.default_rng(2).normal(size=(20, 6, D)).astype(np.float32)
+    shards = make_shards(tmp_path / "shards", acts)
+    sae = trained_like("batchtopk")
+    run = tmp_path / "runs" / "mine"
+    sae.save(run, {"shards": {"hash": shards.hash, "path": str(shards.dpath), "layer": LAYER, "token_kind": "patches",
+                              "model": "toy", "weights_sha256": shards.model["weights_sha256"]},
+                   "train": {"n_train_tokens": 12345}})
+    (run / "metrics.json").write_text(json.dumps({"nmse": 0.25, "l0": 16.0, "dead_frac": 0.01}))
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    stage_push(run, "lab/fish-sae", staged)
+    card = (staged / "README.md").read_text()
+    for words in ("library_name: traitscope", "`toy`", f"| layer | {LAYER} |", "| nmse | 0.25 |", "12345",
+                  f"shards `{shards.hash}`", "d_sae 48, k 6"):
+        assert words in card, words
+
+    hf_home = tmp_path / "hf"
+    files = {str(p.relative_to(staged)): p.read_bytes() for p in staged.rglob("*") if p.is_file()}
+    hub_cache(hf_home, "lab/fish-sae", files)
+    assert [r.repo_id for r in scan_cache_dir(hf_home / "hub").repos] == ["lab/fish-sae"]  # a valid cache
+
+    results = run_offline(
+        hf_home,
+        ["pull", "hf:lab/fish-sae"],
+        ["pull", "hf:lab/fish-sae", "--out", str(tmp_path / "runs" / "pulled"), "--shards", str(shards.dpath)],
+        ["pull", "hf:lab/fish-sae/saelens", "--out", str(tmp_path / "runs" / "lens"), "--shards", str(shards.dpath)],
+        ["pull", "hf:lab/missing", "--out", str(tmp_path / "runs" / "nothing")],
+        ["push", str(run), "hf:lab/fish-sae"],
+    )
+    assert results[0][0] == 0 and "traitscope SAE in" in results[0][1]
+    assert results[1][0] == 0 and results[2][0] == 0, results
+    x = inputs()
+    for name in ("pulled", "lens"):
+        back = load_sae(tmp_path / "runs" / name)
+        torch.testing.assert_close(back.encode(x), sae.encode(x), rtol=0, atol=0)
+    assert json.loads((tmp_path / "runs" / "pulled" / "config.json").read_text())["pulled_from"]["spec"] == "hf:lab/fish-sae"
+    code, text = results[3]
+    assert code == 2 and "cannot be reached" in text and len(text.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "nothing").exists()
+    code, text = results[4]
+    assert code == 2 and "nothing was uploaded" in text and len(text.strip().splitlines()) == 1

@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("traitscope.demo.cli", "the whole workflow on an embedded default, with a report"),
     "import": ("traitscope.interop.import_cli", "turn a saev, SAELens or sparsify SAE into a run folder"),
     "export": ("traitscope.interop.export_cli", "write a run's SAE as a SAELens or sparsify folder"),
+    "pull": ("traitscope.interop.pull_cli", "get an SAE from the Hugging Face hub (as a run folder with --out)"),
+    "push": ("traitscope.interop.push_cli", "upload a run folder to the Hugging Face hub with a model card"),
 }
 
 
