@@ -127,6 +127,27 @@ def test_pixels_are_exactly_the_backbones_preprocessing(photos, backbone):
     assert got.is_contiguous() and torch.equal(got, want)
 
 
+def test_worker_processes_and_threads_write_the_same_bytes_and_draft_is_recorded(photos, tmp_path, backbone):
+    _photo(np.random.default_rng(1), 1400, 900).save(photos / "large.jpg", quality=90)
+    digests = {}
+    for workers in ("processes", "threads"):
+        shards = build_shards(FolderSource(photos), backbone, [-2], tmp_path / workers, images_per_shard=4,
+                              n_workers=2, decode_workers=workers, verbose=False)
+        digests[workers] = _file_digests(shards.dpath)
+        assert shards.manifest["decode"] == "full"
+    assert digests["processes"] == digests["threads"]
+
+    drafted = build_shards(FolderSource(photos), backbone, [-2], tmp_path / "processes", images_per_shard=4,
+                           n_workers=2, decode="draft", verbose=False)
+    assert drafted.manifest["decode"] == "draft" and drafted.dpath != shards.dpath  # another folder
+    large = next(i for i, e in enumerate(drafted.images) if e["path"] == "large.jpg")
+    assert (drafted.images[large]["width"], drafted.images[large]["height"]) == (1400, 900)
+    full_acts, draft_acts = shards.acts(-2, "cls"), drafted.acts(-2, "cls")
+    assert np.array_equal(np.delete(full_acts, large, 0), np.delete(draft_acts, large, 0))  # only the large JPEG
+    assert not np.array_equal(full_acts[large], draft_acts[large])
+    np.testing.assert_allclose(draft_acts[large], full_acts[large], atol=0.05 * np.abs(full_acts[large]).max())
+
+
 def test_rerun_finds_the_complete_folder(photos, tmp_path, backbone, capsys):
     first = build_shards(FolderSource(photos), backbone, [-2], tmp_path / "out", images_per_shard=4)
     before = {p: p.stat().st_mtime_ns for p in first.dpath.rglob("*")}
@@ -151,16 +172,18 @@ _KILLED_RUN = textwrap.dedent('''
     from traitscope.shards.build import build_shards
 
     images, out, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    run_pid = os.getpid()
 
 
     class KilledPartWay(FolderSource):
-        """Dies by SIGKILL (no clean-up at all) when image `kill_at` is decoded, once two shards are on disk."""
+        """The run dies by SIGKILL (no clean-up at all) when image `kill_at` is decoded (in a worker
+        process), once two shards are on disk."""
         def load(self, record):
             if record["index"] == kill_at:
                 deadline = time.time() + 60
                 while time.time() < deadline and len(list(out.glob("*/progress/*.json"))) < 2:
                     time.sleep(0.005)
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(run_pid, signal.SIGKILL)
             return super().load(record)
 
     build_shards(KilledPartWay(images), load_backbone("random-dinov2"), [-2, -1], out, batch_size=2, images_per_shard=2,

@@ -147,16 +147,20 @@ class Preprocess:
 
         return overlaps(rows, out_h, oy, oy + new_h)[:, None] & overlaps(cols, out_w, ox, ox + new_w)[None, :]
 
-    def crop_image(self, image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
+    def crop_image(self, image: Image.Image, size: tuple[int, int] | None = None,
+                   box: tuple[float, float, float, float] | None = None) -> Image.Image:
         """The resized, cropped or padded RGB image the model sees, before normalisation.
 
-        size: the original (width, height) when `image` was decoded at a reduced size (JPEG draft): the
-            geometry is worked out from it, so the result lands where the full-size image's would.
+        size: the original (width, height) when `image` was decoded at a reduced size (JPEG draft, no
+            smaller than `resized_size`): the geometry is worked out from it, so the result lands where
+            the full-size image's would.
+        box: then the region of `image` that holds the whole picture (a draft's last row and column can
+            hold part of a pixel); None: all of it.
         """
         image = image.convert("RGB")
         (new_w, new_h), (ox, oy) = self.placement(*(size or image.size))
         resample = getattr(Image.Resampling, self.interpolation.upper())
-        image = image.resize((new_w, new_h), resample=resample)
+        image = image.resize((new_w, new_h), resample=resample, box=box)
         out_h, out_w = self.input_hw
         return image.crop((-ox, -oy, out_w - ox, out_h - oy))  # PIL fills beyond the image with black
 

@@ -17,7 +17,8 @@ from traitscope.errors import TraitscopeError
 from traitscope.images.folder import FolderSource, list_images
 from traitscope.images.hf_dataset import HFDatasetSource
 from traitscope.images.masks import crop_mask, patch_majority
-from traitscope.images.source import ImageError, ImageSource, image_extensions, load_image, median_aspect, to_rgb
+from traitscope.images.source import (Decoded, ImageError, ImageSource, decode_image, image_extensions, load_image,
+                                     median_aspect, to_rgb)
 from traitscope.images.synthetic import (
     DEFAULT_N_IMAGES,
     SyntheticSource,
@@ -29,8 +30,8 @@ from traitscope.images.synthetic import (
 )
 
 __all__ = [
-    "FolderSource", "HFDatasetSource", "ImageError", "ImageSource", "SyntheticSource", "crop_mask",
-    "default_cache_dpath", "ensure_synthetic", "generate_synthetic", "image_extensions", "is_synthetic",
+    "Decoded", "FolderSource", "HFDatasetSource", "ImageError", "ImageSource", "SyntheticSource", "crop_mask",
+    "decode_image", "default_cache_dpath", "ensure_synthetic", "generate_synthetic", "image_extensions", "is_synthetic",
     "list_images", "load_image", "median_aspect", "open_source", "parse_synthetic_spec", "patch_majority", "preview", "to_rgb",
 ]
 

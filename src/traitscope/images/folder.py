@@ -11,7 +11,8 @@ from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.images import labels as labels_mod
 from traitscope.images.masks import one_hot, patch_majority, read_mask, read_names
-from traitscope.images.source import ImageError, ImageSource, image_extensions, load_image, oriented_size
+from traitscope.images.source import (Decoded, ImageError, ImageSource, MinSize, decode_image, image_extensions,
+                                     load_image, oriented_size)
 
 
 def list_images(root: Path, exclude: Path | None = None) -> list[str]:
@@ -93,6 +94,11 @@ class FolderSource(ImageSource):
 
     def image_size(self, record: dict) -> tuple[int, int]:
         return oriented_size(self.root / record["path"])
+
+    def decode(self, record: dict, min_size: MinSize | None = None) -> Decoded:
+        if min_size is None:
+            return super().decode(record)
+        return decode_image(self.root / record["path"], min_size)
 
     def image_labels(self, record: dict) -> np.ndarray | None:
         return None if self._labels is None else self._labels.rows[record["path"]].copy()

@@ -12,7 +12,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -27,6 +27,21 @@ class ImageError(TraitscopeError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class Decoded(NamedTuple):
+    """An image as decoded for a model: possibly at a reduced size (JPEG 1/2, 1/4 or 1/8 scale)."""
+
+    image: Image.Image
+    """Upright RGB; smaller than the picture when `box` is set."""
+    size: tuple[int, int]
+    """The picture's own upright (width, height)."""
+    box: tuple[float, float, float, float] | None
+    """The region of `image` that holds the whole picture when it was decoded at a reduced size, else None."""
+
+
+MinSize = Callable[[int, int], tuple[int, int]]
+"""(width, height) of a picture -> the smallest (width, height) it may be decoded at (`Preprocess.resized_size`)."""
 
 
 class ImageSource:
@@ -52,6 +67,12 @@ class ImageSource:
     def load(self, record: dict) -> Image.Image:
         """The image as RGB, upright; raises ImageError for a file that cannot be decoded."""
         raise NotImplementedError
+
+    def decode(self, record: dict, min_size: MinSize | None = None) -> Decoded:
+        """The image for a model; sources of JPEG files decode it at a reduced size no smaller than
+        `min_size(width, height)` when that is at least half the picture's size (others ignore it)."""
+        image = self.load(record)
+        return Decoded(image, image.size, None)
 
     def image_labels(self, record: dict) -> np.ndarray | None:
         """(n_image_labels,) uint8 multi-hot, or None when the source has no per-image labels."""
@@ -161,6 +182,13 @@ def load_image(fp: str | Path | BinaryIO) -> Image.Image:
     The result has EXIF orientation applied, transparency composited on white, and greyscale, palette,
     CMYK and 16-bit data as 8-bit RGB.
     """
+    return decode_image(fp).image
+
+
+def decode_image(fp: str | Path | BinaryIO, min_size: MinSize | None = None) -> Decoded:
+    """`load_image`, and with `min_size` a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale
+    that is still at least `min_size(width, height)` of its upright size (libjpeg's reduced-size
+    decoding, via Pillow's `draft`: the scaled DCT skips most of the work on large photos)."""
     if isinstance(fp, (str, Path)):
         data = read_file(fp)
     else:
@@ -177,6 +205,9 @@ def load_image(fp: str | Path | BinaryIO) -> Image.Image:
             check_pixels(image)
             image.verify()
         image = Image.open(io.BytesIO(data))
+        full_size, box = image.size, None
+        if min_size is not None and image.format == "JPEG":
+            box = _draft(image, min_size)
         image.load()
     except ImageError:
         raise
@@ -186,7 +217,61 @@ def load_image(fp: str | Path | BinaryIO) -> Image.Image:
         raise ImageError("not an image Pillow can identify") from err
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... for bad data
         raise ImageError(f"corrupt or truncated image: {err}") from err
-    return to_rgb(image)
+    if box is not None:  # turn upright here, so that the box turns with the pixels
+        image, full_size, box = _upright(image, full_size, box)
+        return Decoded(to_rgb(image), full_size, box)
+    image = to_rgb(image)
+    return Decoded(image, image.size, None)
+
+
+_TURNS_SIDEWAYS = (5, 6, 7, 8)
+"""EXIF orientations that swap width and height."""
+
+
+def _upright(image: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float]):
+    """A draft-decoded `image` turned as its EXIF orientation says (before `to_rgb`, which then finds
+    it upright), with the picture's upright size and the box turned with it; as stored when the EXIF
+    block cannot be read, as `to_rgb` does."""
+    orientation = _orientation(image)
+    if orientation == 1:
+        return image, size, box
+    w, h = image.size
+    try:
+        turned = ImageOps.exif_transpose(image)
+    except Exception:
+        return image, size, box
+    # Where a point (x, y) of the stored image lands in the upright one, for each EXIF orientation.
+    move = {2: lambda x, y: (w - x, y), 3: lambda x, y: (w - x, h - y), 4: lambda x, y: (x, h - y),
+            5: lambda x, y: (y, x), 6: lambda x, y: (h - y, x), 7: lambda x, y: (h - y, w - x),
+            8: lambda x, y: (y, w - x)}.get(orientation)
+    if move is None:
+        return image, size, box
+    (x0, y0), (x1, y1) = move(box[0], box[1]), move(box[2], box[3])
+    upright = size[::-1] if orientation in _TURNS_SIDEWAYS else size
+    return turned, upright, (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+
+
+def _draft(image: Image.Image, min_size: MinSize) -> tuple[float, float, float, float] | None:
+    """Ask the JPEG decoder for a reduced size no smaller than `min_size` of the upright picture;
+    the region of the (stored, not yet rotated) decoded image that holds the picture, or None."""
+    width, height = image.size
+    rotated = _orientation(image) in _TURNS_SIDEWAYS
+    need_w, need_h = min_size(*((height, width) if rotated else (width, height)))
+    if rotated:
+        need_w, need_h = need_h, need_w
+    if 2 * need_w > width or 2 * need_h > height:
+        return None
+    result = image.draft("RGB" if image.mode == "RGB" else None, (need_w, need_h))
+    if result is None or image.size == (width, height):
+        return None
+    return result[1]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -2,8 +2,14 @@
 
 Four stages overlap, so the model is never left waiting on the disk or the JPEG decoder:
 
-    decode + preprocess (thread pool)  ->  collate batches (thread)  ->  model forward (this thread)
-    ->  write to disk (thread)
+    decode + preprocess (worker processes or threads)  ->  collate batches (thread)
+    ->  model forward (this thread)  ->  write to disk (thread)
+
+Decoding is one function (`DecodeJob`) whichever workers run it. `decode="draft"` lets the JPEG
+decoder work at 1/2, 1/4 or 1/8 scale, never below the size the backbone's `Preprocess.resized_size`
+asks for; the folder's manifest says so (`decode`), and it is part of the folder's identity, so a
+folder decoded in full is never mixed with a drafted one. `decode="full"` gives the same bytes as
+before this option existed.
 
 Shard s covers listed images [s * S, (s + 1) * S), S = images_per_shard; skipped images get no rows.
 A shard's rows stream into `.tmp` files as they are computed (memory stays flat however many images
@@ -23,12 +29,17 @@ values from the model itself are an error: nothing of that shard is kept.
 """
 
 import contextlib
+import ctypes
+import multiprocessing
+import os
 import queue
+import signal
 import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,6 +56,10 @@ from traitscope.images.source import ImageError, ImageSource
 from traitscope.shards.store import FORMAT, TOKEN_KINDS, NpyAppender, Shards, ShardWriter, content_hash
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DECODES = ("full", "draft")
+"""How images are decoded: 'full' (every pixel), 'draft' (JPEGs at reduced size, see the module doc)."""
+WORKER_KINDS = ("processes", "threads")
+"""What decodes in parallel: worker processes (forked; Linux), or threads of this process."""
 FP16_MAX = 65504.0
 """Largest finite float16; larger activations are clamped to it in fp16 shards."""
 
@@ -72,10 +87,13 @@ class ShardPlan(NamedTuple):
 
 
 def plan_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_dpath: str | Path,
-                token_kinds=TOKEN_KINDS, dtype: str = "float16", images_per_shard: int = 1024) -> ShardPlan:
+                token_kinds=TOKEN_KINDS, dtype: str = "float16", images_per_shard: int = 1024,
+                decode: str = "full") -> ShardPlan:
     """Resolve the layers, list the images and name the folder: everything but the computation."""
     if dtype not in DTYPES:
         raise TraitscopeError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if decode not in DECODES:
+        raise TraitscopeError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
     unknown = [kind for kind in token_kinds if kind not in TOKEN_KINDS]
     if unknown or not token_kinds:
         raise TraitscopeError(f"unknown token kind(s) {unknown or token_kinds!r}; "
@@ -105,6 +123,8 @@ def plan_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_
         "images_per_shard": images_per_shard,
         "source": source_identity,
     }
+    if decode != "full":  # folders decoded in full keep the names they had before this option
+        identity["decode"] = decode
     digest = content_hash(identity)
     root = Path(source.root)
     header = {
@@ -127,19 +147,20 @@ def plan_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_
         "patch_labels": list(source.patch_label_names),
         "image_labels": list(source.image_label_names),
         "images_per_shard": images_per_shard,
+        "decode": decode,
         "traitscope_version": traitscope.__version__,
     }
     return ShardPlan(Path(out_dpath) / digest, header, records, resolved, token_kinds, images_per_shard)
 
 
 # --------------------------------------------------------------------------------------------------
-# Stage 1 and 2: decode in a thread pool, collate into batches in a thread.
+# Stage 1 and 2: decode in worker processes (or threads), collate into batches in a thread.
 
 
 class _Decoded(NamedTuple):
     record: dict
-    pixels: np.ndarray | torch.Tensor | None
-    """(height, width, 3) uint8 before normalisation (the usual `Preprocess`), or the (3, height, width) tensor."""
+    pixels: np.ndarray | None
+    """(height, width, 3) uint8 before normalisation (the usual `Preprocess`), or (3, height, width) float32."""
     size: tuple[int, int] | None
     image_labels: np.ndarray | None
     patch_labels: np.ndarray | None
@@ -185,31 +206,28 @@ class _Stopped(Exception):
     pass
 
 
-class _Loader(threading.Thread):
-    """Decodes the images of the shards to do in a thread pool (PIL releases the GIL while it decodes
-    and resizes) and hands out batches in listing order; batches never cross a shard boundary."""
+class DecodeJob:
+    """One listed image -> what the model and the label files need: the one decoding function, run by
+    worker processes or threads alike (picklable; no torch ops for the usual `Preprocess`)."""
 
-    def __init__(self, plan: ShardPlan, source: ImageSource, backbone: Backbone, shards: list[int],
-                 batch_size: int, n_workers: int, strict: bool, pin: bool):
-        super().__init__(name="traitscope-shards-loader", daemon=True)
-        self.plan, self.source, self.shards = plan, source, shards
-        self.batch_size, self.n_workers, self.strict, self.pin = batch_size, n_workers, strict, pin
+    def __init__(self, source: ImageSource, backbone: Backbone, layer: int, decode: str):
+        self.source = source
         self.preprocess = backbone.preprocess
         self.uint8 = type(self.preprocess) is Preprocess  # its __call__ is crop_image + `_normalize`
-        self.grid = tuple(backbone.grid_at(plan.layers[0]))
+        self.draft = decode == "draft" and self.uint8
+        self.grid = tuple(backbone.grid_at(layer))
         self.want_image_labels = bool(source.image_label_names)
         self.want_patch_labels = bool(source.patch_label_names)
-        self.out: queue.Queue = queue.Queue(maxsize=3)
-        self.stop = threading.Event()
 
-    def _decode(self, record: dict) -> _Decoded:
+    def __call__(self, record: dict) -> _Decoded:
         try:
-            image = self.source.load(record)
-            size = image.size
-            if self.uint8:  # PIL work only: no torch ops (and their thread pools) in the decoding threads
-                pixels = np.asarray(self.preprocess.crop_image(image))
+            if self.uint8:
+                decoded = self.source.decode(record, self.preprocess.resized_size if self.draft else None)
+                pixels = np.asarray(self.preprocess.crop_image(decoded.image, decoded.size, decoded.box))
+                size = decoded.size
             else:
-                pixels = self.preprocess(image)
+                image = self.source.load(record)
+                size, pixels = image.size, self.preprocess(image).numpy()
             image_labels = self.source.image_labels(record) if self.want_image_labels else None
             patch_labels = (self.source.patch_labels(record, self.preprocess, self.grid)
                             if self.want_patch_labels else None)
@@ -217,9 +235,58 @@ class _Loader(threading.Thread):
             return _Decoded(record, None, None, None, None, err.reason)
         return _Decoded(record, pixels, size, image_labels, patch_labels, None)
 
+
+_WORKER_JOB: DecodeJob | None = None
+"""In a worker process: the job it runs (set once when the process starts)."""
+
+
+def _start_worker(job: DecodeJob, parent_pid: int) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = job
+    torch.set_num_threads(1)  # a custom Preprocess's torch ops: one thread per worker
+    with contextlib.suppress(Exception):  # Linux: die with the run, even when it is killed by SIGKILL
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the run died before the line above took effect
+            os._exit(0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _run_in_worker(record: dict) -> _Decoded:
+    return _WORKER_JOB(record)
+
+
+def decode_pool(job: DecodeJob, n_workers: int, kind: str) -> tuple[Executor, object]:
+    """The executor and the function it runs per record. Worker processes are forked at once, from
+    the calling thread (call it before starting other threads); without `fork` (macOS, Windows),
+    threads. PIL releases the GIL while it decodes and resizes, but not while it parses headers."""
+    if kind == "processes" and "fork" in multiprocessing.get_all_start_methods():
+        pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_start_worker, initargs=(job, os.getpid()))
+        pool.submit(int).result()  # forks every worker now, from this thread
+        return pool, _run_in_worker
+    return ThreadPoolExecutor(n_workers, thread_name_prefix="traitscope-decode"), job
+
+
+class _Loader(threading.Thread):
+    """Runs the decode job over the images of the shards to do in a pool of workers and hands out
+    batches in listing order; batches never cross a shard boundary."""
+
+    def __init__(self, plan: ShardPlan, job: DecodeJob, pool: tuple[Executor, object], shards: list[int],
+                 batch_size: int, n_workers: int, strict: bool, pin: bool):
+        super().__init__(name="traitscope-shards-loader", daemon=True)
+        self.plan, self.source, self.shards = plan, job.source, shards
+        self.pool, self.run_job = pool
+        self.batch_size, self.n_workers, self.strict, self.pin = batch_size, n_workers, strict, pin
+        self.uint8 = job.uint8
+        self.want_image_labels, self.want_patch_labels = job.want_image_labels, job.want_patch_labels
+        self.out: queue.Queue = queue.Queue(maxsize=3)
+        self.stop = threading.Event()
+
     def _collate(self, shard: int, kept: list[_Decoded], n_listed: int) -> _Batch:
         first = kept[0].pixels
-        dtype = torch.uint8 if self.uint8 else first.dtype
+        dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
         pixels = torch.empty((len(kept), *first.shape), dtype=dtype, pin_memory=self.pin)
         np.stack([np.asarray(d.pixels) for d in kept], out=pixels.numpy())
         labels = {}
@@ -230,19 +297,21 @@ class _Loader(threading.Thread):
         return _Batch(shard, pixels, labels, n_listed)
 
     def run(self) -> None:
-        pool = ThreadPoolExecutor(self.n_workers, thread_name_prefix="traitscope-decode")
         try:
-            self._run(pool)
+            self._run(self.pool)
             _put(self.out, _DONE, self.stop)
         except _Stopped:  # the main thread has given up
             pass
+        except BrokenProcessPool as err:
+            err = TraitscopeError("a decoding worker process died (killed, or out of memory); rerun to resume, "
+                                  "or use --decode-workers threads")
+            with contextlib.suppress(_Stopped):
+                _put(self.out, _Failed(err), self.stop)
         except BaseException as err:  # handed to the main thread, which raises it
             with contextlib.suppress(_Stopped):
                 _put(self.out, _Failed(err), self.stop)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self, pool: ThreadPoolExecutor) -> None:
+    def _run(self, pool: Executor) -> None:
         todo = [(shard, record) for shard in self.shards for record in self.plan.shard_records(shard)]
         window = max(2 * self.batch_size, 4 * self.n_workers)
         pending: deque = deque()
@@ -253,7 +322,7 @@ class _Loader(threading.Thread):
                 nxt = next(upcoming, None)
                 if nxt is None:
                     return
-                pending.append(pool.submit(self._decode, nxt[1]))
+                pending.append(pool.submit(self.run_job, nxt[1]))
 
         for shard in self.shards:
             entries: list[dict] = []
@@ -418,29 +487,32 @@ def _say(verbose: bool, msg: str, warning: bool = False) -> None:
 
 
 def default_workers() -> int:
-    """Decoding threads: this process's share of the machine's cores, at most 16."""
+    """Decoding workers: this process's share of the machine's cores, at most 16."""
     return max(1, min(16, dist.cpus_per_rank()))
 
 
 def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_dpath: str | Path,
                  token_kinds=TOKEN_KINDS, dtype: str = "float16", batch_size: int = 64,
                  images_per_shard: int = 1024, strict: bool = False, n_workers: int | None = None,
-                 verbose: bool = True) -> Shards:
+                 verbose: bool = True, decode: str = "full", decode_workers: str = "processes") -> Shards:
     """Record `layers` of `backbone` over every image of `source` into `<out_dpath>/<hash>/`.
 
     Returns the finished folder opened for reading. If it is already complete nothing is computed;
     if an earlier run was interrupted, its finished shards are kept and the rest are computed.
-    `strict` fails on the first unreadable image instead of skipping it.
+    `strict` fails on the first unreadable image instead of skipping it. `decode` is one of `DECODES`
+    and `decode_workers` one of `WORKER_KINDS` (see the module doc); `n_workers` how many.
 
     In a distributed job (see the module doc) every rank calls this with the same arguments, computes
     its round-robin share of the shards, and gets the finished folder back; rank 0 alone prints.
     """
     if batch_size < 1:
         raise TraitscopeError(f"batch size must be at least 1, not {batch_size}")
+    if decode_workers not in WORKER_KINDS:
+        raise TraitscopeError(f"unknown decode workers {decode_workers!r}; use one of {', '.join(WORKER_KINDS)}")
     dist.check_joined()
     world = dist.world()
     verbose_here = verbose and world.is_main
-    plan = plan_shards(source, backbone, layers, out_dpath, token_kinds, dtype, images_per_shard)
+    plan = plan_shards(source, backbone, layers, out_dpath, token_kinds, dtype, images_per_shard, decode)
     if world.distributed:  # the same folder and the same listing everywhere, or no rank starts
         dist.check_agree("the shard folder and image listing",
                          (plan.dpath.name, len(plan.records), content_hash({"records": plan.records})))
@@ -472,8 +544,9 @@ def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out
             if mine:
                 n_mine = sum(len(plan.shard_records(s)) for s in mine)
                 bar = ((len(plan.records), n_done) if not world.distributed else (n_mine, 0))
-                _compute(plan, source, backbone, store, mine, bar, batch_size, strict,
-                         n_workers or default_workers(), verbose_here)
+                job = DecodeJob(source, backbone, plan.layers[0], decode)
+                _compute(plan, job, backbone, store, mine, bar, batch_size, strict,
+                         n_workers or default_workers(), decode_workers, verbose_here)
         except Exception as err:  # every rank learns of it, instead of waiting for the failed one
             error = err
         dist.raise_if_any(error)
@@ -529,8 +602,9 @@ def _row_specs(plan: ShardPlan, source: ImageSource, backbone: Backbone) -> dict
     return specs
 
 
-def _compute(plan: ShardPlan, source: ImageSource, backbone: Backbone, store: ShardWriter, todo: list[int],
-             bar_range: tuple[int, int], batch_size: int, strict: bool, n_workers: int, verbose: bool) -> None:
+def _compute(plan: ShardPlan, job: DecodeJob, backbone: Backbone, store: ShardWriter, todo: list[int],
+             bar_range: tuple[int, int], batch_size: int, strict: bool, n_workers: int, workers: str,
+             verbose: bool) -> None:
     """Compute and write the shards `todo`; `bar_range` is the progress bar's (total, initial) in images."""
     device = next(iter(backbone.parameters())).device
     cuda = device.type == "cuda"
@@ -538,8 +612,9 @@ def _compute(plan: ShardPlan, source: ImageSource, backbone: Backbone, store: Sh
     fp16 = out_dtype == torch.float16
     keys = [(layer, kind) for layer in plan.layers for kind in plan.token_kinds]
 
-    loader = _Loader(plan, source, backbone, todo, batch_size, n_workers, strict, pin=cuda)
-    writer = _Writer(store, _row_specs(plan, source, backbone))
+    pool = decode_pool(job, n_workers, workers)  # first: worker processes fork before any other thread starts
+    loader = _Loader(plan, job, pool, todo, batch_size, n_workers, strict, pin=cuda)
+    writer = _Writer(store, _row_specs(plan, job.source, backbone))
     bar = tqdm(total=bar_range[0], initial=bar_range[1], unit="img", desc="shards", dynamic_ncols=True,
                disable=not verbose, file=sys.stderr, smoothing=0.1)
     loader.start()
@@ -612,6 +687,7 @@ def _compute(plan: ShardPlan, source: ImageSource, backbone: Backbone, store: Sh
                     break
             writer.join(timeout=30)
             loader.join(timeout=30)
+        pool[0].shutdown(wait=ok, cancel_futures=True)
 
 
 def _wait_for_records(plan: ShardPlan, store: ShardWriter, timeout_s: float = 120.0) -> None:
@@ -660,4 +736,4 @@ def _finish(plan: ShardPlan, store: ShardWriter, verbose: bool) -> Shards:
     return shards
 
 
-__all__ = ["build_shards", "plan_shards", "ShardPlan", "DTYPES", "FP16_MAX"]
+__all__ = ["build_shards", "plan_shards", "ShardPlan", "DTYPES", "DECODES", "FP16_MAX", "WORKER_KINDS", "DecodeJob", "decode_pool"]
