@@ -443,3 +443,32 @@ def test_push_card_and_pull_from_a_local_hub_cache(tmp_path):
     assert not (tmp_path / "runs" / "nothing").exists()
     code, text = results[4]
     assert code == 2 and "nothing was uploaded" in text and len(text.strip().splitlines()) == 1
+
+
+# --- folders written by the peers' own code (benchmarks/check_interop.py --write-fixtures) ---
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "data" / "interop"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*") if p.is_dir()) if FIXTURES.is_dir() else [])
+def test_folders_written_by_the_peers_import_exactly(name):
+    """Each fixture holds what SAELens, sparsify or saev wrote with its own code, with the codes and
+    reconstructions that library computed on `x`; the import must give the same."""
+    dpath = FIXTURES / name
+    expected = load_file(str(dpath / "expected.safetensors"))
+    if name.endswith("-shards"):  # saev's ShardWriter output, and what saev's Dataset read back from it
+        from traitscope.shards import Shards
+
+        shards = Shards(dpath / "shards")
+        layer = shards.layers[0]
+        np.testing.assert_array_equal(shards.acts(layer, "patches")[:], expected["patches"].numpy())
+        np.testing.assert_array_equal(shards.acts(layer, "cls")[:], expected["cls"].numpy())
+        assert shards.images[0]["path"] is None  # the photos are not in the fixture: unknown, not guessed
+        return
+    fmt = name.split("-")[0]
+    target = dpath / "sae" if (dpath / "sae").is_dir() else next(dpath.glob("*.pt"))
+    sae = read_foreign_sae(f"{fmt}:{target}").sae
+    with torch.no_grad():
+        codes = sae.encode(expected["x"])
+        close(codes, expected["codes"])
+        close(sae.decode(codes), expected["recon"])

@@ -24,6 +24,8 @@ holding exactly `n_examples` images. `labels.bin` classes become patch labels `c
 import hashlib
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,14 @@ def _get(meta: dict, *keys):
     raise TraitscopeError(f"saev metadata.json lacks {' / '.join(keys)}")
 
 
+def _dataset_root(meta: dict) -> str:
+    """The image folder saev read: `dataset` (protocol 2.1), or the root in saev 0.1's `data` repr."""
+    if meta.get("dataset"):
+        return str(meta["dataset"])
+    found = re.search(r"ImageFolderDataset\(root='([^']*)'", str(meta.get("data", "")))
+    return found.group(1) if found else ""
+
+
 class SaevShards(Shards):
     """A saev shard folder behind the `Shards` interface (memory-mapped in place, nothing copied)."""
 
@@ -143,7 +153,7 @@ class SaevShards(Shards):
             "token_kinds": ["patches", "cls"] if self.has_cls else ["patches"],
             "d_model": {v: width for v in layers}, "grid": {v: grid for v in layers},
             "layout": {"n_cls": int(self.has_cls), "n_registers": 0}, "preprocess": None,
-            "dtype": "float32", "images_root": str(meta.get("dataset") or ""), "n_images": n_examples,
+            "dtype": "float32", "images_root": _dataset_root(meta), "n_images": n_examples,
             "n_listed": n_examples, "n_skipped": 0, "source": {"spec": f"saev:{self.dpath}", "kind": "saev"},
             "shards": [{"index": s, "n_images": n} for s, n in enumerate(counts)],
             "patch_labels": [], "image_labels": [], "protocol": protocol,
@@ -176,12 +186,15 @@ class SaevShards(Shards):
                  "row": i, "skipped": None} for i in range(self.n_images)]
 
     def _image_paths(self) -> list[str] | None:
+        """Image files in torchvision ImageFolder's order (sorted class folders, then sorted os.walk)."""
         root = Path(self.manifest["images_root"]) if self.manifest["images_root"] else None
         if root is None or not root.is_dir():
             return None
-        classes = sorted(p for p in root.iterdir() if p.is_dir())
-        paths = [str(f.relative_to(root)) for c in classes for f in sorted(c.rglob("*"))
-                 if f.suffix.lower() in IMAGE_EXTENSIONS]
+        paths = []
+        for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+            for dirpath, _, fnames in sorted(os.walk(root / cls, followlinks=True)):
+                paths += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(fnames)
+                          if f.lower().endswith(IMAGE_EXTENSIONS)]
         return paths if len(paths) == self.n_images else None
 
     def image_fpath(self, row: int) -> Path:
