@@ -173,3 +173,144 @@ def test_a_hostile_folder_is_read_to_the_end_with_every_bad_file_skipped_and_lis
         assert f"{name}: {reason}" in proc.stderr  # listed on the terminal too
         FIGURES["hostile"][1] += 1
     assert shards.n_images == 4 and listing["link-to-photo.jpg"]["row"] is not None
+
+
+# --- a small real pipeline: photos -> shards -> a trained SAE -> inference ---
+
+def photo_folder(dpath: Path, n: int = 12) -> Path:
+    from PIL import Image
+
+    dpath.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        yy, xx = np.mgrid[0:90, 0:120]
+        base = np.stack([xx * 2, yy * 2, (xx + yy + 20 * i) % 255], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(dpath / f"photo{i:02d}.jpg")
+    return dpath
+
+
+SHARDS_ARGS = ["--model", "random-dinov2", "--images-per-shard", "4", "--batch-size", "4", "--workers", "1"]
+TRAIN_ARGS = ["--k", "4", "--d-sae", "128", "--batch-size", "128", "--tokens", "24k", "--checkpoint-every", "2k",
+              "--log-every", "4", "--quiet", "--threads", "1"]
+
+
+class Pipeline:
+    def __init__(self, root: Path):
+        self.root = root
+        self.photos = photo_folder(root / "photos")
+        proc = cli("shards", "--images", self.photos, "--out", root / "shards", *SHARDS_ARGS, check_rc=0)
+        self.shards = Path(proc.stdout.strip().splitlines()[-1])
+        proc = cli("train", "--shards", self.shards, "--out", root / "runs", *TRAIN_ARGS, check_rc=0)
+        (self.run,) = (root / "runs").iterdir()
+        cli("inference", "--run", self.run, "--shards", self.shards, "--quiet", "--no-metrics", "--device", "cpu",
+            check_rc=0)
+        (self.inference,) = (self.run / "inference").iterdir()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Pipeline:
+    return Pipeline(tmp_path_factory.mktemp("pipeline"))
+
+
+def digests(dpath: Path, pattern: str = "**/*") -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(dpath).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(dpath.glob(pattern)) if p.is_file() and not p.name.startswith(".")}
+
+
+def copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def damaged_error(proc, fpath: Path, *needles: str) -> None:
+    """A damaged artefact: one error line, exit 2, naming the file."""
+    FIGURES["damaged"][0] += 1
+    one_line_error(proc, str(fpath), *needles)
+    FIGURES["damaged"][1] += 1
+
+
+def flip_byte(fpath: Path, offset: int) -> None:
+    data = bytearray(fpath.read_bytes())
+    data[offset] ^= 0x5A
+    fpath.write_bytes(bytes(data))
+
+
+def test_a_bit_flip_in_a_shard_is_found_and_a_rerun_recomputes_only_that_shard(pipeline, tmp_path):
+    out = tmp_path / "shards"
+    shards = copy(pipeline.shards, out / pipeline.shards.name)
+    before = digests(shards)
+    bad = shards / "L2" / "patches-00001.npy"
+    flip_byte(bad, bad.stat().st_size // 2)
+    damaged_error(cli("shards", "--verify", shards), bad, "sha256", "rerun `traitscope shards`")
+    untouched = {p: p.stat().st_mtime_ns for p in shards.rglob("*-0000[02].npy")}
+    proc = cli("shards", "--images", pipeline.photos, "--out", out, *SHARDS_ARGS, check_rc=0)
+    assert str(bad) in proc.stderr and "recomputing 1 damaged shard" in proc.stderr
+    assert digests(shards) == before
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # only the damaged shard was redone
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "header", "manifest", "index"])
+def test_a_damaged_shard_folder_is_one_line_naming_the_file(pipeline, tmp_path, damage):
+    shards = copy(pipeline.shards, tmp_path / "shards")
+    fpath = {"truncated": shards / "L2" / "patches-00002.npy", "deleted": shards / "L2" / "patches-00000.npy",
+             "header": shards / "L2" / "patches-00001.npy", "manifest": shards / "manifest.json",
+             "index": shards / "images.jsonl"}[damage]
+    if damage == "truncated":
+        fpath.write_bytes(fpath.read_bytes()[:-100])
+    elif damage == "deleted":
+        fpath.unlink()
+    elif damage == "header":
+        data = bytearray(fpath.read_bytes())
+        data[10:40] = b"{'descr': '<f4', 'shape': (9}"
+        fpath.write_bytes(bytes(data))
+    else:
+        fpath.write_text(fpath.read_text()[:-40])
+    command = ("inference", "--run", pipeline.run, "--shards", shards, "--quiet", "--no-metrics", "--device", "cpu")
+    if damage in ("truncated", "manifest"):
+        command = ("train", "--shards", shards, "--out", tmp_path / "runs", *TRAIN_ARGS)
+    elif damage == "index":
+        command = ("shards", "--verify", shards)
+    damaged_error(cli(*command), fpath, "damaged" if damage != "deleted" else "missing", "rerun `traitscope shards`")
+
+
+@pytest.mark.parametrize("damage", ["config", "truncated", "reshaped"])
+def test_a_damaged_run_folder_is_one_line_naming_the_file(pipeline, tmp_path, damage):
+    run = copy(pipeline.run, tmp_path / "run")
+    fpath = run / ("config.json" if damage == "config" else "sae.safetensors")
+    if damage == "config":
+        fpath.write_text("{\"sae\": {")
+    elif damage == "truncated":
+        fpath.write_bytes(fpath.read_bytes()[:-1000])
+    else:  # another SAE's weights under this config
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(fpath))
+        save_file({k: torch.cat([v, v], dim=-1) if v.ndim == 2 else v for k, v in tensors.items()}, str(fpath))
+    proc = cli("inference", "--run", run, "--shards", pipeline.shards, "--quiet", "--no-metrics", "--device", "cpu")
+    damaged_error(proc, fpath, "damaged")
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_ends_identical(pipeline, tmp_path):
+    args = ("train", "--shards", pipeline.shards, "--out", tmp_path / "runs", *TRAIN_ARGS)
+    cli(*args, "--stop-after", "12k", check_rc=0)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "checkpoint.old" / "state.json").is_file(), "the previous checkpoint is kept"
+    newest = run / "checkpoint" / "state.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-500])
+    proc = cli(*args, check_rc=0)
+    assert str(newest) in proc.stderr and "resuming from the previous checkpoint" in proc.stderr
+    assert digests(run, "sae.safetensors") == digests(pipeline.run, "sae.safetensors")
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+    # both checkpoints damaged: one line that says how to start over
+    cli(*args, "--restart", "--stop-after", "12k", check_rc=0)
+    for name in ("checkpoint", "checkpoint.old"):
+        (run / name / "state.json").write_text("{")
+    damaged_error(cli(*args), run / "checkpoint" / "state.json", "--restart")

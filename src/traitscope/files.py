@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from traitscope.errors import TraitscopeError
 
@@ -116,3 +116,43 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+
+
+def read_json(fpath: Path, fix: str = "", kind: type = dict):
+    """An artefact's JSON, checked to be a `kind` (dict or list). A missing, unreadable or damaged file
+    is a TraitscopeError that names it and says `fix` (what to do about it)."""
+    fix = f"; {fix}" if fix else ""
+    try:
+        text = Path(fpath).read_text()
+    except FileNotFoundError:
+        raise TraitscopeError(f"{fpath} is missing{fix}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise TraitscopeError(f"{fpath} cannot be read ({getattr(err, 'strerror', None) or err}){fix}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TraitscopeError(f"{fpath} is damaged (not valid JSON: {err.msg} at line {err.lineno}){fix}") from None
+    if not isinstance(obj, kind):
+        raise TraitscopeError(f"{fpath} is damaged (a JSON {type(obj).__name__}, expected a {kind.__name__}){fix}")
+    return obj
+
+
+def load_safetensors(fpath: Path, like: dict | None = None, fix: str = "") -> dict:
+    """The tensors of a safetensors file; each tensor `like` names (a state dict) must be there with its
+    shape and dtype. A missing or damaged file (truncated, bad header, wrong or missing tensors) is a
+    TraitscopeError that names it and says `fix`."""
+    fix = f"; {fix}" if fix else ""
+    if not Path(fpath).is_file():
+        raise TraitscopeError(f"{fpath} is missing{fix}")
+    try:
+        tensors = load_file(str(fpath))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+        raise TraitscopeError(f"{fpath} is damaged ({' '.join(str(err).split())}){fix}") from None
+    for name, ref in (like or {}).items():
+        if name not in tensors:
+            raise TraitscopeError(f"{fpath} is damaged (no tensor {name!r}){fix}")
+        got = tensors[name]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            raise TraitscopeError(f"{fpath} is damaged ({name} is {got.dtype} {tuple(got.shape)}, expected "
+                                  f"{ref.dtype} {tuple(ref.shape)}){fix}")
+    return tensors

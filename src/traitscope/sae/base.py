@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file
 
 from traitscope.errors import TraitscopeError
-from traitscope.files import atomic_save_safetensors, atomic_write_json
+from traitscope.files import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
 
 @dataclasses.dataclass
@@ -190,7 +189,17 @@ def load_sae(run_dpath: str | Path, device: str = "cpu") -> SAE:
     config_fpath, weights_fpath = run_dpath / "config.json", run_dpath / "sae.safetensors"
     if not (config_fpath.is_file() and weights_fpath.is_file()):
         raise TraitscopeError(f"{run_dpath} is not an SAE run folder (needs config.json and sae.safetensors)")
-    config = json.loads(config_fpath.read_text())
-    sae = build_sae(SAEConfig(**config["sae"]))
-    sae.load_state_dict(load_file(str(weights_fpath)))
+    fix = "retrain it (traitscope train with the same settings resumes from its checkpoint) or delete the folder"
+    config = read_json(config_fpath, fix)
+    try:
+        sae = build_sae(SAEConfig(**config["sae"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise TraitscopeError(f"{config_fpath} is damaged (its 'sae' entry does not describe an SAE: {err}); {fix}") from None
+    expected = sae.state_dict()
+    tensors = load_safetensors(weights_fpath, expected, fix)
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise TraitscopeError(f"{weights_fpath} is damaged (tensors {', '.join(extra)} are not in a "
+                              f"{sae.cfg.variant} SAE); {fix}")
+    sae.load_state_dict(tensors)
     return sae.to(device).eval()

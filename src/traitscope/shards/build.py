@@ -51,7 +51,7 @@ import traitscope
 from traitscope import dist
 from traitscope.backbones.base import Backbone, Preprocess
 from traitscope.errors import TraitscopeError
-from traitscope.files import folder_lock
+from traitscope.files import folder_lock, unlink_quietly
 from traitscope.images.source import ImageError, ImageSource
 from traitscope.shards.store import FORMAT, TOKEN_KINDS, NpyAppender, Shards, ShardWriter, content_hash
 
@@ -516,15 +516,24 @@ def build_shards(source: ImageSource, backbone: Backbone, layers: list[int], out
     if world.distributed:  # the same folder and the same listing everywhere, or no rank starts
         dist.check_agree("the shard folder and image listing",
                          (plan.dpath.name, len(plan.records), content_hash({"records": plan.records})))
+    repair = None
     if dist.broadcast((plan.dpath / "manifest.json").is_file()):
-        shards = Shards(plan.dpath)
-        _say(verbose_here, f"{plan.dpath} is already complete ({shards.n_images} images, {shards.n_shards} shards)")
-        return shards
+        repair = dist.broadcast(check_complete(plan.dpath, verbose_here) if world.is_main else None)
+        if repair is None:
+            shards = Shards(plan.dpath)
+            _say(verbose_here, f"{plan.dpath} is already complete ({shards.n_images} images, {shards.n_shards} "
+                               "shards; every file matches its sha256)")
+            return shards
+        _say(verbose_here, f"{repair[0]}; recomputing {len(repair[1])} damaged shard(s) and the manifest", warning=True)
 
     with _folder_lock(plan.dpath):
         store = ShardWriter(plan.dpath, plan.header)
         todo = None
         if world.is_main:  # before any rank writes: clear what an interrupted run left, list what is left to do
+            if repair is not None:  # the damaged shards are done again, and the manifest is written anew
+                for shard in repair[1]:
+                    unlink_quietly(store.progress_fpath(shard))
+                unlink_quietly(plan.dpath / "manifest.json")
             store.remove_stale_tmp()
             todo = [s for s in range(plan.n_shards) if not store.shard_done(s)]
         todo = dist.broadcast(todo)
@@ -581,6 +590,21 @@ def memory_line(plan: ShardPlan, source: ImageSource, backbone: Backbone, batch_
 
 def _mb(n_bytes: float) -> str:
     return f"{n_bytes / 1e6:.2f} MB" if n_bytes < 1e9 else f"{n_bytes / 1e9:.2f} GB"
+
+
+def check_complete(dpath: Path, progress: bool = False) -> tuple[str, list[int]] | None:
+    """None when a complete shard folder checks out (manifest, image index, every file's sha256);
+    else (what is wrong, the shards to recompute)."""
+    try:
+        shards = Shards(dpath)
+        shards.listing()
+        damaged = shards.damaged(progress)
+    except TraitscopeError as err:  # the manifest or the index: rebuilt from the shards' records
+        return str(err).split("; ")[0], []
+    if not damaged:
+        return None
+    more = f" (and {len(damaged) - 1} more shard(s))" if len(damaged) > 1 else ""
+    return f"{damaged[0][1]}{more}", [shard for shard, _ in damaged]
 
 
 def _row_specs(plan: ShardPlan, source: ImageSource, backbone: Backbone) -> dict[str, tuple[np.dtype, tuple]]:

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "The manifest records it, and it names a different shard folder")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable image instead of skipping it")
+    parser.add_argument("--verify", metavar="DIR", default=None,
+                        help="only check the shard folder DIR: every file against the sha256 in its manifest (a "
+                             "rerun that finds its folder complete does this too, and recomputes what is damaged)")
 
 
 def parse_layers(values: list[str]) -> list[int]:
@@ -107,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     from traitscope.images import median_aspect, open_source
     from traitscope.shards.build import build_shards
 
+    if args.verify is not None:
+        return verify(args.verify)
     layers = parse_layers(args.layers)
     token_kinds = parse_tokens(args.tokens)
     device = dist.pick_device(args.device)
@@ -138,4 +143,17 @@ def run(args: argparse.Namespace) -> int:
                               batch_size=batch_size, images_per_shard=args.images_per_shard, strict=args.strict,
                               n_workers=args.workers, decode=args.decode, decode_workers=args.decode_workers)
         dist.say(os.fspath(shards.dpath))
+    return 0
+
+
+def verify(dpath: str) -> int:
+    """`--verify DIR`: one line saying the folder is whole, or a TraitscopeError naming what is not."""
+    from traitscope.shards.store import Shards
+
+    shards = Shards(dpath)
+    n_listed = len(shards.listing())
+    shards.verify(progress=True)
+    n_files = sum(len(s["files"]) for s in shards.manifest["shards"])
+    print(f"{shards.dpath}: all {n_files} files match their sha256 ({shards.n_images} of {n_listed} images kept, "
+          f"{shards.n_shards} shards)")
     return 0

@@ -18,16 +18,21 @@ import hashlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from traitscope.errors import TraitscopeError
-from traitscope.files import (atomic_save_npy, atomic_write_bytes, atomic_write_json, file_sha256, tmp_name,
-                              unlink_quietly)
+from traitscope.files import (atomic_save_npy, atomic_write_bytes, atomic_write_json, file_sha256, read_json,
+                              tmp_name, unlink_quietly)
 
 FORMAT = "traitscope-shards/1"
 TOKEN_KINDS = ("patches", "cls")
+REPAIR = ("rerun `traitscope shards` with the same arguments: it checks the folder and recomputes only what "
+          "is damaged")
+"""What to do about a damaged shard folder (the end of every error line that names a damaged file)."""
+_REQUIRED = ("hash", "model", "layers", "token_kinds", "d_model", "grid", "n_images", "shards", "dtype")
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -94,6 +99,24 @@ class NpyAppender:
         unlink_quietly(self.tmp_fpath)
 
 
+def open_npy(fpath: Path, shape: tuple[int, ...], dtype: np.dtype, fix: str = REPAIR) -> np.ndarray:
+    """A .npy file memory-mapped read-only, checked to hold exactly `shape` of `dtype` and nothing
+    more; a missing, truncated or damaged file is a TraitscopeError that names it and says `fix`."""
+    try:
+        arr = np.load(fpath, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise TraitscopeError(f"{fpath} is missing; {fix}") from None
+    except (ValueError, OSError, EOFError, SyntaxError) as err:  # numpy's errors for a damaged header or length
+        raise TraitscopeError(f"{fpath} is damaged ({' '.join(str(err).split())}); {fix}") from None
+    if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+        raise TraitscopeError(f"{fpath} is damaged (holds {arr.dtype} {arr.shape}, the manifest says "
+                              f"{np.dtype(dtype)} {tuple(shape)}); {fix}")
+    size = os.path.getsize(fpath)
+    if size != arr.offset + arr.nbytes:
+        raise TraitscopeError(f"{fpath} is damaged ({size} bytes, expected {arr.offset + arr.nbytes}); {fix}")
+    return arr
+
+
 def shard_fname(kind: str, shard: int) -> str:
     return f"{kind}-{shard:05d}.npy"
 
@@ -104,13 +127,16 @@ class TokenArray:
     Patch arrays are flattened to one row per patch token. Reads copy only the rows asked for.
     """
 
-    def __init__(self, fpaths: list[Path], rows_per_item: int, maps: list | None = None):
-        """`maps`: the per-file (rows, width) arrays when they are not .npy files (saev shards)."""
+    def __init__(self, fpaths: list[Path], rows_per_item: int, maps: list | None = None,
+                 shapes: list[tuple[int, ...]] | None = None, dtype: str | np.dtype | None = None):
+        """`maps`: the per-file (rows, width) arrays when they are not .npy files (saev shards).
+        `shapes` and `dtype`: what each file must hold (see `open_npy`); unchecked when not given."""
         self.fpaths = fpaths
         self.rows_per_item = rows_per_item
         self._maps: list[np.ndarray] = [] if maps is None else list(maps)
-        for fpath in fpaths if maps is None else []:
-            arr = np.load(fpath, mmap_mode="r", allow_pickle=False)
+        for i, fpath in enumerate(fpaths if maps is None else []):
+            arr = (open_npy(fpath, shapes[i], dtype) if shapes is not None else
+                   np.load(fpath, mmap_mode="r", allow_pickle=False))
             self._maps.append(arr.reshape(arr.shape[0] * rows_per_item, arr.shape[-1]) if arr.size else
                               arr.reshape(0, arr.shape[-1]))
         self.width = self._maps[0].shape[1] if self._maps else 0
@@ -181,9 +207,12 @@ class Shards:
         if not manifest_fpath.is_file():
             hint = " (an interrupted run? rerun `traitscope shards` to finish it)" if (self.dpath / "progress").is_dir() else ""
             raise TraitscopeError(f"{self.dpath} is not a complete shard folder: no manifest.json{hint}")
-        self.manifest = json.loads(manifest_fpath.read_text())
+        self.manifest = read_json(manifest_fpath, REPAIR)
         if self.manifest.get("format") != FORMAT:
             raise TraitscopeError(f"{manifest_fpath}: unknown format {self.manifest.get('format')!r}, expected {FORMAT}")
+        missing = [key for key in _REQUIRED if key not in self.manifest]
+        if missing or not all(isinstance(s, dict) and "files" in s and "n_images" in s for s in self.manifest["shards"]):
+            raise TraitscopeError(f"{manifest_fpath} is damaged (no {', '.join(missing) or 'shard records'}); {REPAIR}")
         self._images: list[dict] | None = None
 
     # --- identity ---
@@ -241,8 +270,17 @@ class Shards:
 
     def listing(self) -> list[dict]:
         """Every listed image, kept or skipped (with its 'skipped' reason)."""
-        with open(self.dpath / "images.jsonl") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        fpath = self.dpath / "images.jsonl"
+        try:
+            with open(fpath) as f:
+                listing = [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            raise TraitscopeError(f"{fpath} is missing; {REPAIR}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise TraitscopeError(f"{fpath} is damaged ({err}); {REPAIR}") from None
+        if not all(isinstance(rec, dict) and "path" in rec for rec in listing):
+            raise TraitscopeError(f"{fpath} is damaged (a line is not an image record); {REPAIR}")
+        return listing
 
     def image_fpath(self, row: int) -> Path:
         """Absolute path of the image behind a cls row."""
@@ -255,7 +293,13 @@ class Shards:
             raise TraitscopeError(f"{self.dpath} has no {kind!r} tokens (stored: {self.token_kinds})")
         layer = self.resolve(layer)
         fpaths = [self.dpath / f"L{layer}" / shard_fname(kind, s["index"]) for s in self.manifest["shards"]]
-        return TokenArray(fpaths, self.n_patches(layer) if kind == "patches" else 1)
+        row = (self.n_patches(layer), self.d_model(layer)) if kind == "patches" else (self.d_model(layer),)
+        return TokenArray(fpaths, self.n_patches(layer) if kind == "patches" else 1, shapes=self._shapes(row),
+                          dtype=self.manifest["dtype"])
+
+    def _shapes(self, row_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Each shard file's shape, for files whose rows have `row_shape`."""
+        return [(int(s["n_images"]), *row_shape) for s in self.manifest["shards"]]
 
     @property
     def patch_label_names(self) -> list[str]:
@@ -270,21 +314,42 @@ class Shards:
         if not self.patch_label_names:
             return None
         fpaths = [self.dpath / "labels" / shard_fname("patches", s["index"]) for s in self.manifest["shards"]]
-        return TokenArray(fpaths, self.n_patches(self.layers[0]))
+        n_patches = self.n_patches(self.layers[0])
+        return TokenArray(fpaths, n_patches, shapes=self._shapes((n_patches, len(self.patch_label_names))),
+                          dtype=np.uint8)
 
     def image_labels(self) -> np.ndarray | None:
         """(n_images, n_image_labels) uint8, aligned with cls rows."""
         if not self.image_label_names:
             return None
         fpaths = [self.dpath / "labels" / shard_fname("images", s["index"]) for s in self.manifest["shards"]]
-        return TokenArray(fpaths, 1)[:]
+        return TokenArray(fpaths, 1, shapes=self._shapes((len(self.image_label_names),)), dtype=np.uint8)[:]
 
-    def verify(self) -> None:
-        """Check every shard file against the manifest's checksums."""
-        for shard in self.manifest["shards"]:
-            for rel, digest in shard["files"].items():
-                if file_sha256(self.dpath / rel) != digest:
-                    raise TraitscopeError(f"{self.dpath / rel} does not match its checksum in the manifest")
+    def damaged(self, progress: bool = False) -> list[tuple[int, str]]:
+        """(shard index, why) for every shard with a file that is missing or does not match its sha256
+        in the manifest. Reads every byte; `progress` shows a bar (to stderr) while it does."""
+        from tqdm import tqdm
+
+        files = [(s["index"], rel, digest) for s in self.manifest["shards"] for rel, digest in s["files"].items()]
+        damaged: dict[int, str] = {}
+        for shard, rel, digest in tqdm(files, desc="checking", unit="file", disable=not progress, file=sys.stderr,
+                                       dynamic_ncols=True):
+            fpath = self.dpath / rel
+            if shard in damaged:
+                continue
+            if not fpath.is_file():
+                damaged[shard] = f"{fpath} is missing"
+            elif file_sha256(fpath) != digest:
+                damaged[shard] = f"{fpath} does not match its sha256 in the manifest"
+        return sorted(damaged.items())
+
+    def verify(self, progress: bool = False) -> None:
+        """Check every shard file against the manifest's checksums; TraitscopeError naming the first
+        damaged file (and how many shards are damaged)."""
+        damaged = self.damaged(progress)
+        if damaged:
+            more = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
+            raise TraitscopeError(f"{damaged[0][1]}{more}; {REPAIR}")
 
 
 def content_hash(identity: dict) -> str:
@@ -304,22 +369,24 @@ class ShardWriter:
         self.header = header
         (self.dpath / "progress").mkdir(parents=True, exist_ok=True)
 
-    def _progress_fpath(self, shard: int) -> Path:
+    def progress_fpath(self, shard: int) -> Path:
         return self.dpath / "progress" / f"{shard:05d}.json"
 
     def shard_done(self, shard: int) -> bool:
         """True when an earlier run finished this shard and its files are all there at full size."""
-        fpath = self._progress_fpath(shard)
+        fpath = self.progress_fpath(shard)
         if not fpath.is_file():
             return False
-        record = json.loads(fpath.read_text())
-        return all((self.dpath / rel).is_file() and (self.dpath / rel).stat().st_size == size
+        try:
+            record = read_json(fpath)
+        except TraitscopeError:  # a damaged record: the shard is recomputed
+            return False
+        return isinstance(record.get("sizes"), dict) and all((self.dpath / rel).is_file() and (self.dpath / rel).stat().st_size == size
                    for rel, size in record["sizes"].items())
 
     def shard_record(self, shard: int) -> dict | None:
         """The progress record of a finished shard (with any `extra` fields), or None."""
-        fpath = self._progress_fpath(shard)
-        return json.loads(fpath.read_text()) if self.shard_done(shard) else None
+        return read_json(self.progress_fpath(shard)) if self.shard_done(shard) else None
 
     def remove_stale_tmp(self) -> list[Path]:
         """Delete half-written `*.tmp` files an interrupted run left behind; returns what it removed."""
@@ -350,11 +417,11 @@ class ShardWriter:
             sizes[rel] = fpath.stat().st_size
         record = {"index": shard, "first_listed": first_listed, "n_listed": n_listed,
                   "n_images": n_images, "files": files, "sizes": sizes, **(extra or {})}
-        atomic_write_json(self._progress_fpath(shard), record)
+        atomic_write_json(self.progress_fpath(shard), record)
 
     def finish(self, listing: list[dict]) -> Shards:
         """Write the image index and the manifest (last), and open the result."""
-        records = sorted((json.loads(p.read_text()) for p in (self.dpath / "progress").glob("*.json")),
+        records = sorted((read_json(p, REPAIR) for p in (self.dpath / "progress").glob("*.json")),
                          key=lambda r: r["index"])
         shards = [{k: r[k] for k in ("index", "first_listed", "n_listed", "n_images", "files")} for r in records]
         lines = "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in listing)

@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -31,13 +32,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from traitscope import dist
 from traitscope.errors import TraitscopeError
 from traitscope.features.metrics import MetricsAccumulator
 from traitscope.sae import SAE, SAEConfig, build_sae
-from traitscope.files import atomic_write_json, folder_lock, truncate_log
+from traitscope.files import (atomic_write_json, file_sha256, folder_lock, load_safetensors, read_json,
+                              truncate_log)
 from traitscope.shards.store import Shards
 from traitscope.train.config import VARIANTS_WITH_K, RunSettings, TrainConfig, identity_hash, run_identity
 from traitscope.train.curves import plot_curves
@@ -397,7 +399,8 @@ def open_run(cfg: TrainConfig, s: RunSettings, identity: dict, dpath: Path, shar
     run = Run(dpath, s, identity, sae, opt, torch.zeros(s.d_sae, dtype=torch.long, device=device), writes=writes)
     config_fpath = dpath / "config.json"
     if config_fpath.is_file():
-        check_same_run(dpath, read_json(config_fpath), identity, shards, split)
+        config = read_json(config_fpath, "rerun with --restart to train this run afresh, or use another --out")
+        check_same_run(dpath, config, identity, shards, split)
         run.done = (dpath / "metrics.json").is_file()
         if not run.done:
             load_checkpoint(run, device)
@@ -456,24 +459,37 @@ def save_checkpoint(run: Run, step: int, loader_state: LoaderState) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(tensors, str(tmp / "state.safetensors"))
+    state["sha256"] = file_sha256(tmp / "state.safetensors")
     atomic_write_json(tmp / "state.json", state)
+    # The previous checkpoint stays (as checkpoint.old) until the next one is whole: a damaged
+    # checkpoint falls back to it.
     shutil.rmtree(old, ignore_errors=True)
     if final.is_dir():
         os.replace(final, old)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
     run.loader_state = loader_state
     save_folded(run)
 
 
 def load_checkpoint(run: Run, device: torch.device) -> None:
-    """Restore weights, Adam state, counters and the loader position (no checkpoint: start afresh)."""
-    ckpt = next((p for p in (run.dpath / "checkpoint", run.dpath / "checkpoint.old")
-                 if (p / "state.json").is_file()), None)
-    if ckpt is None:
+    """Restore weights, Adam state, counters and the loader position (no checkpoint: start afresh).
+    A damaged checkpoint falls back to the previous one (checkpoint.old), with a line saying so."""
+    found = [p for p in (run.dpath / "checkpoint", run.dpath / "checkpoint.old") if p.is_dir()]
+    if not found:
         return
-    state = read_json(ckpt / "state.json")
-    tensors = load_file(str(ckpt / "state.safetensors"))
+    problems = []
+    for ckpt in found:
+        try:
+            state, tensors = read_checkpoint(run, ckpt)
+            break
+        except TraitscopeError as err:
+            problems.append(str(err))
+    else:
+        raise TraitscopeError(f"{problems[0]}{f' and {problems[1]}' if len(problems) > 1 else ''}; no whole "
+                              f"checkpoint is left: rerun with --restart to train {run.dpath.name} from the start")
+    if problems:
+        sys.stderr.write(f"traitscope train: warning: {problems[0]}; resuming from the previous checkpoint, "
+                         f"{ckpt} (step {int(state['step']):,})\n")
     run.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
     params = dict(run.sae.named_parameters())
     for name, p in params.items():
@@ -489,6 +505,19 @@ def load_checkpoint(run: Run, device: torch.device) -> None:
     run.loader_state = LoaderState(**state["loader"])
     if run.writes:
         truncate_log(run.dpath / "metrics.jsonl", run.step)  # keeps only what the checkpoint had seen
+
+
+def read_checkpoint(run: Run, ckpt: Path) -> tuple[dict, dict]:
+    """(state.json, the tensors) of a checkpoint folder, checked: the tensors' sha256 (when recorded),
+    the SAE's tensor shapes, and the counters; TraitscopeError naming the damaged file otherwise."""
+    state = read_json(ckpt / "state.json")
+    tensors_fpath = ckpt / "state.safetensors"
+    if "sha256" in state and tensors_fpath.is_file() and file_sha256(tensors_fpath) != state["sha256"]:
+        raise TraitscopeError(f"{tensors_fpath} is damaged (it does not match its sha256 in state.json)")
+    tensors = load_safetensors(tensors_fpath, {f"sae.{k}": v for k, v in run.sae.state_dict().items()})
+    if not all(key in state for key in ("step", "loader", "input_scale")) or "since_fired" not in tensors:
+        raise TraitscopeError(f"{ckpt / 'state.json'} is damaged (no step, loader position or input scale)")
+    return state, tensors
 
 
 def folded_sae(run: Run) -> SAE:
@@ -566,10 +595,6 @@ def check_shared(cfg: TrainConfig) -> None:
             raise TraitscopeError(message)
     if cfg.log_to != "none" and importlib.util.find_spec(cfg.log_to) is None:
         raise TraitscopeError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package (pip install {cfg.log_to})")
-
-
-def read_json(fpath: Path) -> dict:
-    return json.loads(Path(fpath).read_text())
 
 
 def progress_bar(cfg: TrainConfig, start_step: int, n_steps: int):
