@@ -472,3 +472,33 @@ def test_folders_written_by_the_peers_import_exactly(name):
         codes = sae.encode(expected["x"])
         close(codes, expected["codes"])
         close(sae.decode(codes), expected["recon"])
+
+
+def test_saev_shards_in_the_app_with_their_image_folder(tmp_path):
+    """saev's ImageFolder order gives each row its photo; saev's DINOv2 transform (256 x 256, centre 224)
+    places the heatmap: the same pixels as torchvision's Resize((256, 256)) + CenterCrop(224)."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from traitscope.app.data import Dataset
+    from traitscope.viz import overlay_heatmap
+
+    photos = tmp_path / "photos"
+    for c, n in (("cod", 12), ("eel", 10), ("pike", 8)):
+        (photos / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (40 + i, 30), (8 * i, 100, 0)).save(photos / c / f"{i:02d}.png")
+    dpath, _, _ = saev_shards(tmp_path / "shards" / "abc")
+    meta = json.loads((dpath / "metadata.json").read_text())
+    (dpath / "metadata.json").write_text(json.dumps(meta | {"dataset": str(photos)}))
+    dataset = Dataset(dpath)
+    assert dataset.images[12]["path"] == "eel/00.png" and dataset.images[12]["label"] == "eel"
+    image = dataset.open_image(29)
+    assert image.size == (47, 30)
+    reference = v2.CenterCrop(224)(v2.Resize((256, 256))(image))
+    assert np.array_equal(np.asarray(dataset.preprocess.crop_image(image)), np.asarray(reference))
+    drawn = overlay_heatmap(image, np.random.default_rng(0).random((4, 4)), dataset.preprocess)
+    assert drawn.size[0] > 0
+    (dpath / "metadata.json").write_text(json.dumps(meta | {"family": "clip"}))
+    with pytest.raises(TraitscopeError, match="do not record it"):
+        Dataset(dpath)

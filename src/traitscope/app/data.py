@@ -97,6 +97,10 @@ class Dataset:
         self.dpath = self.shards.dpath.resolve()
         self.manifest = self.shards.manifest
         self.root = Path(self.manifest["images_root"]).resolve()
+        if not self.manifest.get("preprocess"):  # saev shards of a family whose transform saev does not record
+            raise TraitscopeError(f"{self.dpath}: the app draws features over the images, which needs the model's "
+                                  "image preprocessing, and these shards do not record it; train, import, "
+                                  "inference and align work on them")
         self.preprocess = Preprocess.from_dict(self.manifest["preprocess"])
         self.images = self.shards.images
         self._labels: tuple[list[str], scipy.sparse.csr_matrix] | None = None

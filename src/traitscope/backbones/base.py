@@ -33,6 +33,8 @@ REFERENCES = {
                  "+ CenterCropOrPad)",
     "grid": "open_clip image_transform((height, width), resize_mode='longest', fill_color=0) (timm "
             "ResizeKeepRatio(longest=1) + CenterCropOrPad)",
+    "squash-crop": "torchvision Resize((resize, resize)) + CenterCrop(crop), as saev's DINOv2 transform since 2025 "
+                   "(read from saev shards; not a --geometry)",
 }
 """The named pipeline each mode reproduces pixel for pixel (before normalisation), recorded in manifests."""
 
@@ -97,6 +99,9 @@ class Preprocess:
         out_h, out_w = self.input_hw
         if self.mode == "squash":
             return Placement((out_w, out_h), (0, 0))
+        if self.mode == "squash-crop":  # torchvision CenterCrop: round() of the margin
+            return Placement((self.resize, self.resize), (-int(round((self.resize - out_w) / 2.0)),
+                                                          -int(round((self.resize - out_h) / 2.0))))
         if self.mode == "shorter":  # torchvision: int() of the longer side, round() of the crop margin
             if width <= height:
                 new_w, new_h = self.resize, int(self.resize * height / width)

@@ -106,6 +106,23 @@ def _dataset_root(meta: dict) -> str:
     return found.group(1) if found else ""
 
 
+def _preprocess(meta: dict) -> dict | None:
+    """saev's image transform where its sources fix it for the family and version, else None (unknown).
+
+    DINOv2: saev 0.1 resizes the shorter side to 256 and centre-crops 224; saev since 2025 (metadata
+    with content_tokens_per_example) resizes to 256 x 256 and centre-crops 224. Both bilinear, ImageNet
+    normalisation. CLIP, SigLIP and the others use their checkpoint's own transform: not recorded."""
+    from traitscope.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    if meta.get("family", meta.get("vit_family")) != "dinov2":
+        return None
+    mode = "squash-crop" if "content_tokens_per_example" in meta else "shorter" if "vit_family" in meta else None
+    if mode is None:
+        return None
+    return Preprocess(crop=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear",
+                      mode=mode).to_dict()
+
+
 class SaevShards(Shards):
     """A saev shard folder behind the `Shards` interface (memory-mapped in place, nothing copied)."""
 
@@ -152,7 +169,7 @@ class SaevShards(Shards):
             "model": model, "layers": self.saev_layers,
             "token_kinds": ["patches", "cls"] if self.has_cls else ["patches"],
             "d_model": {v: width for v in layers}, "grid": {v: grid for v in layers},
-            "layout": {"n_cls": int(self.has_cls), "n_registers": 0}, "preprocess": None,
+            "layout": {"n_cls": int(self.has_cls), "n_registers": 0}, "preprocess": _preprocess(meta),
             "dtype": "float32", "images_root": _dataset_root(meta), "n_images": n_examples,
             "n_listed": n_examples, "n_skipped": 0, "source": {"spec": f"saev:{self.dpath}", "kind": "saev"},
             "shards": [{"index": s, "n_images": n} for s, n in enumerate(counts)],
