@@ -333,8 +333,20 @@ def test_align_cli_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reused" in out and "| trait |" in out and "Dominant labels" in out
     dpath = run / "inference" / shards.hash
-    for name in ("metrics.csv", "alignment.csv", "alignment.md", "enrichment.csv", "baselines.safetensors"):
+    for name in ("metrics.csv", "alignment.csv", "alignment.md", "enrichment.csv"):
         assert (dpath / name).is_file(), name
+    # the baselines were fitted once, beside the shards; another SAE on the same shards and split reuses them
+    (cached,) = (shards.dpath / "baselines").glob("L2-patches-*.safetensors")
+    fitted_at = cached.stat().st_mtime_ns
+    other = save_run(tmp_path / "other", topk_sae(16, 24, k=4, seed=1), shards)
+    assert main(["inference", "--run", str(other), "--shards", str(shards.dpath), "--fit-tokens", "500"]) == 0
+    out = capsys.readouterr().out
+    assert f"reused the baselines fitted on these shards: {cached}" in out and "kmeans (24)" in out
+    assert cached.stat().st_mtime_ns == fitted_at
+    # other settings fit anew, beside the first
+    assert main(["inference", *args, "--kmeans-clusters", "5"]) == 0
+    assert "kmeans (5)" in capsys.readouterr().out
+    assert len(list((shards.dpath / "baselines").glob("*.safetensors"))) == 2
 
 
 def test_align_rejects_missing_or_mismatched_labels(tmp_path, capsys):

@@ -10,7 +10,8 @@ trait?) and a reconstruction with its codes (for the metrics table):
   reconstruction is the nearest centroid (codes: one-hot).
 
 Dense and PCA directions have no preferred sign, so alignment scores both signs (`signed`).
-Fitted baselines are saved as safetensors (pickle-free) next to the inference results.
+Fitted baselines are saved as safetensors (pickle-free), once per shards, layer and training split
+(`traitscope.features.heldout.baselines_for`).
 """
 
 import json
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.decomposition import PCA
+from tqdm import tqdm
 
 from traitscope.files import atomic_save_safetensors
 
@@ -128,18 +130,55 @@ class KMeansBaseline(Baseline):
         return self.centers_cd[nearest], codes
 
 
-def fit_baselines(x_fit_bd: np.ndarray, pca_k: int, n_clusters: int, seed: int = 0) -> list[Baseline]:
-    """Fit PCA (all components; the first `pca_k` reconstruct) and k-means on training tokens."""
-    x = np.asarray(x_fit_bd, dtype=np.float32)
-    n, d_model = x.shape
-    pca = PCA(n_components=min(d_model, n), svd_solver="full").fit(x)
+BASELINES_FORMAT = "traitscope-baselines/2"
+"""Names how the baselines are fitted; a cached fit of another format is not reused."""
+KMEANS_EPOCHS = 3
+"""Passes of mini-batch k-means over the fitting tokens. Mini-batch k-means moves its centroids
+little after the first passes (benchmarks/bench_inference.py prints the held-out error of 3 passes
+against scikit-learn's 20 with early stopping), and each pass costs n_tokens x n_clusters x d_model."""
+KMEANS_BATCH = 4096
+"""Tokens per mini-batch (at least the number of centroids)."""
+
+
+def fit_pca(x_nd: np.ndarray) -> PCA:
+    """Every principal component, from the d_model x d_model covariance (n_tokens x d_model^2 work,
+    not an SVD of the token matrix)."""
+    n, d_model = x_nd.shape
+    solver = "covariance_eigh" if n >= d_model else "full"
+    return PCA(n_components=min(d_model, n), svd_solver=solver).fit(x_nd)
+
+
+def fit_kmeans(x_nd: np.ndarray, n_clusters: int, seed: int = 0, epochs: int = KMEANS_EPOCHS,
+               progress: bool = False) -> np.ndarray:
+    """(n_clusters, d_model) centroids of scikit-learn's `MiniBatchKMeans`, fed one mini-batch at a
+    time (`partial_fit`) behind a progress bar; started from n_clusters distinct tokens drawn at
+    random (k-means++ seeding costs as much as several passes at thousands of centroids)."""
+    n = len(x_nd)
     n_clusters = max(1, min(n_clusters, n))
-    kmeans = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, batch_size=4096, n_init=1,
-                             max_iter=20, init_size=min(n, max(3 * 4096, 3 * n_clusters))).fit(x)
-    return [DenseBaseline(d_model),
+    rng = np.random.default_rng(seed)
+    init = x_nd[np.sort(rng.choice(n, n_clusters, replace=False))]
+    kmeans = MiniBatchKMeans(n_clusters=n_clusters, init=init, n_init=1, compute_labels=False,
+                             random_state=seed)
+    n_batches = max(1, n // max(KMEANS_BATCH, n_clusters))  # every batch holds >= n_clusters tokens
+    with tqdm(total=epochs * n, unit="tok", unit_scale=True, desc=f"k-means ({n_clusters} centroids)",
+              disable=not progress) as bar:
+        for _ in range(epochs):
+            for batch in np.array_split(rng.permutation(n), n_batches):
+                kmeans.partial_fit(x_nd[np.sort(batch)])
+                bar.update(len(batch))
+    return kmeans.cluster_centers_
+
+
+def fit_baselines(x_fit_bd: np.ndarray, pca_k: int, n_clusters: int, seed: int = 0,
+                  progress: bool = False) -> list[Baseline]:
+    """Fit PCA (all components; the first `pca_k` reconstruct) and k-means on training tokens."""
+    x = np.ascontiguousarray(x_fit_bd, dtype=np.float32)
+    pca = fit_pca(x)
+    centers = fit_kmeans(x, n_clusters, seed=seed, progress=progress)
+    return [DenseBaseline(x.shape[1]),
             PCABaseline(torch.from_numpy(pca.mean_.astype(np.float32)),
                         torch.from_numpy(pca.components_.astype(np.float32)), min(pca_k, pca.n_components_)),
-            KMeansBaseline(torch.from_numpy(kmeans.cluster_centers_.astype(np.float32)))]
+            KMeansBaseline(torch.from_numpy(centers.astype(np.float32)))]
 
 
 def save_baselines(baselines: list[Baseline], fpath: Path, info: dict) -> None:
@@ -154,6 +193,12 @@ def save_baselines(baselines: list[Baseline], fpath: Path, info: dict) -> None:
         elif isinstance(b, KMeansBaseline):
             tensors["kmeans_centers"] = b.centers_cd
     atomic_save_safetensors(fpath, {k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+
+
+def with_pca_k(baselines: list[Baseline], pca_k: int) -> list[Baseline]:
+    """The same baselines with PCA reconstructing from its first `pca_k` components."""
+    return [PCABaseline(b.mean_d, b.components_cd, min(pca_k, b.n_features)) if isinstance(b, PCABaseline) else b
+            for b in baselines]
 
 
 def load_baselines(fpath: Path) -> tuple[list[Baseline], dict]:

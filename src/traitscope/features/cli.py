@@ -26,7 +26,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pca-k", type=int, default=None,
                         help="PCA components in the reconstruction (default: the SAE's k, or its mean L0)")
     parser.add_argument("--kmeans-clusters", type=int, default=None,
-                        help="k-means centroids (default: the SAE's number of latents)")
+                        help="k-means centroids (default: the SAE's number of latents). The baselines are "
+                        "fitted once per shards, layer and training split and cached in <shards>/baselines/; "
+                        "k-means is scikit-learn's mini-batch k-means, 3 passes over the fitting tokens")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -1,22 +1,27 @@
 """Training / held-out token samples, fitted baselines, and the held-out metrics table of a run.
 
 Baselines are fitted on a sample of tokens from training images (at most `fit_tokens`, drawn with a
-fixed seed) and evaluated, like the SAE, on every token of the held-out images. Results are cached in
-the inference folder (which is itself recomputed when the SAE or the shards change) and reused when
-the settings match.
+fixed seed) and evaluated, like the SAE, on every token of the held-out images. The fitted baselines
+depend on the shards, the layer and the training images, not on the SAE, so they are cached beside the
+shards and shared by every run (a sweep, or an SAE trained elsewhere applied to these shards); the
+metrics table is cached in the inference folder and reused when the settings match.
 """
 
+import hashlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from traitscope.features.baselines import Baseline, fit_baselines, load_baselines, save_baselines
+from traitscope.features.baselines import (BASELINES_FORMAT, KMEANS_EPOCHS, Baseline, fit_baselines, load_baselines,
+                                           save_baselines, with_pca_k)
 from traitscope.features.inference import Inference
 from traitscope.features.inputs import RunInputs, split_rows
 from traitscope.features.metrics import Metrics, MetricsAccumulator, write_table
 from traitscope.files import atomic_write_json
+from traitscope.shards.store import content_hash
 
 FIT_TOKENS = 50_000
 """Default cap on training tokens used to fit the baselines (and to pick alignment features)."""
@@ -42,10 +47,19 @@ def iter_tokens(inputs: RunInputs, token_rows: np.ndarray, chunk_tokens: int = 8
         yield torch.from_numpy(inputs.acts[token_rows[start:start + chunk_tokens]].astype(np.float32))
 
 
+def baselines_fpath(inputs: RunInputs, fit: dict) -> Path:
+    """Where the baselines fitted with `fit` on these shards are cached: beside the shards, named by
+    layer, token kind and a hash of everything the fit depends on, so every run on the same shards,
+    layer and split reuses them."""
+    key = content_hash(fit)
+    return inputs.shards.dpath / "baselines" / f"L{inputs.layer}-{inputs.token_kind}-{key}.safetensors"
+
+
 def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKENS, pca_k: int | None = None,
                   n_clusters: int | None = None, progress: bool = False) -> tuple[list[Baseline], dict]:
-    """The run's fitted baselines, from the inference folder or fitted now (and saved there), and
-    what they were fitted with.
+    """The fitted baselines for this run's shards, layer and training images, and what they were
+    fitted with: read from the cache beside the shards (`baselines_fpath`), or fitted now and saved
+    there (in the inference folder when the shard folder cannot be written).
 
     Defaults: PCA reconstructs with the SAE's k (or its mean L0 over the data set, for ReLU SAEs);
     k-means has as many centroids as the SAE has latents.
@@ -56,19 +70,32 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
     n_clusters = n_clusters or inputs.sae.d_sae
     train_rows, _ = split_rows(inputs)
     info = {"fit_tokens": int(fit_tokens), "pca_k": int(pca_k), "n_clusters": int(n_clusters),
-            "train_images": int(len(train_rows))}
-    fpath = inf.dpath / "baselines.safetensors"
-    if fpath.is_file():
-        baselines, old = load_baselines(fpath)
-        if old == info:
-            return baselines, info
+            "train_images": int(len(train_rows)), "kmeans": f"minibatch-{KMEANS_EPOCHS}-passes"}
+    fit = {"format": BASELINES_FORMAT, "shards": inputs.shards.hash, "layer": inputs.layer,
+           "token_kind": inputs.token_kind, "fit_tokens": int(fit_tokens), "n_clusters": int(n_clusters),
+           "kmeans_epochs": KMEANS_EPOCHS, "seed": 0,
+           "train_rows": hashlib.sha256(np.asarray(train_rows, np.int64).tobytes()).hexdigest()}
+    fpath = baselines_fpath(inputs, fit)
+    for cached in (fpath, inf.dpath / fpath.name):
+        if cached.is_file():
+            baselines, _ = load_baselines(cached)
+            if progress:
+                print(f"reused the baselines fitted on these shards: {cached}")
+            return with_pca_k(baselines, pca_k), info
     idx = sample_tokens(inputs, train_rows, fit_tokens, seed=0)
     if progress:
-        print(f"fitting the baselines on {len(idx):,} training tokens: PCA, k-means with {n_clusters} centroids ...",
-              flush=True)
+        print(f"fitting the baselines on {len(idx):,} training tokens (once per shards, layer and split): "
+              f"PCA, k-means with {n_clusters} centroids", flush=True)
     x_fit = inputs.acts[idx].astype(np.float32)
-    baselines = fit_baselines(x_fit, pca_k, n_clusters, seed=0)
-    save_baselines(baselines, fpath, info)
+    baselines = fit_baselines(x_fit, pca_k, n_clusters, seed=0, progress=progress)
+    try:
+        fpath.parent.mkdir(exist_ok=True)
+        save_baselines(baselines, fpath, fit)
+    except OSError as err:  # a read-only shard folder: keep them with this run's inference instead
+        fpath = inf.dpath / fpath.name
+        save_baselines(baselines, fpath, fit)
+        if progress:
+            print(f"note: cannot write beside the shards ({err.strerror}); saved the baselines in {fpath}")
     return baselines, info
 
 
