@@ -9,7 +9,7 @@ a running loader (chunked reads, shuffle buffer, background prefetch, validation
 two alternate for `--repeats` rounds and the best of each is kept, so a machine that other work
 makes busy for a while affects both alike. Target: shuffled >= 50% of sequential.
 
-    python benchmarks/bench_loader.py [--repeats 5]
+    python benchmarks/bench_loader.py [--repeats 8]
 """
 
 import argparse
@@ -44,25 +44,44 @@ def make_shards(root: Path, n_images: int = N_IMAGES, d_model: int = D_MODEL, dt
     return write_arrays(root / "shards", header, listing, {"L10/patches": acts}, images_per_shard=100)
 
 
-def sequential_tokens_per_s(split: TokenSplit, chunk_rows: int = 8192) -> float:
+class Rate(NamedTuple):
+    tokens_per_s: float
+    """Tokens over wall-clock seconds."""
+    cpu_ns_per_token: float
+    """CPU time of the whole process (every thread) per token: what a busy machine cannot hide."""
+
+
+def _rate(fn, n_tokens: int) -> Rate:
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return Rate(n_tokens / wall, cpu / n_tokens * 1e9)
+
+
+def sequential_rate(split: TokenSplit, chunk_rows: int = 8192) -> Rate:
     """Plain sequential read of every shard file in large chunks into a reused buffer."""
     buf = np.empty((chunk_rows, split.d_model), dtype=split.dtype)
-    n = 0
-    t0 = time.perf_counter()
-    for rows in split.arrays[0].maps:
-        for start in range(0, len(rows), chunk_rows):
-            part = rows[start:start + chunk_rows]
-            np.copyto(buf[:len(part)], part)
-            n += len(part)
-    return n / (time.perf_counter() - t0)
+
+    def read() -> None:
+        for rows in split.arrays[0].maps:
+            for start in range(0, len(rows), chunk_rows):
+                part = rows[start:start + chunk_rows]
+                np.copyto(buf[:len(part)], part)
+
+    return _rate(read, sum(len(rows) for rows in split.arrays[0].maps))
 
 
-def shuffled_tokens_per_s(loader: ShuffledLoader, n_batches: int) -> float:
+def shuffled_rate(loader: ShuffledLoader, n_batches: int) -> Rate:
     """Shuffled batches of float32 tokens from a loader that is already running (steady state)."""
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        next(loader)
-    return n_batches * loader.batch_size / (time.perf_counter() - t0)
+    def take() -> None:
+        for _ in range(n_batches):
+            next(loader)
+
+    return _rate(take, n_batches * loader.batch_size)
+
+
+def sequential_tokens_per_s(split: TokenSplit, chunk_rows: int = 8192) -> float:
+    return sequential_rate(split, chunk_rows).tokens_per_s
 
 
 class LoaderFigures(NamedTuple):
@@ -73,6 +92,10 @@ class LoaderFigures(NamedTuple):
     shuffled: float
     """Best shuffled-loader tokens/s over the rounds."""
     n_train_tokens: int
+    sequential_cpu_ns: float
+    """Least CPU time per token of the sequential read over the rounds."""
+    shuffled_cpu_ns: float
+    """Least CPU time per token of the shuffled loader (both its threads) over the rounds."""
 
     @property
     def ratio(self) -> float:
@@ -84,12 +107,13 @@ def loader_figures(shards, repeats: int, batch_size: int = BATCH) -> LoaderFigur
     sequential_tokens_per_s(split)  # warm the page cache
     epoch_batches = split.n_train_tokens // batch_size
     with ShuffledLoader(split, batch_size, seed=0) as loader:
-        shuffled_tokens_per_s(loader, 3 * epoch_batches // 2)  # every block buffer allocated and in use
-        seq = shuf = 0.0
+        shuffled_rate(loader, 3 * epoch_batches // 2)  # every block buffer allocated and in use
+        seqs, shufs = [], []
         for _ in range(repeats):  # alternating, best of each
-            seq = max(seq, sequential_tokens_per_s(split))
-            shuf = max(shuf, shuffled_tokens_per_s(loader, epoch_batches))
-    return LoaderFigures(seq, shuf, split.n_train_tokens)
+            seqs.append(sequential_rate(split))
+            shufs.append(shuffled_rate(loader, epoch_batches))
+    return LoaderFigures(max(r.tokens_per_s for r in seqs), max(r.tokens_per_s for r in shufs), split.n_train_tokens,
+                         min(r.cpu_ns_per_token for r in seqs), min(r.cpu_ns_per_token for r in shufs))
 
 
 def print_figures(f: LoaderFigures, n_tokens: int, what: str = "float32") -> None:
@@ -97,11 +121,14 @@ def print_figures(f: LoaderFigures, n_tokens: int, what: str = "float32") -> Non
     print(f"  sequential read   {f.sequential:12,.0f} tokens/s")
     print(f"  shuffled loader   {f.shuffled:12,.0f} tokens/s   = {f.ratio:.0%} of sequential "
           f"(target >= {TARGET:.0%}: {'met' if f.ratio >= TARGET else 'NOT met'})")
+    print(f"  CPU time per token (all threads; what a busy machine cannot hide): sequential "
+          f"{f.sequential_cpu_ns:.0f} ns, shuffled {f.shuffled_cpu_ns:.0f} ns "
+          f"(= {f.sequential_cpu_ns / f.shuffled_cpu_ns:.0%} of sequential's tokens per CPU-second)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="alternating timing rounds (default: 5)")
+    parser.add_argument("--repeats", type=int, default=8, help="alternating timing rounds (default: 8)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

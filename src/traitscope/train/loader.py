@@ -9,7 +9,8 @@ A background thread reads the next block while the trainer consumes the current 
 a function of (seed, epoch, block), so the stream is the same on every run, and the position
 (epoch, block, offset) is all a checkpoint needs to continue it.
 
-Chunks are checked for NaN/Inf as they load; the error names the shard file and row.
+Each chunk is checked for NaN/Inf the first time it loads (the files do not change); the error
+names the shard file and row.
 """
 
 import queue
@@ -153,7 +154,7 @@ class ShuffledLoader:
     """Endless shuffled batches (batch_size, d_model) float32 of training tokens; see the module doc.
 
     A background thread fills a block: each chunk's training rows are copied out of its memory map
-    (one contiguous range of the file) in shuffled order, then checked for NaN/Inf. A
+    (one contiguous range of the file) in shuffled order, and checked for NaN/Inf the first time. A
     batch then takes its rows chunk by chunk as the block's interleaving says (contiguous slices, so
     a batch costs a memory copy, not a random gather across the whole buffer): every batch mixes all
     chunks of the block, and every training row is emitted once per epoch. numpy only, so neither
@@ -190,6 +191,7 @@ class ShuffledLoader:
         self._ready: queue.Queue = queue.Queue(maxsize=1)
         self._free: queue.Queue = queue.Queue()
         self._n_buffers = 0
+        self._checked: set[Chunk] = set()  # chunks found free of NaN/Inf (the files do not change)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -212,8 +214,10 @@ class ShuffledLoader:
             keep = np.arange(len(src)) if mask is None else np.flatnonzero(mask)
             dst = rows[starts[-1]:starts[-1] + len(keep)]
             np.take(src, keep[rng.permutation(len(keep))], axis=0, out=dst, mode="clip")  # 'raise' buffers
-            if not np.isfinite(np.add.reduce(dst.reshape(-1), dtype=np.float32)):
-                self._raise_non_finite(chunk, src, mask)
+            if chunk not in self._checked:
+                if not np.isfinite(np.add.reduce(dst.reshape(-1), dtype=np.float32)):
+                    self._raise_non_finite(chunk, src, mask)
+                self._checked.add(chunk)
             starts.append(starts[-1] + len(keep))
         starts = np.asarray(starts, dtype=np.int64)
         labels = rng.permutation(np.repeat(np.arange(len(starts) - 1, dtype=np.int16), np.diff(starts)))
@@ -311,8 +315,9 @@ class ShuffledLoader:
         self.state = LoaderState(epoch, block, offset)
         if self.rows is not None or self.pin_memory:
             return self._assemble(parts)
-        batch = parts[0] if len(parts) == 1 and parts[0].base is None else np.concatenate(parts)
-        return torch.from_numpy(batch.astype(np.float32, copy=False))
+        if len(parts) == 1 and parts[0].base is None and parts[0].dtype == np.float32:
+            return torch.from_numpy(parts[0])
+        return torch.from_numpy(np.concatenate(parts, dtype=np.float32))  # float16 shards: cast in the same copy
 
     def _assemble(self, parts: list[np.ndarray]) -> torch.Tensor:
         """Rows `self.rows` of the batch made of `parts`, float32, in one copy (into pinned memory if asked)."""
