@@ -64,7 +64,11 @@ def test_feature_page_shows_top_images_histogram_frequency_and_enrichment(world,
     fd = inference(world).feature(5)
     images = world["shards"].images
     assert grid_titles(at) == [images[r]["path"] for r in fd.rows], "the top images, best first, path on hover"
-    assert [m.value for m in at.metric][:2] == [f"{fd.freq:.3%}", f"{fd.image_freq:.3%}"]
+    n_fire = int(inference(world).fire_counts()[5])
+    assert [m.value for m in at.metric][:2] == [f"{n_fire}", f"{fd.freq:.3%}"]
+    assert all(m.help for m in at.metric), "every number says what it means"
+    assert at.query_params["scale"] == "shared" and "colour scale" not in at.markdown[0].value
+    assert any('class="ts-colourbar"' in m.value and str(f"{fd.values.max():.3g}") in m.value for m in at.markdown)
     assert len(at.get("vega_lite_chart")) == 1  # the histogram
     assert at.query_params["feature"] == "5"  # the URL names the page: a link or a reload shows it again
 
@@ -82,7 +86,65 @@ def test_dead_feature_says_so(world, monkeypatch):
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "-1", "1e9", str(D_SAE), "5; rm -rf /", ""])
 def test_untrusted_query_parameters_fall_back_safely(world, monkeypatch, bad):
     at = ok(app(world, monkeypatch, page=bad, run=bad, feature=bad, row=bad))
+    assert at.radio(key="page").value == "Atlas" and len(atlas_features(at)) == 30
+    at = ok(app(world, monkeypatch, page="Feature", run=bad, feature=bad, row=bad))
     assert at.number_input(key="feat-index").value == 0
+
+
+# --- the atlas -------------------------------------------------------------------------------------
+
+
+def atlas_features(at: AppTest) -> list[int]:
+    blocks = [m.value for m in at.markdown if 'class="ts-atlas"' in m.value]
+    return [int(f) for block in blocks for f in re.findall(r'class="ts-strip" data-feature="(\d+)"', block)]
+
+
+def test_atlas_starts_the_app_sorted_filtered_and_paged(world, monkeypatch):
+    at = ok(app(world, monkeypatch))
+    inf = inference(world)
+    counts = inf.fire_counts()
+    alive = np.flatnonzero(counts >= 2)
+    by_count = sorted(alive, key=lambda f: (-counts[f], f))
+    assert atlas_features(at) == by_count[:30], "start page: the most widespread features, dead ones hidden"
+    n_pages = -(-len(alive) // 30)
+    seen = []
+    for page in range(1, n_pages + 1):  # every feature can be reached: no cap
+        at.number_input(key="atlas-page").set_value(page).run()
+        seen += atlas_features(ok(at))
+    assert seen == by_count
+
+    at.selectbox(key="atlas-sort").set_value("largest activation").run()
+    at.number_input(key="atlas-page").set_value(1).run()
+    top = np.asarray(inf.top_values[:, 0])
+    assert atlas_features(ok(at)) == sorted(alive, key=lambda f: (-top[f], f))[:30]
+
+    at.selectbox(key="atlas-sort").set_value("enrichment significance (q)").run()
+    assert atlas_features(ok(at))[0] == 0, "feature 0 fires exactly on species_a images"
+    at.text_input(key="atlas-label").input("species_a").run()
+    assert 0 in atlas_features(ok(at))
+    at.select_slider(key="atlas-q").set_value(0.001).run()
+    assert atlas_features(ok(at)) == [0], "only feature 0 is significantly enriched"
+
+    # where it fires: the median position of each top image's strongest patch
+    at.select_slider(key="atlas-q").set_value(1.0).run()
+    at.text_input(key="atlas-label").input("").run()
+    at.selectbox(key="atlas-sort").set_value("images where it fires").run()
+    at.slider(key="atlas-x").set_value((0.0, 0.45)).run()
+    shown = atlas_features(ok(at))
+    maps = np.asarray(inf.array("top_patch_acts"), dtype=np.float32)
+    peak_x = [np.median((maps[f].argmax(axis=1)[np.asarray(inf.top_rows[f]) >= 0] % fx.GRID[1] + 0.5) / fx.GRID[1])
+              for f in alive]
+    assert shown == [f for f in sorted(alive, key=lambda f: (-counts[f], f))
+                     if peak_x[list(alive).index(f)] <= 0.45][:30]
+    assert 0 < len(shown) < 30
+
+
+def test_atlas_map_of_the_dictionary(world, monkeypatch):
+    at = ok(app(world, monkeypatch))
+    at.radio(key="atlas-view").set_value("map of the dictionary").run()
+    ok(at)
+    assert len(at.get("vega_lite_chart")) == 1
+    assert any("Click a point" in c.value for c in at.caption)
 
 
 def test_browse_by_frequency_and_by_label(world, monkeypatch):

@@ -133,9 +133,53 @@ def click_button(driver, text: str) -> None:
     raise AssertionError(f"could not click {text!r}")
 
 
+def strip_features(driver) -> list[int]:
+    return [int(el.get_attribute("data-feature")) for el in driver.find_elements(By.CSS_SELECTOR, ".ts-strip")]
+
+
+def test_the_atlas_is_the_start_page_and_opens_a_feature(server, world, browser):
+    browser.get(server)
+    wait(browser, 90).until(lambda d: len(strip_features(d)) == 30)
+    wait_idle(browser)
+    shot(browser, "00-atlas")
+    from traitscope.app.data import InferenceView
+
+    inference = InferenceView(world["root"] / "runs" / "topk-a" / "inference" / world["shards"].hash)
+    counts = inference.fire_counts()
+    shown = strip_features(browser)
+    assert [counts[f] for f in shown] == sorted(counts[shown], reverse=True), "most widespread first"
+    assert D_SAE - 1 not in shown, "the dead feature is hidden"
+    strip = browser.find_elements(By.CSS_SELECTOR, ".ts-strip")[0]
+    assert len(strip.find_elements(By.TAG_NAME, "img")) == 6
+    assert "images where it fires" in strip.find_element(By.CSS_SELECTOR, "span[title]").get_attribute("title")
+
+    # page 2 holds the next 30 (no cap), then open a feature from its strip
+    page_box = browser.find_element(By.XPATH, "//input[contains(@aria-label, 'Page (1-')]")
+    page_box.send_keys(Keys.CONTROL, "a")
+    page_box.send_keys("2", Keys.ENTER)
+    wait(browser, 60).until(lambda d: strip_features(d) and strip_features(d)[0] != shown[0])
+    wait_idle(browser)
+    second = strip_features(browser)
+    assert len(second) == 30 and not set(second) & set(shown)
+    browser.find_elements(By.CSS_SELECTOR, ".ts-feature-link")[0].click()
+    wait(browser, 60).until(lambda d: f"Feature {second[0]}" in d.find_element(By.TAG_NAME, "body").text)
+    wait_idle(browser)
+    assert f"feature={second[0]}" in browser.current_url
+
+    # the map of the dictionary
+    browser.get(server)
+    wait(browser, 90).until(lambda d: len(strip_features(d)) == 30)
+    browser.find_element(By.XPATH, "//div[@role='radiogroup']//p[text()='map of the dictionary']").click()
+    wait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"] canvas, '
+                                                                        '[data-testid="stVegaLiteChart"] svg'))
+    wait_idle(browser, 120)
+    time.sleep(1)
+    shot(browser, "00-atlas-map")
+
+
 def test_feature_pages_heatmaps_sit_on_the_planted_patches(server, world, browser):
     shards = world["shards"]
-    browser.get(server + "?page=Features&run=topk-a&feature=5")
+    browser.get(server + "?page=Features&run=topk-a&feature=5&zoom=0")
     wait(browser, 60).until(lambda d: len(tile_titles(d)) == 16)
     wait_idle(browser)
     shot(browser, "01-feature-5")
@@ -162,10 +206,19 @@ def test_feature_pages_heatmaps_sit_on_the_planted_patches(server, world, browse
             r2, g2, b2 = np.asarray(tile)[cy, lx]
             assert abs(int(r2) - int(g2)) < 90, "no heat away from the planted patch"
 
-    # click a tile: its path appears
-    browser.find_elements(By.CSS_SELECTOR, ".ts-grid summary")[0].click()
-    path_el = wait(browser).until(EC.visibility_of_element_located((By.CSS_SELECTOR, ".ts-grid details[open] .ts-path")))
-    assert shards.images[rows[0]]["path"] in path_el.text
+    # click a tile: it opens at full resolution, bare and with its heat
+    browser.find_elements(By.CSS_SELECTOR, ".ts-grid a")[1].click()
+    wait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[role='dialog'] img")) == 2)
+    wait_idle(browser)
+    time.sleep(1)
+    shot(browser, "01b-enlarged")
+    dialog = browser.find_element(By.CSS_SELECTOR, "[role='dialog']")
+    assert shards.images[rows[1]]["path"] in dialog.text
+    widths = [int(img.get_attribute("naturalWidth")) for img in dialog.find_elements(By.TAG_NAME, "img")]
+    assert widths == [shards.images[rows[1]]["width"]] * 2, "full resolution"
+    browser.get(server + "?page=Feature&run=topk-a&feature=5")
+    wait(browser, 60).until(lambda d: len(tile_titles(d)) == 16)
+    wait_idle(browser)
 
     # type another feature index
     box = browser.find_element(By.XPATH, "//input[contains(@aria-label, 'Feature (0-')]")

@@ -16,13 +16,15 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.sparse
+import scipy.stats
 from PIL import Image
 
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.features import Inference
+from traitscope.features.enrichment import hypergeom_p
 from traitscope.finetune.grids import row_batches, top_images
-from traitscope.images import load_image, open_source
+from traitscope.images import ImageError, decode_image, load_image, open_source
 from traitscope.files import atomic_save_npy
 from traitscope.shards.store import Shards, content_hash
 
@@ -71,6 +73,22 @@ def open_image_file(fpath_or_file) -> Image.Image:
     if hasattr(fpath_or_file, "seek"):
         fpath_or_file.seek(0)
     return load_image(fpath_or_file)
+
+
+def open_thumbnail_file(fpath: Path, min_side: int) -> Image.Image:
+    """Like `open_image_file`, a JPEG decoded at the smallest DCT scale whose shorter side is >= min_side
+    (`traitscope.images.decode_image`), cut to the part that holds the picture."""
+    def min_size(width: int, height: int) -> tuple[int, int]:
+        scale = min(1.0, min_side / max(1, min(width, height)))
+        return int(np.ceil(width * scale)), int(np.ceil(height * scale))
+
+    try:
+        decoded = decode_image(fpath, min_size)
+    except ImageError as err:
+        raise TraitscopeError(f"{fpath.name}: {err}") from None
+    if decoded.box is None:
+        return decoded.image
+    return decoded.image.crop(tuple(int(round(v)) for v in decoded.box))
 
 
 def parse_int(value, lo: int, hi: int) -> int | None:
@@ -133,14 +151,21 @@ class Dataset:
         """Images come from a Hugging Face dataset (named in the manifest), not from files."""
         return str(self.manifest.get("source", {}).get("spec", "")).startswith("hf:")
 
-    def open_image(self, row: int) -> Image.Image:
-        """Image `row` as upright RGB: a file under `images_root`, or a record of the manifest's dataset."""
+    def open_image(self, row: int, min_side: int | None = None) -> Image.Image:
+        """Image `row` as upright RGB: a file under `images_root`, or a record of the manifest's dataset.
+
+        With `min_side`, a JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, Pillow's `draft`) that
+        keeps its shorter side at least `min_side` pixels: thumbnails of large photos decode many times
+        faster, and the aspect ratio (hence where the model's crop box falls) is kept.
+        """
         fpath = self.image_fpath(row)
         if self.from_dataset_hub and not fpath.is_file():
             if self._source is None:
                 self._source = open_source(self.manifest["source"]["spec"])
             return self._source.load(self.images[row])
-        return open_image_file(fpath)
+        if min_side is None:
+            return open_image_file(fpath)
+        return open_thumbnail_file(fpath, min_side)
 
     def grid(self, layer: int) -> tuple[int, int]:
         return self.shards.grid(layer)
@@ -401,6 +426,56 @@ def _cache_dpath(cache_root: Path, key: dict) -> Path:
     return dpath
 
 
+MIN_SUPPORT = 3
+"""A label counts as enriched in a feature only when it is on at least this many of its firing images."""
+
+
+class LabelTests(NamedTuple):
+    """One-sided hypergeometric tests of (feature, label) pairs: is the label over-represented among the
+    images where the feature fires? Sorted by feature, then label."""
+
+    min_support: int
+    """Pairs seen on fewer firing images were not tested."""
+    names: list[str]
+    """Label names."""
+    label_counts: np.ndarray
+    """(n_labels,) images with each label."""
+    features: np.ndarray
+    labels: np.ndarray
+    counts: np.ndarray
+    """Images where the feature fires and the label is present."""
+    fire: np.ndarray
+    """Images where the feature fires."""
+    lift: np.ndarray
+    """Share of labelled images among the firing ones / share among all images."""
+    p: np.ndarray
+    """Hypergeometric p-value of at least `counts` by chance."""
+    q: np.ndarray
+    """Benjamini-Hochberg q-value over every tested pair."""
+
+    def best(self, d_sae: int) -> dict[str, np.ndarray]:
+        """Per feature, its most significant label: label (-1: none tested), count, lift, p, q (1 when none)."""
+        order = np.lexsort((-self.lift, self.p, self.features))
+        first = order[np.unique(self.features[order], return_index=True)[1]]
+        out = {"label": np.full(d_sae, -1, np.int64), "count": np.zeros(d_sae, np.int64),
+               "lift": np.zeros(d_sae), "p": np.ones(d_sae), "q": np.ones(d_sae)}
+        f = self.features[first]
+        out["label"][f], out["count"][f], out["lift"][f] = self.labels[first], self.counts[first], self.lift[first]
+        out["p"][f], out["q"][f] = self.p[first], self.q[first]
+        return out
+
+    def for_feature(self, f: int, top: int = 10) -> list[dict]:
+        """The labels most significantly enriched among the images where feature f fires (lowest p,
+        then highest lift)."""
+        lo, hi = np.searchsorted(self.features, [f, f + 1])
+        order = lo + np.lexsort((-self.lift[lo:hi], self.p[lo:hi]))[:top]
+        return [{"label": self.names[j], "images": int(c), "precision": float(c / max(1, n)),
+                 "recall": float(c / max(1, self.label_counts[j])), "lift": float(li), "p": float(pv),
+                 "q": float(qv)}
+                for j, c, n, li, pv, qv in zip(self.labels[order], self.counts[order], self.fire[order],
+                                               self.lift[order], self.p[order], self.q[order])]
+
+
 class Enrichment(NamedTuple):
     """Image-level co-occurrence of features and labels, for enrichment tables and label search."""
 
@@ -423,17 +498,19 @@ class Enrichment(NamedTuple):
                 "recall": counts / np.maximum(self.label_counts[labels], 1),
                 "lift": np.where(base > 0, precision / np.where(base > 0, base, 1), 0.0)}
 
-    def for_feature(self, f: int, top: int = 10) -> list[dict]:
-        """The labels most enriched among the images where feature f fires (by lift, then count)."""
-        row = self.both_fl.getrow(f)
-        labels, counts = row.indices, row.data.astype(np.int64)
-        if not len(labels):
-            return []
-        t = self.table(counts, labels, np.full(len(labels), self.fire_counts[f]))
-        order = np.lexsort((-t["count"], -t["lift"]))[:top]
-        return [{"label": self.names[labels[i]], "images": int(t["count"][i]),
-                 "precision": float(t["precision"][i]), "recall": float(t["recall"][i]),
-                 "lift": float(t["lift"][i])} for i in order]
+    def tests(self, min_support: int = MIN_SUPPORT) -> "LabelTests":
+        """Hypergeometric test of every (feature, label) pair seen on >= min_support images, with
+        Benjamini-Hochberg q-values over all those tests together."""
+        coo = self.both_fl.tocoo()
+        keep = coo.data >= min_support
+        features, labels, counts = coo.row[keep], coo.col[keep], coo.data[keep].astype(np.int64)
+        order = np.lexsort((labels, features))
+        features, labels, counts = features[order].astype(np.int64), labels[order].astype(np.int64), counts[order]
+        fire = self.fire_counts[features]
+        p = hypergeom_p(counts, self.n_images, self.label_counts[labels], fire)
+        q = scipy.stats.false_discovery_control(p) if len(p) else p
+        lift = self.table(counts, labels, fire)["lift"]
+        return LabelTests(min_support, self.names, self.label_counts, features, labels, counts, fire, lift, p, q)
 
     def features_for_label(self, label: int, min_count: int = 3, top: int = 200) -> tuple[np.ndarray, np.ndarray]:
         """(features, lift) most enriched for a label, among those firing on >= min_count labelled images."""

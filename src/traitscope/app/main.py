@@ -17,21 +17,25 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlencode
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from traitscope.app import blind
-from traitscope.app.data import (Dataset, Enrichment, FeatureData, InferenceView, Run, dense_top_images, find_runs,
-                                 label_enrichment, open_image_file, parse_int, sae_top_rows)
+from traitscope.app import atlas, blind
+from traitscope.app.data import (MIN_SUPPORT, Dataset, Enrichment, FeatureData, InferenceView, Run, dense_top_images,
+                                 find_runs, label_enrichment, open_image_file, parse_int, sae_top_rows)
 from traitscope.errors import TraitscopeError
 from traitscope.viz import fit_thumbnail, image_grid, overlay_heatmap
 
-PAGES = ("Features", "Compare runs", "Image", "Blind test")
+PAGES = ("Atlas", "Feature", "Compare runs", "Image", "Blind test")
+PAGE_ALIASES = {"Features": "Feature"}  # older page names in links and bookmarks
 THUMB_SIDE = 256  # longer side of a heatmap thumbnail, in pixels
 BROWSE_LIST = 500  # at most this many features in a browse list
+STRIP_TILES, STRIP_SIDE = 6, 104
+TILE_SIDE = {1: 900, 2: 520, 3: 400, 4: 300, 5: 240, 6: 200}  # feature-page tile side (pixels) by tiles per row  # tiles per atlas strip, and their side in pixels
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,6 +87,34 @@ def enrichment_of(inference: InferenceView, dataset: Dataset) -> Enrichment | No
     return get_enrichment(str(inference.dpath), mtime, str(dataset.dpath), str(ARGS.cache))
 
 
+@st.cache_resource(show_spinner=False, max_entries=8)
+def get_label_tests(inference_dpath: str, mtime: float, dataset_dpath: str, cache: str, min_support: int):
+    enrichment = get_enrichment(inference_dpath, mtime, dataset_dpath, cache)
+    return enrichment.tests(min_support)
+
+
+def label_tests_of(inference: InferenceView, dataset: Dataset, min_support: int = MIN_SUPPORT):
+    """The hypergeometric tests of every (feature, label) pair, or None for a dataset without labels."""
+    if not dataset.labels()[0]:
+        return None
+    mtime = (inference.dpath / "manifest.json").stat().st_mtime
+    return get_label_tests(str(inference.dpath), mtime, str(dataset.dpath), str(ARGS.cache), int(min_support))
+
+
+@st.cache_resource(show_spinner="Finding where each feature fires ...", max_entries=8)
+def get_atlas_table(inference_dpath: str, mtime: float, dataset_dpath: str, cache: str) -> pd.DataFrame:
+    inference, dataset = get_inference(inference_dpath, mtime), get_dataset(dataset_dpath)
+    peaks = atlas.peak_positions(inference, Path(cache))
+    tests = label_tests_of(inference, dataset)
+    return atlas.feature_table(inference, peaks, tests)
+
+
+@st.cache_resource(show_spinner="Laying out the dictionary (t-SNE of the decoder directions, once per run) ...",
+                   max_entries=4)
+def get_decoder_map(run_dpath: str, sae_sha256: str, cache: str) -> np.ndarray:
+    return atlas.decoder_map(get_sae(run_dpath).W_dec.detach().numpy(), sae_sha256, Path(cache))
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def get_sae(run_dpath: str):
     from traitscope.sae import load_sae
@@ -101,25 +133,80 @@ def jpeg_b64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+class TileView(NamedTuple):
+    """How a feature page draws its tiles (kept in the URL, so a link or a reload shows the same)."""
+
+    alpha: float = 0.6
+    """Heat opacity at the top of the scale (0: the bare image)."""
+    shared: bool = True
+    """One colour scale for all tiles (the feature's largest activation) rather than one per tile."""
+    zoom: bool = True
+    """Cut each tile to where the feature fires rather than the whole image."""
+    beside: bool = False
+    """The bare image beside each heatmap."""
+    cols: int = 3
+    """Tiles per row."""
+
+    @classmethod
+    def from_query(cls) -> "TileView":
+        q, d = st.query_params, cls()
+        alpha = parse_int(q.get("alpha"), 0, 101)
+        cols = parse_int(q.get("cols"), 1, 7)
+        return cls(d.alpha if alpha is None else alpha / 100, q.get("scale", "shared") != "tile",
+                   q.get("zoom", "1") != "0", q.get("beside", "0") == "1", d.cols if cols is None else cols)
+
+    def query(self) -> dict[str, str]:
+        return {"alpha": str(round(self.alpha * 100)), "scale": "shared" if self.shared else "tile",
+                "zoom": "1" if self.zoom else "0", "beside": "1" if self.beside else "0", "cols": str(self.cols)}
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
-def feature_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, feature: int) -> list[dict]:
-    """Heatmap thumbnails of a feature's top images: base64 JPEG, path, row and value, best first."""
+def feature_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, feature: int,
+                  view: TileView = TileView()) -> list[dict]:
+    """Heatmap tiles of a feature's top images, best first: base64 JPEG (and of the bare image when
+    `view.beside`), path, row, label, value and the top of the tile's colour scale."""
     inference, dataset = get_inference(inference_dpath, mtime), get_dataset(dataset_dpath)
     fd = inference.feature(feature)
-    vmax = float(fd.values.max(initial=0.0)) or None
+    shared_vmax = float(fd.values.max(initial=0.0)) or None
+    side = TILE_SIDE[view.cols]
     tiles = []
     for row, value, acts_hw in zip(fd.rows, fd.values, fd.maps_nhw):
+        vmax = shared_vmax if view.shared else (float(acts_hw.max(initial=0.0)) or None)
         tile = {"row": int(row), "value": float(value), "path": dataset.images[row]["path"],
-                "label": dataset.images[row].get("label")}
+                "label": dataset.images[row].get("label"), "vmax": vmax}
         try:
-            image = dataset.open_image(int(row))
-            drawn = (overlay_heatmap(image, acts_hw, dataset.preprocess, vmax=vmax, max_side=THUMB_SIDE)
-                     if fd.has_patch_maps else fit_thumbnail(image, THUMB_SIDE))
-            tile["b64"] = jpeg_b64(drawn)
+            image = dataset.open_image(int(row), min_side=side * (3 if view.zoom else 1))
+            if fd.has_patch_maps:
+                tile["b64"] = jpeg_b64(atlas.draw_tile(image, acts_hw, dataset.preprocess, vmax, side, view.zoom,
+                                                       view.alpha))
+                if view.beside:
+                    tile["b64_bare"] = jpeg_b64(atlas.draw_tile(image, acts_hw, dataset.preprocess, vmax, side,
+                                                                view.zoom, heat=False))
+            else:
+                tile["b64"] = jpeg_b64(fit_thumbnail(image, side))
         except TraitscopeError as err:
             tile["error"] = str(err)
         tiles.append(tile)
     return tiles
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def full_resolution(inference_dpath: str, mtime: float, dataset_dpath: str, feature: int, slot: int,
+                    alpha: float, shared: bool) -> tuple[bytes, bytes | None]:
+    """(bare image, heatmap over it or None for image-level runs) at full resolution, as JPEG bytes."""
+    inference, dataset = get_inference(inference_dpath, mtime), get_dataset(dataset_dpath)
+    fd = inference.feature(feature)
+    image = dataset.open_image(int(fd.rows[slot]))
+    out = [image]
+    if fd.has_patch_maps:
+        vmax = float((fd.values if shared else fd.maps_nhw[slot]).max(initial=0.0)) or None
+        out.append(overlay_heatmap(image, fd.maps_nhw[slot], dataset.preprocess, vmax=vmax, max_alpha=alpha))
+    encoded = []
+    for im in out:
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=92)
+        encoded.append(buf.getvalue())
+    return encoded[0], (encoded[1] if len(encoded) > 1 else None)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -132,33 +219,95 @@ def blind_grid_png(dataset_dpath: str, rows: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
+@st.cache_data(show_spinner=False, max_entries=2048)
+def strip_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, feature: int, n: int,
+                side: int) -> list[dict]:
+    """An atlas strip: the feature's n best images zoomed to where it fires, one colour scale (its max)."""
+    inference, dataset = get_inference(inference_dpath, mtime), get_dataset(dataset_dpath)
+    fd = inference.feature(feature)
+    rows, maps = fd.rows[:n], fd.maps_nhw[:n]
+    vmax = float(fd.values.max(initial=0.0)) or None
+    tiles = []
+    for row, value, acts_hw in zip(rows, fd.values, maps):
+        tile = {"row": int(row), "value": float(value), "path": dataset.images[row]["path"]}
+        try:
+            tile["b64"] = jpeg_b64(atlas.tile_images(dataset, [row], [acts_hw], vmax, side, zoom=True, alpha=0.6)[0])
+        except TraitscopeError as err:
+            tile["error"] = str(err)
+        tiles.append(tile)
+    return tiles
+
+
 # ---------------------------------------------------------------------------------------------
 # Small views
 
 
-def tiles_html(tiles: list[dict], n_cols: int = 4) -> str:
-    """A grid of images; hovering shows the path, clicking one reveals it under the image."""
+def tiles_html(tiles: list[dict], n_cols: int = 4, enlarge: dict | None = None) -> str:
+    """A grid of images; hovering shows the path and numbers; clicking one reveals its path, or with
+    `enlarge` (the page's query) opens it at full resolution."""
     cells = []
     for i, t in enumerate(tiles):
         path = html.escape(str(t["path"]))
-        caption = t.get("caption") or f"#{i + 1} · {t['value']:.3g}"
+        scale = f"; colour scale 0 to {t['vmax']:.3g}" if t.get("vmax") else ""
+        caption = t.get("caption") or (f'#{i + 1} · <span title="its largest activation in this image{scale}" '
+                                       f'style="border-bottom:1px dotted #999">max {t["value"]:.3g}</span>')
         if t.get("label"):
             caption += f" · {html.escape(str(t['label']))}"
+        style = "width:100%;object-fit:contain;background:#f0f0f0"
         if "b64" in t:
-            picture = (f'<img src="data:image/jpeg;base64,{t["b64"]}" title="{path}" alt="{path}" '
-                       'style="width:100%;aspect-ratio:1;object-fit:contain;background:#f0f0f0">')
+            picture = f'<img src="data:image/jpeg;base64,{t["b64"]}" title="{path}" alt="{path}" style="{style}">'
+            if "b64_bare" in t:
+                picture = (f'<div style="display:flex;gap:2px"><img class="ts-bare" src="data:image/jpeg;base64,'
+                           f'{t["b64_bare"]}" title="the same without heat" alt="{path}" style="width:50%">'
+                           + picture.replace("width:100%", "width:50%") + "</div>")
         else:
             picture = f'<div style="padding:2em;background:#eee" title="{path}">{html.escape(t["error"])}</div>'
-        cells.append(f'<details class="ts-tile" style="margin:0"><summary style="list-style:none;cursor:pointer">'
-                     f'{picture}<div style="font-size:0.8em">{caption}</div></summary>'
-                     f'<code class="ts-path" style="font-size:0.75em;word-break:break-all">{path} (row {t["row"]})</code>'
-                     f'</details>')
+        if enlarge is not None:
+            href = "?" + urlencode({**enlarge, "enlarge": i})
+            cells.append(f'<div class="ts-tile"><a href="{href}" target="_self" title="open at full resolution">'
+                         f'{picture}</a><div style="font-size:0.8em">{caption}</div>'
+                         f'<code class="ts-path" style="font-size:0.7em;word-break:break-all">{path}</code></div>')
+        else:
+            cells.append(f'<details class="ts-tile" style="margin:0"><summary style="list-style:none;cursor:pointer">'
+                         f'{picture}<div style="font-size:0.8em">{caption}</div></summary>'
+                         f'<code class="ts-path" style="font-size:0.75em;word-break:break-all">{path} (row {t["row"]})'
+                         f'</code></details>')
     return (f'<div class="ts-grid" style="display:grid;grid-template-columns:repeat({n_cols},1fr);gap:8px">'
             + "".join(cells) + "</div>")
 
 
+def colour_bar_html(vmax: float | None, shared: bool, alpha: float, cmap: str = "inferno") -> str:
+    """A horizontal colour bar of the heat colours, saying what the ends mean and which scale is used."""
+    import matplotlib
+
+    stops = ", ".join(matplotlib.colors.to_hex(matplotlib.colormaps[cmap](v)) for v in np.linspace(0, 1, 11))
+    top = f"{vmax:.3g}" if shared and vmax else "each tile's own maximum"
+    what = ("one scale for all tiles: the feature's largest activation" if shared
+            else "per tile: each tile coloured from 0 to its own maximum")
+    return (f'<div class="ts-colourbar" style="display:flex;align-items:center;gap:8px;font-size:0.8em">'
+            f'<span title="no activation: the image shows through">0</span>'
+            f'<div style="width:220px;height:12px;background:linear-gradient(to right, {stops})"></div>'
+            f'<span>{html.escape(top)}</span><span style="color:#666">({what}; opacity grows with the activation, '
+            f'up to {alpha:.0%})</span></div>')
+
+
 def feature_link(run: Run, feature: int) -> str:
-    return "?" + urlencode({"page": "Features", "run": run.name, "feature": feature})
+    return "?" + urlencode({"page": "Feature", "run": run.name, "feature": feature})
+
+
+ENRICHMENT_HELP = (f"Labels carried by at least {MIN_SUPPORT} of the images where the feature fires, most "
+                   "significant first. p: one-sided hypergeometric test (that many by chance?); q: "
+                   "Benjamini-Hochberg over every feature-label pair tested in this run.")
+ENRICHMENT_COLUMNS = {
+    "images": st.column_config.NumberColumn("images", help="images where it fires that carry the label"),
+    "precision": st.column_config.NumberColumn("precision", help="share of its firing images with the label",
+                                               format="%.2f"),
+    "recall": st.column_config.NumberColumn("recall", help="share of the label's images where it fires",
+                                            format="%.2f"),
+    "lift": st.column_config.NumberColumn("lift", help="precision / the label's share of all images", format="%.2f"),
+    "p": st.column_config.NumberColumn("p", help="hypergeometric p-value (one-sided)", format="%.2g"),
+    "q": st.column_config.NumberColumn("q", help="Benjamini-Hochberg corrected p-value", format="%.2g"),
+}
 
 
 def histogram_frame(fd: FeatureData) -> pd.DataFrame:
@@ -170,31 +319,97 @@ def histogram_frame(fd: FeatureData) -> pd.DataFrame:
         "log10 activation")
 
 
-def feature_view(run: Run, dataset: Dataset, inference: InferenceView, feature: int, n_cols: int = 4) -> None:
+def tile_controls(key: str) -> TileView:
+    """The feature page's drawing settings, from and back into the URL."""
+    v = TileView.from_query()
+    c1, c2, c3, c4, c5 = st.columns([3, 2, 3, 3, 2])
+    alpha = c1.slider("Heat opacity", 0.0, 1.0, v.alpha, 0.05, key=f"{key}-alpha",
+                      help="Opacity of the heat at the top of the colour scale; 0 shows the bare image, so "
+                           "colours of the specimen can be judged.")
+    scale = c2.radio("Colour scale", ["shared", "per tile"], index=0 if v.shared else 1, key=f"{key}-scale",
+                     help="Shared: 0 to the feature's largest activation on every tile (tiles compare). "
+                          "Per tile: each tile from 0 to its own maximum (weak images show their pattern).")
+    zoom = c3.toggle("Zoom to where it fires", v.zoom, key=f"{key}-zoom",
+                     help="Cut each tile to the patches where the feature reaches a fifth of its maximum "
+                          "in that image, with a margin; off: the whole image.")
+    beside = c4.toggle("Bare image beside", v.beside, key=f"{key}-beside",
+                       help="Show the same cut without heat next to each heatmap.")
+    cols = c5.selectbox("Tiles per row", list(TILE_SIDE), index=list(TILE_SIDE).index(v.cols), key=f"{key}-cols")
+    return TileView(float(alpha), scale == "shared", bool(zoom), bool(beside), int(cols))
+
+
+def feature_view(run: Run, dataset: Dataset, inference: InferenceView, feature: int, view: TileView | None = None,
+                 enlarge: dict | None = None) -> None:
     fd = inference.feature(feature)
     st.subheader(f"Feature {feature}")
     st.caption(run.title())
-    c1, c2, c3 = st.columns(3)
-    c1.metric("fires on patches", f"{fd.freq:.3%}")
-    c2.metric("fires in images", f"{fd.image_freq:.3%}")
-    c3.metric("mean activation", f"{fd.mean:.3g}")
+    image_level = not fd.has_patch_maps and inference.top_patch_acts is None
+    n_fire = int(inference.fire_counts()[feature])
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric(f"images where it fires ({fd.image_freq:.2%})", f"{n_fire}",
+              help=f"Images (of {inference.n_images}) where its activation is above zero"
+                   + ("." if image_level else " on at least one patch."))
+    if image_level:
+        c2.metric("largest code", f"{float(fd.values.max(initial=0.0)):.3g}",
+                  help="Its largest value on any image (an image-level SAE: one code per image, no patches).")
+        c3.metric("mean code", f"{fd.mean:.3g}", help="Its mean value over all images, zeros included.")
+    else:
+        c2.metric("patches where it fires", f"{fd.freq:.3%}",
+                  help="Share of all patch tokens (image patches, over every image) where it is above zero.")
+        c3.metric("largest activation", f"{float(fd.values.max(initial=0.0)):.3g}",
+                  help="Its largest activation on any patch of any image.")
+        c4.metric("mean activation", f"{fd.mean:.3g}", help="Mean over every patch token, zeros included.")
     if not len(fd.rows):
         st.info("This feature never fires on this dataset (a dead feature).")
         return
+    view = view or TileView()
     mtime = (inference.dpath / "manifest.json").stat().st_mtime
-    tiles = feature_tiles(str(inference.dpath), mtime, str(dataset.dpath), feature)
-    st.markdown(f"**Top {len(tiles)} images** (heatmap: activation per patch; hover or click for the path)")
-    st.markdown(tiles_html(tiles, n_cols), unsafe_allow_html=True)
-    st.markdown("**Activation histogram** (non-zero activations, log10)")
+    tiles = feature_tiles(str(inference.dpath), mtime, str(dataset.dpath), feature, view)
+    if image_level:
+        st.markdown(f"**Its {len(tiles)} top images** (image-level SAE: ranked by the feature's value for the "
+                    "whole image; there is no per-patch map to draw)")
+    else:
+        st.markdown(f"**Its {len(tiles)} top images**, ranked by their strongest patch; heat marks the patches "
+                    "where it fires" + (". Click a tile for the full-resolution image." if enlarge else ""))
+        st.markdown(colour_bar_html(float(fd.values.max(initial=0.0)), view.shared, view.alpha),
+                    unsafe_allow_html=True)
+    st.markdown(tiles_html(tiles, view.cols, enlarge), unsafe_allow_html=True)
+    st.markdown("**Activation histogram**", help="Counts of its non-zero activations on "
+                + ("images" if image_level else "patches") + ", on a log10 axis.")
     st.bar_chart(histogram_frame(fd), height=180)
-    enrichment = enrichment_of(inference, dataset)
-    if enrichment is not None:
-        table = enrichment.for_feature(feature)
-        st.markdown("**Label enrichment** (among images where it fires; lift = precision / base rate)")
+    tests = label_tests_of(inference, dataset)
+    if tests is not None:
+        table = tests.for_feature(feature)
+        st.markdown("**Label enrichment** among the images where it fires", help=ENRICHMENT_HELP)
         if table:
-            st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
+            st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch", column_config=ENRICHMENT_COLUMNS)
         else:
-            st.caption("no labelled image among those where it fires")
+            st.caption(f"no label on at least {tests.min_support} of the images where it fires")
+
+
+def show_enlarged(dataset: Dataset, inference: InferenceView, feature: int, view: TileView) -> None:
+    """The `enlarge` query parameter: one top image at full resolution, bare and with its heat."""
+    fd = inference.feature(feature)
+    slot = parse_int(st.query_params.get("enlarge"), 0, len(fd.rows))
+    if "enlarge" in st.query_params:
+        del st.query_params["enlarge"]  # shown once; closing the dialog leaves the page as it was
+    if slot is None:
+        return
+
+    @st.dialog(f"Feature {feature} · top image #{slot + 1}", width="large")
+    def dialog():
+        mtime = (inference.dpath / "manifest.json").stat().st_mtime
+        bare, heat = full_resolution(str(inference.dpath), mtime, str(dataset.dpath), feature, slot, view.alpha,
+                                     view.shared)
+        row = int(fd.rows[slot])
+        st.caption(f"{dataset.images[row]['path']} · max activation {float(fd.values[slot]):.3g} · full resolution "
+                   "(open the image in a new tab to see every pixel)")
+        if heat is not None:
+            st.image(heat, caption=f"heat (opacity up to {view.alpha:.0%}, "
+                                   f"{'shared' if view.shared else 'per-tile'} scale)")
+        st.image(bare, caption="the bare image")
+
+    dialog()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,23 +518,177 @@ def need_inference(run: Run, dataset: Dataset, key: str) -> InferenceView | None
 # Pages
 
 
-def page_features(runs: list[Run], dataset: Dataset) -> None:
+def pick_run(runs: list[Run], key: str) -> Run:
     names = [r.name for r in runs]
     q_run = st.query_params.get("run")
-    run_name = st.selectbox("Run", names, index=names.index(q_run) if q_run in names else 0, key="feat-run")
-    run = runs[names.index(run_name)]
+    name = st.selectbox("Run", names, index=names.index(q_run) if q_run in names else 0, key=f"{key}-run",
+                        help="An SAE run folder under --runs (pick more in the sidebar).")
+    return runs[names.index(name)]
+
+
+def num(value: float, fmt: str, tip: str) -> str:
+    """A number for an HTML caption, with its meaning as a tooltip."""
+    return f'<span title="{html.escape(tip)}" style="border-bottom:1px dotted #999">{format(value, fmt)}</span>'
+
+
+def strip_html(run: Run, row: pd.Series, tiles: list[dict], image_level: bool) -> str:
+    """One atlas row: the feature's numbers (each with a tooltip) and a strip of its best images."""
+    f = int(row["feature"])
+    link = feature_link(run, f)
+    facts = [num(row["images"], "d", "images where it fires (activation > 0 on any patch)") + " images",
+             num(row["image_freq"], ".2%", "share of the dataset's images where it fires")]
+    if not image_level:
+        facts.append(num(row["patch_freq"], ".3%", "share of all patches (image tokens) where it fires")
+                     + " of patches")
+    facts.append("max " + num(row["max_act"], ".3g", "its largest activation on any image"))
+    if not image_level and np.isfinite(row["x"]):
+        facts.append("peaks at " + num(row["x"], ".2f", "median horizontal position of its strongest patch in "
+                                       "its top images (0 = left, 1 = right of what the model saw)")
+                     + ", " + num(row["y"], ".2f", "median vertical position (0 = top, 1 = bottom)"))
+    if "label" in row and row["label"]:
+        facts.append(f"<b>{html.escape(str(row['label']))}</b> "
+                     + num(row["label_images"], "d", "firing images that carry this label") + " imgs, lift "
+                     + num(row["lift"], ".2f", "share of this label among its firing images / among all images")
+                     + ", q " + num(row["q"], ".2g", "hypergeometric p-value, Benjamini-Hochberg corrected over "
+                                    f"every feature-label pair seen on >= {MIN_SUPPORT} images"))
+    cells = []
+    for t in tiles:
+        title = html.escape(f"{t['path']} · max activation {t['value']:.3g}")
+        if "b64" in t:
+            cells.append(f'<a href="{link}" target="_self"><img src="data:image/jpeg;base64,{t["b64"]}" '
+                         f'title="{title}" alt="{title}" style="height:{STRIP_SIDE}px;max-width:{STRIP_SIDE * 2}px;'
+                         'object-fit:contain;background:#f0f0f0;margin-right:4px"></a>')
+        else:
+            cells.append(f'<span title="{title}" style="display:inline-block;width:{STRIP_SIDE}px;'
+                         f'background:#eee">{html.escape(t["error"])}</span>')
+    return (f'<div class="ts-strip" data-feature="{f}" style="display:flex;gap:12px;align-items:center;'
+            'border-bottom:1px solid #eee;padding:4px 0">'
+            f'<div style="width:200px;flex:none;font-size:0.85em"><a href="{link}" target="_self" '
+            f'class="ts-feature-link"><b>Feature {f}</b></a><br>' + "<br>".join(facts) + "</div>"
+            '<div style="display:flex;flex-wrap:wrap;row-gap:4px">' + "".join(cells) + "</div></div>")
+
+
+def atlas_filters(table: pd.DataFrame, d_sae: int, image_level: bool) -> tuple[atlas.AtlasFilter, int]:
+    """The atlas controls; returns the filter and the page size."""
+    sorts = [s for s in atlas.SORTS if "q" in table or "enrichment" not in s]
+    if image_level:
+        sorts = [s for s in sorts if "patches" not in s]
+    c1, c2, c3 = st.columns([2, 1, 1])
+    sort = c1.selectbox("Sort by", sorts, key="atlas-sort", help="The order of the features in the atlas.")
+    min_images = c2.number_input("Fires on at least ... images", 1, 10**9, atlas.MIN_IMAGES, key="atlas-min",
+                                 help="Features firing on fewer images are hidden (by default the dead ones "
+                                      "and those that fire on one image only).")
+    per_page = c3.selectbox("Features per page", [20, 30, 50], index=1, key="atlas-per-page")
+    x_range, y_range, max_q, label = (0.0, 1.0), (0.0, 1.0), 1.0, ""
+    with st.expander("Filter by where it fires" + (" and by label" if "q" in table else "")):
+        if not image_level:
+            a, b = st.columns(2)
+            x_range = a.slider("Peaks horizontally within", 0.0, 1.0, (0.0, 1.0), 0.05, key="atlas-x",
+                               help="Median position of each feature's strongest patch in its top images, "
+                                    "0 = left edge of what the model saw, 1 = right edge.")
+            y_range = b.slider("Peaks vertically within", 0.0, 1.0, (0.0, 1.0), 0.05, key="atlas-y",
+                               help="0 = top edge, 1 = bottom edge.")
+        if "q" in table:
+            a, b = st.columns(2)
+            label = a.text_input("Most significant label contains", key="atlas-label")
+            max_q = b.select_slider("Best label's q at most", [1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.1, 1.0], 1.0,
+                                    key="atlas-q", help="Benjamini-Hochberg corrected hypergeometric p-value.")
+    return atlas.AtlasFilter(sort, int(min_images), tuple(x_range), tuple(y_range), float(max_q), label), int(per_page)
+
+
+def page_atlas(runs: list[Run], dataset: Dataset) -> None:
+    run = pick_run(runs, "atlas")
+    inference = need_inference(run, dataset, "atlas")
+    if inference is None:
+        return
+    image_level = inference.top_patch_acts is None
+    mtime = (inference.dpath / "manifest.json").stat().st_mtime
+    table = get_atlas_table(str(inference.dpath), mtime, str(dataset.dpath), str(ARGS.cache))
+    view = st.radio("View", ["strips", "map of the dictionary"], horizontal=True, key="atlas-view",
+                    help="Strips: each feature's best images, many features at once. Map: every feature "
+                         "placed by its decoder direction (t-SNE), similar features close together.")
+    filt, per_page = atlas_filters(table, inference.d_sae, image_level)
+    shown = atlas.select(table, filt)
+    n_dead = int((table["images"] == 0).sum())
+    n_one = int((table["images"] == 1).sum())
+    st.caption(f"{len(shown)} of {inference.d_sae} features shown · {n_dead} dead (never fire on this dataset) "
+               f"· {n_one} fire on one image only"
+               + (" · image-level SAE: one code per image, no patches or heatmaps" if image_level else ""))
+    if view == "map of the dictionary":
+        atlas_map(run, inference, table, shown)
+        return
+    if not len(shown):
+        st.info("No feature passes these filters.")
+        return
+    n_pages = -(-len(shown) // per_page)
+    page = int(st.number_input(f"Page (1-{n_pages})", 1, n_pages, 1, key="atlas-page"))
+    st.markdown(
+        f"Each row: a feature's {STRIP_TILES} best images, zoomed to where it fires, heat on one scale per "
+        "feature (its largest activation). Click a feature to see its evidence; hover a number for what it means.")
+    rows = shown.iloc[(page - 1) * per_page: page * per_page]
+    strips = [strip_html(run, row, strip_tiles(str(inference.dpath), mtime, str(dataset.dpath),
+                                               int(row["feature"]), STRIP_TILES, STRIP_SIDE), image_level)
+              for _, row in rows.iterrows()]
+    st.markdown('<div class="ts-atlas">' + "".join(strips) + "</div>", unsafe_allow_html=True)
+
+
+def atlas_map(run: Run, inference: InferenceView, table: pd.DataFrame, shown: pd.DataFrame) -> None:
+    """Every shown feature at its t-SNE position of the decoder directions; click one to open it."""
+    import altair as alt
+
+    if not run.has_weights:
+        st.info(f"{run.name} has no SAE weights (sae.safetensors): the map needs its decoder directions.")
+        return
+    xy = get_decoder_map(str(run.dpath), str(inference.manifest.get("sae_sha256")), str(ARGS.cache))
+    colour_by = st.radio("Colour by", ["images where it fires (log10)"]
+                         + (["enrichment significance (-log10 q)"] if "q" in table else []),
+                         horizontal=True, key="atlas-map-colour")
+    data = shown.assign(map_x=xy[shown["feature"], 0], map_y=xy[shown["feature"], 1],
+                        log_images=np.log10(np.maximum(shown["images"], 1)))
+    if "q" in data:
+        data = data.assign(minus_log_q=-np.log10(np.maximum(data["q"], 1e-300)))
+    colour = "log_images" if colour_by.startswith("images") else "minus_log_q"
+    tooltip = ["feature", "images", "max_act"] + (["label", "q"] if "q" in data else [])
+    pick = alt.selection_point(fields=["feature"], name="pick", on="click")
+    chart = (alt.Chart(data[["feature", "map_x", "map_y", colour] + tooltip[1:]]).mark_circle(size=40)
+             .encode(x=alt.X("map_x", axis=None), y=alt.Y("map_y", axis=None),
+                     color=alt.Color(colour, scale=alt.Scale(scheme="viridis"), title=colour_by),
+                     tooltip=tooltip)
+             .add_params(pick).properties(height=600))
+    st.caption(f"{len(data)} features (the filters above apply). Click a point to open that feature.")
+    event = st.altair_chart(chart, on_select="rerun", key="atlas-map", width="stretch")
+    points = (event.selection.get("pick") if event and event.selection else None) or []
+    if points:
+        open_feature(run, int(points[0]["feature"]))
+
+
+def open_feature(run: Run, feature: int) -> None:
+    """Go to a feature's page (applied by `main` before the widgets are drawn again)."""
+    st.query_params.update({"page": "Feature", "run": run.name, "feature": str(feature)})
+    st.session_state["_goto"] = {"page": "Feature", "feat-run": run.name, "feat-mode": "index",
+                                 "feat-index": feature}
+    st.rerun()
+
+
+def page_features(runs: list[Run], dataset: Dataset) -> None:
+    run = pick_run(runs, "feat")
     inference = need_inference(run, dataset, "feat")
     if inference is None:
         return
     initial = parse_int(st.query_params.get("feature"), 0, inference.d_sae)
-    left, right = st.columns([1, 3])
+    left, right = st.columns([1, 4])
     with left:
+        st.markdown(f'<a href="?page=Atlas&run={html.escape(run.name)}" target="_self">Back to the atlas</a>',
+                    unsafe_allow_html=True)
         feature = pick_feature(inference, dataset, "feat", initial)
     if feature is None:
         return
-    st.query_params.update({"page": "Features", "run": run.name, "feature": str(feature)})
     with right:
-        feature_view(run, dataset, inference, int(feature))
+        view = tile_controls("feat") if inference.top_patch_acts is not None else TileView()
+        query = {"page": "Feature", "run": run.name, "feature": str(feature), **view.query()}
+        st.query_params.update(query)
+        show_enlarged(dataset, inference, int(feature), view)
+        feature_view(run, dataset, inference, int(feature), view, enlarge=query)
 
 
 def page_compare(runs: list[Run], dataset: Dataset) -> None:
@@ -337,7 +706,7 @@ def page_compare(runs: list[Run], dataset: Dataset) -> None:
                 continue
             feature = pick_feature(inference, dataset, f"cmp-{side}", None)
             if feature is not None:
-                feature_view(run, dataset, inference, int(feature), n_cols=3)
+                feature_view(run, dataset, inference, int(feature), TileView(cols=3))
 
 
 def page_image(runs: list[Run], dataset: Dataset) -> None:
@@ -504,9 +873,11 @@ def main() -> None:
     st.set_page_config(page_title="traitscope", layout="wide")
     datasets = [get_dataset(str(p)) for p in ARGS.shards]
     all_runs = get_runs(str(ARGS.runs))
+    for key, value in st.session_state.pop("_goto", {}).items():
+        st.session_state[key] = value
     with st.sidebar:
         st.title("traitscope")
-        q_page = st.query_params.get("page")
+        q_page = PAGE_ALIASES.get(st.query_params.get("page"), st.query_params.get("page"))
         page = st.radio("Page", PAGES, index=PAGES.index(q_page) if q_page in PAGES else 0, key="page")
         titles = [d.title() for d in datasets]
         dataset = datasets[titles.index(st.selectbox("Dataset", titles, key="dataset"))]
@@ -525,7 +896,7 @@ def main() -> None:
     if not runs:
         st.info(f"Pick a run in the sidebar ({len(all_runs)} found under {ARGS.runs}).")
         return
-    {"Features": page_features, "Compare runs": page_compare, "Image": page_image,
+    {"Atlas": page_atlas, "Feature": page_features, "Compare runs": page_compare, "Image": page_image,
      "Blind test": page_blind}[page](runs, dataset)
 
 

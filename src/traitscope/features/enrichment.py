@@ -11,9 +11,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import scipy.stats
 
 from traitscope.features.inference import Inference
 from traitscope.shards import Shards
+
+
+def hypergeom_p(counts, n_total, n_positive, n_drawn) -> np.ndarray:
+    """One-sided hypergeometric p-value of seeing at least `counts` labelled items among `n_drawn` drawn
+    from `n_total`, of which `n_positive` carry the label (chance alone); arguments broadcast."""
+    return scipy.stats.hypergeom.sf(np.asarray(counts) - 1, n_total, n_positive, n_drawn)
 
 
 class Enrichment(NamedTuple):

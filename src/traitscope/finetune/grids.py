@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import scipy.stats
 import torch
 from PIL import Image
 
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
+from traitscope.features.enrichment import hypergeom_p
 from traitscope.finetune.embed import l2_normalize_rows
 from traitscope.images import load_image, open_source
 from traitscope.sae import load_sae
@@ -222,7 +222,7 @@ def enrichment(top: TopImages, labels_na: np.ndarray) -> Enrichment:
     base_rate_a = positives_a / max(n_images, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         lift_ua = (counts_ua / n_top_u[:, None]) / base_rate_a[None, :]
-    p_ua = scipy.stats.hypergeom.sf(counts_ua - 1, n_images, positives_a[None, :], n_top_u[:, None])
+    p_ua = hypergeom_p(counts_ua, n_images, positives_a[None, :], n_top_u[:, None])
     return Enrichment(counts_ua, n_top_u, base_rate_a, lift_ua, p_ua)
 
 
