@@ -213,3 +213,19 @@ def make_world(root: Path, n_images: int = 48, d_sae: int = 128, fresh_run: bool
     if fresh_run:
         make_run(root / "runs" / "fresh", shards, d_sae=d_sae)
     return {"root": root, "shards": shards, "ratings": root / "ratings", "cache": root / "cache"}
+
+
+def permuted_run(src_dpath: Path, dst_dpath: Path, perm: np.ndarray) -> Path:
+    """A copy of an SAE run whose latent j is the source's latent perm[j] (the same dictionary, reordered)."""
+    import torch
+
+    from traitscope.sae import load_sae
+
+    sae = load_sae(src_dpath)
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_enc[:, perm])
+        sae.b_enc.copy_(sae.b_enc[perm])
+        sae.W_dec.copy_(sae.W_dec[perm])
+    config = json.loads((src_dpath / "config.json").read_text())
+    sae.save(dst_dpath, extra_config={k: v for k, v in config.items() if k not in ("sae", "format")})
+    return dst_dpath

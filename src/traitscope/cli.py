@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pareto": ("traitscope.features.pareto_cli", "compare runs on sparsity vs reconstruction error"),
     "inference": ("traitscope.features.cli", "compute every feature's activations over a dataset"),
     "align": ("traitscope.features.align_cli", "score features against known trait labels"),
+    "match": ("traitscope.features.match_cli", "pair the features of two SAEs on the same model and layer"),
     "app": ("traitscope.app.cli", "browse features in a web app"),
     "ratings": ("traitscope.app.ratings_cli", "summarise a saved blind-test ratings file"),
     "finetune": ("traitscope.finetune.cli", "contrastive + orientation fine-tuning of a backbone"),
