@@ -502,3 +502,19 @@ def test_saev_shards_in_the_app_with_their_image_folder(tmp_path):
     (dpath / "metadata.json").write_text(json.dumps(meta | {"family": "clip"}))
     with pytest.raises(TraitscopeError, match="do not record it"):
         Dataset(dpath)
+
+
+def test_import_checks_recorded_backbone_weights(tmp_path, capsys):
+    """An exported SAE says which backbone weights it read; importing it onto other weights is refused."""
+    acts = np.random.default_rng(3).normal(size=(20, 6, D)).astype(np.float32)
+    ours_shards = make_shards(tmp_path / "a", acts)
+    other = make_shards(tmp_path / "b", acts, weights="cd" * 32)
+    trained_like("topk").save(tmp_path / "run", {"shards": {"hash": ours_shards.hash, "layer": LAYER,
+                                                            "model": "toy", "weights_sha256": "ab" * 32}})
+    assert main(["export", str(tmp_path / "run"), "--to", "saelens", str(tmp_path / "lens")]) == 0
+    assert main(["import", f"saelens:{tmp_path / 'lens'}", "--shards", str(ours_shards.dpath),
+                 "--out", str(tmp_path / "ok")]) == 0
+    assert "same backbone weights" in capsys.readouterr().out
+    assert main(["import", f"saelens:{tmp_path / 'lens'}", "--shards", str(other.dpath),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "weights sha256 abababababab" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -29,6 +29,8 @@ class ForeignSAE(NamedTuple):
     """'patches' or 'cls' when the files say which tokens the SAE was trained on."""
     notes: tuple[str, ...] = ()
     """Plain statements of what traitscope could not check or carry over."""
+    model_sha256: str | None = None
+    """sha256 of the backbone's weights, when the files record it (a traitscope export does)."""
 
 
 FORMATS = ("saev", "saelens", "sparsify")

@@ -30,9 +30,11 @@ def run(args: argparse.Namespace) -> int:
           + (f", k={sae.cfg.k}" if sae.cfg.k else ""))
     result = import_run(foreign, args.shards, args.out, layer=args.layer, token_kind=args.token_kind,
                         metric_tokens=args.metric_tokens, device=args.device)
-    if foreign.model:
-        print(f"its files say it was trained on {foreign.model}; traitscope cannot check that the shards' model "
-              "is the same (the widths match)")
+    if foreign.model_sha256 and foreign.model_sha256 == result.shards_model.get("weights_sha256"):
+        print(f"same backbone weights as the shards ({foreign.model}, sha256 {foreign.model_sha256[:12]}…)")
+    elif foreign.model:
+        print(f"its files say it was trained on {foreign.model}; the shards hold {result.shards_model.get('name')}: "
+              "traitscope cannot check that these are the same weights (the widths match)")
     for note in foreign.notes:
         print(f"note: {note}")
     m = result.metrics

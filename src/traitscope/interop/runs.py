@@ -31,6 +31,8 @@ class ImportedRun(NamedTuple):
     layer: int
     token_kind: str
     metrics: dict
+    shards_model: dict
+    """The shards' model entry (name, weights_sha256, ...)."""
 
 
 def pick_layer(foreign: ForeignSAE, shards: Shards, layer: int | None) -> int:
@@ -59,6 +61,10 @@ def import_run(foreign: ForeignSAE, shards_dpath: str | Path, out_dpath: str | P
     kind = token_kind or foreign.token_kind or "patches"
     if kind not in shards.token_kinds:
         raise TraitscopeError(f"{shards.dpath} has no {kind!r} tokens (stored: {shards.token_kinds}); give --token-kind")
+    theirs, ours = foreign.model_sha256, shards.model.get("weights_sha256")
+    if theirs and ours and theirs != ours:
+        raise TraitscopeError(f"the SAE was trained on model {foreign.model!r} (weights sha256 {theirs[:12]}…) but "
+                              f"{shards.dpath} holds {shards.model.get('name')!r} (weights sha256 {ours[:12]}…)")
     d_model = shards.d_model(layer)
     if d_model != foreign.sae.d_model:
         raise TraitscopeError(f"the SAE reads width {foreign.sae.d_model} but layer {layer} of {shards.dpath} has "
@@ -83,7 +89,7 @@ def import_run(foreign: ForeignSAE, shards_dpath: str | Path, out_dpath: str | P
     except BaseException:
         shutil.rmtree(part_dpath, ignore_errors=True)
         raise
-    return ImportedRun(out_dpath, layer, kind, metrics)
+    return ImportedRun(out_dpath, layer, kind, metrics, dict(shards.model))
 
 
 @torch.inference_mode()

@@ -100,7 +100,7 @@ def read_saelens(dpath: Path) -> ForeignSAE:
     source = {"format": "saelens", "path": str(dpath.resolve()), "architecture": arch,
               "sae_lens_version": meta.get("sae_lens_version"), "cfg": cfg}
     return ForeignSAE(sae, source, model=model, layer=int(layer) if isinstance(layer, int) else None,
-                      token_kind=token_kind, notes=tuple(notes))
+                      token_kind=token_kind, notes=tuple(notes), model_sha256=meta.get("weights_sha256"))
 
 
 def _token_kind(hook) -> str | None:

@@ -44,7 +44,7 @@ def read_sparsify(dpath: Path) -> ForeignSAE:
     meta = cfg.get("traitscope") if isinstance(cfg.get("traitscope"), dict) else {}  # written by our export
     layer = meta.get("hook_layer")
     return ForeignSAE(sae, source, model=meta.get("model_name"), layer=layer if isinstance(layer, int) else None,
-                      token_kind=meta.get("token_kind"))
+                      token_kind=meta.get("token_kind"), model_sha256=meta.get("weights_sha256"))
 
 
 def write_sparsify(sae: SAE, dpath: Path, metadata: dict | None = None) -> None:
