@@ -164,14 +164,46 @@ def test_browse_by_frequency_and_by_label(world, monkeypatch):
     assert "Feature 0" in [h.value for h in at.subheader]
 
 
-def test_two_runs_side_by_side(world, monkeypatch):
+def test_compare_runs_shows_matched_features_side_by_side(world, monkeypatch):
+    from traitscope.features.matching import match_features
+    from traitscope.sae import load_sae
+
     at = ok(app(world, monkeypatch, page="Compare runs"))
-    at.number_input(key="cmp-b-index").set_value(3).run()
+    runs = world["root"] / "runs"
+    matching = match_features(load_sae(runs / "topk-a").W_dec.detach().numpy(),
+                              load_sae(runs / "topk-b").W_dec.detach().numpy(),
+                              inference(world, "topk-a"), inference(world, "topk-b"))
+    n_pairs = int(matching.matched.sum())
+    assert n_pairs > 0
+    assert f"{n_pairs} matched pairs" in at.radio(key="cmp-view").options
+    pairs = [m.value for m in at.markdown if 'class="ts-match"' in m.value][0]
+    shown = [int(f) for f in re.findall(r'class="ts-strip" data-feature="(\d+)"', pairs)]
+    expected = np.stack([matching.feature_a[matching.matched], matching.feature_b[matching.matched]], 1).ravel()
+    assert shown == expected[:len(shown)].tolist() and len(shown) == 2 * min(10, n_pairs)
+
+    only_a = next(o for o in at.radio(key="cmp-view").options if o.split()[1:3] == ["only", "in"])
+    at.radio(key="cmp-view").set_value(only_a).run()
     ok(at)
-    images = world["shards"].images
-    expected = ([images[r]["path"] for r in inference(world, "topk-a").feature(0).rows]
-                + [images[r]["path"] for r in inference(world, "topk-b").feature(3).rows])
-    assert grid_titles(at) == expected
+
+
+def test_compare_runs_explains_runs_it_cannot_show(world, monkeypatch, tmp_path):
+    other = fx.make_run(world["root"] / "runs" / "other-model", world["shards"], d_sae=D_SAE, weights=False)
+    config = json.loads((other / "config.json").read_text())
+    config["shards"]["model"] = "bioclip"
+    (other / "config.json").write_text(json.dumps(config))
+    try:
+        import streamlit
+
+        streamlit.cache_resource.clear()  # the run list is cached for 30 s
+        at = app(world, monkeypatch, page="Compare runs")
+        at.multiselect(key="runs").set_value(["topk-a", "topk-b", "other-model"]).run()
+        ok(at)
+        assert any("trained on bioclip activations" in m.value for m in at.markdown)
+        assert "other-model" not in at.selectbox(key="cmp-a-run").options
+    finally:
+        import shutil
+        shutil.rmtree(other)
+        streamlit.cache_resource.clear()
 
 
 def test_small_dataset_without_inference_is_computed_on_the_fly(world, monkeypatch):

@@ -241,11 +241,13 @@ def test_feature_pages_heatmaps_sit_on_the_planted_patches(server, world, browse
     shot(browser, "03-label-search")
 
 
-def test_compare_runs_side_by_side(server, browser):
+def test_compare_runs_shows_matched_pairs(server, browser):
     browser.get(server + "?page=Compare+runs")
-    wait(browser, 60).until(lambda d: len(tile_titles(d)) == 32)
+    wait(browser, 90).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".ts-pair")) == 10)
     wait_idle(browser)
-    assert len(browser.find_elements(By.CSS_SELECTOR, ".ts-grid")) == 2
+    pair = browser.find_elements(By.CSS_SELECTOR, ".ts-pair")[0]
+    assert len(pair.find_elements(By.CSS_SELECTOR, ".ts-strip")) == 2
+    assert "matched" in pair.text and "cosine" in pair.text
     shot(browser, "04-compare-runs")
 
 

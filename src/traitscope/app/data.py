@@ -257,9 +257,10 @@ class Run:
         parts = [self.name, str(sae.get("variant", "?")), f"d_sae={sae.get('d_sae', '?')}"]
         if sae.get("k"):
             parts.append(f"k={sae['k']}")
-        for key in ("l0", "nmse"):
-            if isinstance(self.metrics.get(key), (int, float)):
-                parts.append(f"{key}={self.metrics[key]:.3g}")
+        values = [f"{key}={self.metrics[key]:.3g}" for key in ("l0", "nmse")
+                  if isinstance(self.metrics.get(key), (int, float))]
+        if values:  # metrics.json: held out from the shards it was trained on, not the dataset on screen
+            parts.append(" ".join(values) + " on its training data")
         return " · ".join(parts)
 
     def inference_dpath(self, shards_hash: str) -> Path:

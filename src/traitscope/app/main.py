@@ -691,22 +691,150 @@ def page_features(runs: list[Run], dataset: Dataset) -> None:
         feature_view(run, dataset, inference, int(feature), view, enlarge=query)
 
 
+def unusable_reason(run: Run, dataset: Dataset) -> str | None:
+    """Why a run cannot be shown on this dataset (None: it can, or its inference can be computed)."""
+    if run.has_inference(dataset.hash):
+        return None
+    model = run.shards_info.get("model")
+    if model and model != dataset.model_name:
+        return f"trained on {model} activations; this dataset holds {dataset.model_name}'s"
+    if not run.has_weights:
+        return "no SAE weights (sae.safetensors) and no inference outputs for this dataset"
+    if not run.can_encode(dataset):
+        return (f"reads layer {run.layer} {run.token_kind} tokens of width {run.sae_config.get('d_model')}, "
+                "which these shards do not store")
+    return None
+
+
+def heldout_table(run: Run, dataset: Dataset) -> pd.DataFrame | None:
+    """The run's held-out metrics on this dataset, next to the baselines (written by `traitscope inference`)."""
+    fpath = run.inference_dpath(dataset.hash) / "metrics.json"
+    if not fpath.is_file():
+        return None
+    try:
+        rows = json.loads(fpath.read_text())["rows"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    table = pd.DataFrame(rows).T
+    return table[[c for c in ("nmse", "explained_variance", "l0", "dead_frac", "dense_frac") if c in table]]
+
+
+HELDOUT_COLUMNS = {
+    "nmse": st.column_config.NumberColumn("NMSE", help="reconstruction error / variance, on held-out images of "
+                                          "this dataset (lower is better)", format="%.3f"),
+    "explained_variance": st.column_config.NumberColumn("explained var.", format="%.3f",
+                                                        help="1 - NMSE, per dimension averaged"),
+    "l0": st.column_config.NumberColumn("L0", help="codes above zero per token (sparsity)", format="%.1f"),
+    "dead_frac": st.column_config.NumberColumn("dead", help="share of latents that never fire on the held-out "
+                                               "tokens", format="%.2f"),
+    "dense_frac": st.column_config.NumberColumn("dense", help="share of latents firing on over 10% of tokens",
+                                                format="%.2f"),
+}
+
+
+@st.cache_resource(show_spinner="Matching the two dictionaries ...", max_entries=8)
+def get_matching(run_a: str, inf_a: str, mtime_a: float, run_b: str, inf_b: str, mtime_b: float,
+                 min_score: float):
+    from traitscope.features.matching import match_features
+
+    return match_features(get_sae(run_a).W_dec.detach().numpy(), get_sae(run_b).W_dec.detach().numpy(),
+                          get_inference(inf_a, mtime_a), get_inference(inf_b, mtime_b), min_score)
+
+
 def page_compare(runs: list[Run], dataset: Dataset) -> None:
-    if len(runs) < 2:
-        st.info("Pick at least two runs in the sidebar to compare them side by side.")
+    st.markdown("Features of two SAEs on the same model and layer, **matched** one to one by decoder direction "
+                "(cosine) and by the images they fire on (correlation of per-image maxima on this dataset); "
+                "then what each dictionary has that the other lacks. The same table from the command line: "
+                "`traitscope match RUN_A RUN_B --shards ... --out match.csv`.")
+    shown = [r for r in runs if unusable_reason(r, dataset) is None]
+    hidden = [(r, unusable_reason(r, dataset)) for r in runs if unusable_reason(r, dataset) is not None]
+    if hidden:
+        with st.expander(f"{len(hidden)} picked runs cannot be shown on this dataset"):
+            for run, reason in hidden:
+                st.markdown(f"- **{run.name}**: {reason}")
+    if len(shown) < 2:
+        st.info("Pick at least two runs in the sidebar that can be shown on this dataset.")
         return
-    columns = st.columns(2)
-    for side, column in zip(("a", "b"), columns):
+    names = [r.name for r in shown]
+    sides = []
+    for side, column in zip(("a", "b"), st.columns(2)):
         with column:
-            names = [r.name for r in runs]
-            name = st.selectbox("Run", names, index=0 if side == "a" else 1, key=f"cmp-{side}-run")
-            run = runs[names.index(name)]
+            name = st.selectbox(f"Run {side.upper()}", names, index=0 if side == "a" else 1, key=f"cmp-{side}-run")
+            run = shown[names.index(name)]
+            st.caption(run.title())
             inference = need_inference(run, dataset, f"cmp-{side}")
-            if inference is None:
+            table = heldout_table(run, dataset)
+            if table is not None:
+                st.markdown("Held-out metrics **on this dataset**", help="From `traitscope inference` on these "
+                            "shards: the SAE next to the dense, PCA and k-means baselines.")
+                st.dataframe(table, column_config=HELDOUT_COLUMNS, height=180)
+            elif inference is not None:
+                st.caption("No held-out metrics on this dataset yet: "
+                           f"`traitscope inference --run {run.dpath} --shards {dataset.dpath}` writes them.")
+            sides.append((run, inference))
+    (run_a, inf_a), (run_b, inf_b) = sides
+    if inf_a is None or inf_b is None:
+        return
+    if run_a.name == run_b.name:
+        st.info("Pick two different runs.")
+        return
+    if not (run_a.has_weights and run_b.has_weights):
+        st.info("Matching needs both runs' decoders (sae.safetensors).")
+        return
+    if (run_a.layer, run_a.token_kind, run_a.sae_config.get("d_model")) != (
+            run_b.layer, run_b.token_kind, run_b.sae_config.get("d_model")):
+        st.warning(f"{run_a.name} reads layer {run_a.layer} {run_a.token_kind} tokens, {run_b.name} layer "
+                   f"{run_b.layer} {run_b.token_kind}: only runs on the same model and layer can be matched.")
+        return
+    c1, c2 = st.columns([1, 2])
+    min_score = c1.select_slider("A pair counts as matched from score", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], 0.5,
+                                 key="cmp-min-score", help="score = (decoder cosine + activation correlation) / 2")
+    mt_a, mt_b = ((i.dpath / "manifest.json").stat().st_mtime for i in (inf_a, inf_b))
+    matching = get_matching(str(run_a.dpath), str(inf_a.dpath), mt_a, str(run_b.dpath), str(inf_b.dpath), mt_b,
+                            float(min_score))
+    n_pairs = int(matching.matched.sum())
+    lone_a, lone_b = np.flatnonzero(matching.feature_b < 0), np.flatnonzero(matching.feature_a < 0)
+    views = {f"{n_pairs} matched pairs": np.flatnonzero(matching.matched),
+             f"{len(lone_a)} only in A ({run_a.name})": lone_a,
+             f"{len(lone_b)} only in B ({run_b.name})": lone_b}
+    view = c2.radio("Show", list(views), horizontal=True, key="cmp-view",
+                    help="Features firing on at least 2 images of this dataset take part. An unmatched "
+                         "feature is shown with its closest feature on the other side.")
+    idx = views[view]
+    if not len(idx):
+        st.info("Nothing to show.")
+        return
+    per_page = 10
+    n_pages = -(-len(idx) // per_page)
+    page = int(st.number_input(f"Page (1-{n_pages})", 1, n_pages, 1, key="cmp-page"))
+    tables = [get_atlas_table(str(i.dpath), m, str(dataset.dpath), str(ARGS.cache))
+              for i, m in ((inf_a, mt_a), (inf_b, mt_b))]
+    blocks = []
+    for i in idx[(page - 1) * per_page: page * per_page]:
+        fa, fb = int(matching.feature_a[i]), int(matching.feature_b[i])
+        if fa < 0:
+            fa_shown, fb_shown = int(matching.partner[i]), fb
+        elif fb < 0:
+            fa_shown, fb_shown = fa, int(matching.partner[i])
+        else:
+            fa_shown, fb_shown = fa, fb
+        kind = "matched" if matching.matched[i] else "closest, not matched"
+        head = (f'<div class="ts-pair-head" style="font-size:0.85em;margin-top:8px">{kind}: '
+                + num(matching.score[i], ".2f", "(decoder cosine + activation correlation) / 2") + " score · cosine "
+                + num(matching.decoder_cosine[i], ".2f", "cosine of the two features' decoder directions")
+                + " · correlation " + num(matching.activation_corr[i], ".2f", "Pearson correlation of their "
+                                          "per-image maxima over this dataset's images") + "</div>")
+        cells = []
+        for run, inf, mtime, table, f in ((run_a, inf_a, mt_a, tables[0], fa_shown),
+                                          (run_b, inf_b, mt_b, tables[1], fb_shown)):
+            if f < 0:
+                cells.append("<div></div>")
                 continue
-            feature = pick_feature(inference, dataset, f"cmp-{side}", None)
-            if feature is not None:
-                feature_view(run, dataset, inference, int(feature), TileView(cols=3))
+            tiles = strip_tiles(str(inf.dpath), mtime, str(dataset.dpath), f, 4, STRIP_SIDE)
+            cells.append(strip_html(run, table.iloc[f], tiles, inf.top_patch_acts is None))
+        blocks.append(f'<div class="ts-pair">{head}<div style="display:grid;grid-template-columns:1fr 1fr;gap:16px">'
+                      + "".join(cells) + "</div></div>")
+    st.markdown('<div class="ts-match">' + "".join(blocks) + "</div>", unsafe_allow_html=True)
 
 
 def page_image(runs: list[Run], dataset: Dataset) -> None:
