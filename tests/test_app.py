@@ -206,6 +206,24 @@ def test_compare_runs_explains_runs_it_cannot_show(world, monkeypatch, tmp_path)
         streamlit.cache_resource.clear()
 
 
+def test_run_plots_page(world, monkeypatch):
+    run_dpath = world["root"] / "runs" / "topk-a"
+    (run_dpath / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "tokens": 1000 * s, "nmse": 1 / s, "l0": 8.0, "dead_frac": 0.1}) + "\n"
+        for s in range(1, 6)) + '{"step": 6, "tok')  # a line torn by a kill is skipped
+    try:
+        at = ok(app(world, monkeypatch, page="Run plots"))
+        assert [h.value for h in at.subheader][:2] == ["Sparsity against reconstruction error", "Training curves"]
+        assert at.radio(key="plots-metric").value == "nmse"
+        assert len(at.get("vega_lite_chart")) >= 3  # Pareto, curves, feature density
+        table = at.dataframe[-1].value
+        assert table.iloc[0]["feature"] == 0 and table.iloc[0]["label"] == "species_a" and table.iloc[0]["q"] < 1e-6
+        at.number_input(key="plots-support").set_value(20).run()
+        assert ok(at).dataframe[-1].value.empty, "no label is on 20 of a feature's 16-odd images"
+    finally:
+        (run_dpath / "metrics.jsonl").unlink()
+
+
 def test_small_dataset_without_inference_is_computed_on_the_fly(world, monkeypatch):
     at = ok(app(world, monkeypatch, page="Features", run="fresh"))
     assert any("no inference outputs" in i.value for i in at.info)

@@ -30,7 +30,7 @@ from traitscope.app.data import (MIN_SUPPORT, Dataset, Enrichment, FeatureData, 
 from traitscope.errors import TraitscopeError
 from traitscope.viz import fit_thumbnail, image_grid, overlay_heatmap
 
-PAGES = ("Atlas", "Feature", "Compare runs", "Image", "Blind test")
+PAGES = ("Atlas", "Feature", "Compare runs", "Run plots", "Image", "Blind test")
 PAGE_ALIASES = {"Features": "Feature"}  # older page names in links and bookmarks
 THUMB_SIDE = 256  # longer side of a heatmap thumbnail, in pixels
 BROWSE_LIST = 500  # at most this many features in a browse list
@@ -706,6 +706,10 @@ def unusable_reason(run: Run, dataset: Dataset) -> str | None:
     return None
 
 
+def all_runs_cached() -> list[Run]:
+    return get_runs(str(ARGS.runs))
+
+
 def heldout_table(run: Run, dataset: Dataset) -> pd.DataFrame | None:
     """The run's held-out metrics on this dataset, next to the baselines (written by `traitscope inference`)."""
     fpath = run.inference_dpath(dataset.hash) / "metrics.json"
@@ -835,6 +839,134 @@ def page_compare(runs: list[Run], dataset: Dataset) -> None:
         blocks.append(f'<div class="ts-pair">{head}<div style="display:grid;grid-template-columns:1fr 1fr;gap:16px">'
                       + "".join(cells) + "</div></div>")
     st.markdown('<div class="ts-match">' + "".join(blocks) + "</div>", unsafe_allow_html=True)
+
+
+def read_curves(run: Run) -> pd.DataFrame:
+    """A run's training log (metrics.jsonl) as a long frame: run, tokens, metric, value."""
+    fpath = run.dpath / "metrics.jsonl"
+    if not fpath.is_file():
+        return pd.DataFrame(columns=["run", "tokens", "metric", "value"])
+    records = []
+    for line in fpath.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a kill
+    frame = pd.DataFrame(records)
+    keep = [c for c in ("nmse", "l0", "dead_frac", "dense_frac", "loss") if c in frame]
+    if "tokens" not in frame or not keep:
+        return pd.DataFrame(columns=["run", "tokens", "metric", "value"])
+    return frame.melt(id_vars=["tokens"], value_vars=keep, var_name="metric").assign(run=run.name)
+
+
+def page_plots(runs: list[Run], dataset: Dataset) -> None:
+    import altair as alt
+
+    from traitscope.features.pareto import find_runs as pareto_runs, mark_frontier
+
+    st.subheader("Sparsity against reconstruction error")
+    points, skipped = pareto_runs(ARGS.runs)
+    if points:
+        frame = pd.DataFrame(mark_frontier(points), columns=points[0]._fields).assign(where="its training data")
+        on_here = []
+        for run in all_runs_cached():
+            table = heldout_table(run, dataset)
+            if table is not None and "sae" in table.index:
+                row = table.loc["sae"]
+                on_here.append({"run": run.name, "variant": run.sae_config.get("variant"), "l0": float(row["l0"]),
+                                "nmse": float(row["nmse"]), "where": "this dataset"})
+        frame = pd.concat([frame, pd.DataFrame(on_here)], ignore_index=True) if on_here else frame
+        chart = (alt.Chart(frame).mark_point(filled=True, size=70)
+                 .encode(x=alt.X("l0", scale=alt.Scale(type="log"), title="L0 (codes above zero per token)"),
+                         y=alt.Y("nmse", title="NMSE (held out; lower is better)"), color="variant",
+                         shape=alt.Shape("where", title="held out from"),
+                         tooltip=["run", "variant", "k", "d_sae", "l0", "nmse", "dead_frac", "where"]))
+        frontier = frame[frame["on_frontier"] == True].sort_values("l0")  # noqa: E712 (NaN rows: this dataset)
+        line = alt.Chart(frontier).mark_line(color="#999").encode(x="l0", y="nmse")
+        st.altair_chart(chart + line, width="stretch")
+        st.caption("Circles: each run's metrics.json (held out from the shards it was trained on); the grey line "
+                   "joins the Pareto frontier. Other shapes: the same runs held out from this dataset, where "
+                   "`traitscope inference` has written them.")
+    for note in skipped:
+        st.caption(f"skipped: {note}")
+
+    st.subheader("Training curves")
+    curves = pd.concat([read_curves(r) for r in runs], ignore_index=True)
+    if len(curves):
+        metrics = [m for m in ("nmse", "l0", "dead_frac", "dense_frac", "loss") if m in set(curves["metric"])]
+        metric = st.radio("Metric", metrics, horizontal=True, key="plots-metric",
+                          help="nmse: error on the training batches; l0: codes per token; dead_frac: share of "
+                               "latents silent over the recent window; dense_frac: firing on > 10% of tokens.")
+        st.altair_chart(alt.Chart(curves[curves["metric"] == metric]).mark_line()
+                        .encode(x=alt.X("tokens", title="training tokens"), y=alt.Y("value", title=metric),
+                                color="run", tooltip=["run", "tokens", "value"]), width="stretch")
+    else:
+        st.caption("The picked runs have no training log (metrics.jsonl).")
+
+    ready = [r for r in runs if r.has_inference(dataset.hash)]
+    if not ready:
+        st.info("The rest needs a run with inference outputs for this dataset.")
+        return
+    names = [r.name for r in ready]
+    run = ready[names.index(st.selectbox("Run", names, key="plots-run"))]
+    inference = inference_of(run, dataset)
+    st.subheader("Against the baselines, on this dataset")
+    table = heldout_table(run, dataset)
+    if table is None:
+        st.caption(f"Not computed yet: `traitscope inference --run {run.dpath} --shards {dataset.dpath}`.")
+    else:
+        st.altair_chart(alt.Chart(table.reset_index(names="method")).mark_bar()
+                        .encode(x=alt.X("nmse", title="held-out NMSE (lower is better)"), y=alt.Y("method", sort=None),
+                                tooltip=["method", "nmse", "l0"]), width="stretch")
+        st.dataframe(table, column_config=HELDOUT_COLUMNS)
+
+    st.subheader("How often features fire")
+    counts = inference.fire_counts()
+    alive = counts[counts > 0]
+    dens = pd.DataFrame({"log10 share of images": np.log10(alive / inference.n_images)})
+    st.altair_chart(alt.Chart(dens).mark_bar().encode(
+        x=alt.X("log10 share of images", bin=alt.Bin(maxbins=40)), y=alt.Y("count()", title="features")),
+        width="stretch")
+    st.caption(f"{len(alive)} of {inference.d_sae} features fire on this dataset; {inference.d_sae - len(alive)} "
+               "never do (dead). Features at the right fire on most images (dense).")
+
+    st.subheader("Alignment with the labels")
+    align_fpath = inference.dpath / "alignment.csv"
+    if align_fpath.is_file():
+        rows = pd.read_csv(align_fpath)
+        if {"level", "method", "ap", "dominant"} <= set(rows.columns):
+            kept = rows[~rows["dominant"].astype(str).str.lower().isin(["true", "1"])]
+            summary = kept.groupby(["level", "method"], sort=False)["ap"].mean().reset_index(name="mean AP")
+            st.altair_chart(alt.Chart(summary).mark_bar().encode(
+                x=alt.X("mean AP", scale=alt.Scale(domain=[0, 1])), y=alt.Y("method", sort=None), row="level",
+                tooltip=["level", "method", "mean AP"]), width="stretch")
+        st.dataframe(rows, hide_index=True, height=240)
+        st.caption("Per label: the best single feature chosen on training images, scored by average precision on "
+                   "held-out images, for the SAE and each baseline (alignment.csv, `traitscope align`).")
+    elif dataset.labels()[0]:
+        st.caption(f"Not computed yet: `traitscope align --run {run.dpath} --shards {dataset.dpath}`.")
+    else:
+        st.caption("This dataset has no labels to align with.")
+
+    if dataset.labels()[0]:
+        st.subheader("Label enrichment with significance")
+        min_support = int(st.number_input("Minimum support: firing images carrying the label", 1, 10**6,
+                                           MIN_SUPPORT, key="plots-support"))
+        tests = label_tests_of(inference, dataset, min_support)
+        best = tests.best(inference.d_sae)
+        has = np.flatnonzero(best["label"] >= 0)
+        frame = pd.DataFrame({"feature": has, "label": [tests.names[j] for j in best["label"][has]],
+                              "images": best["count"][has], "firing images": counts[has],
+                              "lift": best["lift"][has], "p": best["p"][has], "q": best["q"][has]})
+        frame = frame.sort_values(["q", "lift"], ascending=[True, False]).head(200)
+        frame["open"] = [feature_link(run, int(f)) for f in frame["feature"]]
+        st.dataframe(frame, hide_index=True, column_config={
+            **ENRICHMENT_COLUMNS, "open": st.column_config.LinkColumn("open", display_text="feature page"),
+            "firing images": st.column_config.NumberColumn("firing images", help="images where it fires")})
+        st.caption(f"Each feature's most significant label among those on at least {min_support} of its firing "
+                   f"images, most significant first ({int((best['q'] < 0.05).sum())} features with q < 0.05). "
+                   "p: one-sided hypergeometric test (that many by chance?); q: Benjamini-Hochberg over every "
+                   "feature-label pair tested.")
 
 
 def page_image(runs: list[Run], dataset: Dataset) -> None:
@@ -1024,7 +1156,7 @@ def main() -> None:
     if not runs:
         st.info(f"Pick a run in the sidebar ({len(all_runs)} found under {ARGS.runs}).")
         return
-    {"Atlas": page_atlas, "Feature": page_features, "Compare runs": page_compare, "Image": page_image,
+    {"Atlas": page_atlas, "Feature": page_features, "Compare runs": page_compare, "Run plots": page_plots, "Image": page_image,
      "Blind test": page_blind}[page](runs, dataset)
 
 
