@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser demo test bench
+.PHONY: install browser demo test bench gpu-check
 
 install: $(VENV)/.installed
 
@@ -29,3 +29,8 @@ test: install browser
 
 bench: install
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f; done
+
+# Every GPU path timed against floors of the same run, in one call that fits a short GPU loan (about
+# 7 minutes on one GPU); figures go to gpu_check.json. Without CUDA it runs small on the CPU.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --out gpu_check.json

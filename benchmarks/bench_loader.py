@@ -102,11 +102,12 @@ class LoaderFigures(NamedTuple):
         return self.shuffled / self.sequential
 
 
-def loader_figures(shards, repeats: int, batch_size: int = BATCH) -> LoaderFigures:
+def loader_figures(shards, repeats: int, batch_size: int = BATCH, as_stored: bool = False) -> LoaderFigures:
+    """`as_stored`: batches in the shards' dtype, as `train` takes them on a GPU (else float32)."""
     split = TokenSplit(shards, shards.layers[0], "patches", val_frac=0.05, seed=0)
     sequential_tokens_per_s(split)  # warm the page cache
     epoch_batches = split.n_train_tokens // batch_size
-    with ShuffledLoader(split, batch_size, seed=0) as loader:
+    with ShuffledLoader(split, batch_size, seed=0, as_stored=as_stored) as loader:
         shuffled_rate(loader, 3 * epoch_batches // 2)  # every block buffer allocated and in use
         seqs, shufs = [], []
         for _ in range(repeats):  # alternating, best of each

@@ -115,7 +115,8 @@ class GpuFeed(NamedTuple):
     """Tokens/s into the device against the device's training-step rate."""
 
     loader: float
-    """Shuffled batches from float16 shards, float32 in pinned memory, copied to the device (non-blocking)."""
+    """Shuffled batches from float16 shards, as stored in pinned memory, copied to the device (non-blocking)
+    and made float32 there, as `train` does."""
     step: float
     """TopK `train_step` on the device, float32."""
     step_bf16: float
@@ -130,14 +131,15 @@ def gpu_feed_figures(root: Path, device: torch.device, repeats: int) -> GpuFeed:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_batches = split.n_train_tokens // BATCH
     loader_best = 0.0
-    with ShuffledLoader(split, BATCH, seed=0, pin_memory=device.type == "cuda") as loader:
+    cuda = device.type == "cuda"
+    with ShuffledLoader(split, BATCH, seed=0, pin_memory=cuda, as_stored=cuda) as loader:  # as `train` does
         for _ in range(2 * n_batches):  # every block buffer allocated and in use
-            next(loader).to(device, non_blocking=True)
+            next(loader).to(device, non_blocking=True).float()
         for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
             for _ in range(n_batches):
-                x_bd = next(loader).to(device, non_blocking=True)
+                x_bd = next(loader).to(device, non_blocking=True).float()
             sync()
             loader_best = max(loader_best, n_batches * BATCH / (time.perf_counter() - t0))
     x_bd = x_bd / x_bd.pow(2).sum(1).mean().sqrt()

@@ -225,6 +225,17 @@ def test_loader_is_deterministic_and_resumes_from_its_state(tagged):
     assert not torch.equal(other[0], first[0])
 
 
+def test_batches_as_stored_are_the_float32_batches_before_the_cast(tagged):
+    """On a GPU `train` ships batches in the shards' dtype and casts there: the same numbers."""
+    split = TokenSplit(tagged, LAYER, "patches", val_frac=0.1, seed=0)
+    with ShuffledLoader(split, 64, seed=0, chunk_rows=40, buffer_mb=1) as plain, \
+            ShuffledLoader(split, 64, seed=0, chunk_rows=40, buffer_mb=1, as_stored=True, rows=slice(8, 40)) as stored:
+        for _ in range(30):
+            want, got = next(plain), next(stored)
+            assert got.dtype == torch.from_numpy(np.empty(0, split.dtype)).dtype
+            assert torch.equal(got.float(), want[8:40])
+
+
 def test_loader_names_the_row_holding_a_nan(tmp_path):
     shards = sparse_dictionary_shards(tmp_path / "nan", n_images=40, images_per_shard=10)
     bad_fpath = shards.dpath / f"L{LAYER}" / "patches-00002.npy"

@@ -26,6 +26,8 @@ FAMILY_MODULES = [
 Loader = Callable[[str], Backbone]
 _LOADERS: dict[str, Loader] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_MISSING: dict[str, str] = {}
+"""Family module -> the library it needs that is not installed (its models are then unavailable)."""
 
 
 def register(name: str, loader: Loader, description: str = "") -> None:
@@ -35,8 +37,15 @@ def register(name: str, loader: Loader, description: str = "") -> None:
 
 
 def _import_families() -> None:
+    """Import every family; one whose library is not installed is left out (and named when a model is
+    not found), so that the others still load."""
     for module_name in FAMILY_MODULES:
-        importlib.import_module(module_name)
+        try:
+            importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if (err.name or "traitscope").split(".")[0] == "traitscope":
+                raise
+            _MISSING[module_name] = err.name
 
 
 def available() -> dict[str, str]:
@@ -84,7 +93,9 @@ def load_backbone(name: str, device: str = "cpu") -> Backbone:
         else:
             known = ", ".join(k for k in sorted(_LOADERS) if not k.endswith(":"))
             prefixes = ", ".join(k + "..." for k in sorted(_LOADERS) if k.endswith(":"))
-            raise TraitscopeError(f"unknown model {name!r}; known names: {known}; or one of {prefixes}")
+            missing = "".join(f"; {module.rsplit('.', 1)[-1]} models need {library}, which is not installed"
+                              for module, library in sorted(_MISSING.items()))
+            raise TraitscopeError(f"unknown model {name!r}; known names: {known}; or one of {prefixes}{missing}")
     backbone = loader(arg)
     return backbone.to(device).eval()
 

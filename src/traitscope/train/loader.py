@@ -163,17 +163,20 @@ class ShuffledLoader:
 
     def __init__(self, split: TokenSplit, batch_size: int, seed: int, chunk_rows: int = 4096,
                  buffer_mb: int = 256, state: LoaderState | None = None, prefetch: bool = True, stream: int = 0,
-                 rows: slice | None = None, pin_memory: bool = False):
+                 rows: slice | None = None, pin_memory: bool = False, as_stored: bool = False):
         """`stream` picks an independent order for the same seed (e.g. the start-up sample).
 
         `rows` keeps only those rows of every batch (a data-parallel rank's share; the stream and the
         state stay those of the whole batch). `pin_memory` assembles batches in page-locked memory, so
-        that `.to("cuda", non_blocking=True)` copies them without stalling (CUDA only).
+        that `.to("cuda", non_blocking=True)` copies them without stalling (CUDA only). `as_stored`
+        gives batches in the shards' dtype (float16 by default: half the bytes to copy to a GPU, cast
+        there) instead of float32.
         """
         self.split = split
         self.batch_size = batch_size
         self.rows = rows
         self.pin_memory = pin_memory
+        self.out_dtype = split.dtype if as_stored else np.dtype(np.float32)
         self.seed = seed
         self.stream = stream
         self.chunk_rows = chunk_rows
@@ -315,14 +318,15 @@ class ShuffledLoader:
         self.state = LoaderState(epoch, block, offset)
         if self.rows is not None or self.pin_memory:
             return self._assemble(parts)
-        if len(parts) == 1 and parts[0].base is None and parts[0].dtype == np.float32:
+        if len(parts) == 1 and parts[0].base is None and parts[0].dtype == self.out_dtype:
             return torch.from_numpy(parts[0])
-        return torch.from_numpy(np.concatenate(parts, dtype=np.float32))  # float16 shards: cast in the same copy
+        return torch.from_numpy(np.concatenate(parts, dtype=self.out_dtype))  # a cast, if any, in the same copy
 
     def _assemble(self, parts: list[np.ndarray]) -> torch.Tensor:
-        """Rows `self.rows` of the batch made of `parts`, float32, in one copy (into pinned memory if asked)."""
+        """Rows `self.rows` of the batch made of `parts`, in one copy (into pinned memory if asked)."""
         lo, hi, _ = (self.rows or slice(0, self.batch_size)).indices(self.batch_size)
-        out = torch.empty((max(0, hi - lo), self.split.d_model), dtype=torch.float32, pin_memory=self.pin_memory)
+        out = torch.empty((max(0, hi - lo), self.split.d_model), dtype=torch.from_numpy(np.empty(0, self.out_dtype)).dtype,
+                          pin_memory=self.pin_memory)
         out_nd = out.numpy()
         first = 0  # the batch row where the current part starts
         for part in parts:
