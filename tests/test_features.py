@@ -4,12 +4,15 @@ Shards are written with `write_arrays`; SAEs are real registered variants with w
 so every expectation is computed independently (brute force over all tokens) or known by design.
 """
 
+import dataclasses
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from traitscope.backbones import Preprocess
 from traitscope.cli import main
 from traitscope.errors import TraitscopeError
 from traitscope.features import Inference, open_inputs, run_inference, split_rows
@@ -25,21 +28,22 @@ WEIGHTS = "ab" * 32
 
 
 def make_shards(root, acts, patch_labels=None, image_labels=None, cls=None, model="toy", weights=WEIGHTS,
-                layer=LAYER, grid=None, tag="", images_per_shard=10, label_names=None):
+                layer=LAYER, grid=None, tag="", images_per_shard=10, label_names=None, preprocess=None,
+                image_size=(32, 32)):
     """A shard folder from in-memory arrays; acts (n_images, n_patches, d_model)."""
     n_images, n_p, d_model = acts.shape
     grid = grid or (1, n_p)
     names = label_names or {}
     header = {"model": {"name": model, "family": "test", "n_layers": 6, "d_model": d_model, "weights_sha256": weights},
               "layers": [layer], "token_kinds": ["patches", "cls"], "d_model": {str(layer): d_model},
-              "grid": {str(layer): list(grid)}, "layout": {"n_cls": 1, "n_registers": 0}, "preprocess": {},
+              "grid": {str(layer): list(grid)}, "layout": {"n_cls": 1, "n_registers": 0}, "preprocess": preprocess or {},
               "dtype": "float16", "images_root": str(root), "tag": tag,
               "patch_labels": names.get("patch", [f"p{j}" for j in range(patch_labels.shape[-1])]
                                          if patch_labels is not None else []),
               "image_labels": names.get("image", [f"i{j}" for j in range(image_labels.shape[-1])]
                                          if image_labels is not None else [])}
-    listing = [{"index": i, "path": f"{i}.png", "width": 32, "height": 32, "label": None, "row": i, "skipped": None}
-               for i in range(n_images)]
+    listing = [{"index": i, "path": f"{i}.png", "width": image_size[0], "height": image_size[1], "label": None,
+                "row": i, "skipped": None} for i in range(n_images)]
     arrays = {f"L{layer}/patches": acts.astype(np.float16),
               f"L{layer}/cls": (cls if cls is not None else acts.mean(1)).astype(np.float16)}
     if patch_labels is not None:
@@ -392,3 +396,50 @@ def test_trained_runs_end_to_end(tmp_path, capsys):
     assert sae_row["l0"] == pytest.approx(trained["l0"], rel=1e-6)
     assert main(["inference", *args]) == 0
     assert "reused" in capsys.readouterr().out
+
+
+def test_export_features_matches_brute_force(tmp_path, capsys):
+    """Per-image max, mean, firing share and peak patch of chosen features, with the peak's position in
+    the original image; CSV and Parquet hold the same table."""
+    rng = np.random.default_rng(1)
+    acts = rng.normal(size=(9, 12, 8))
+    # 80x40 photos under the grid geometry into a 42x56 input (3x4 patches of 14 px): resized to 56x28,
+    # 7 px of padding above and below, so the input spans x 0..80 and y -10..50 of the original
+    pre = Preprocess(crop=48, resize=48, mode="grid", size=(42, 56))
+    shards = make_shards(tmp_path / "shards", acts, grid=(3, 4), image_labels=rng.random((9, 2)) < 0.5,
+                         preprocess=json.loads(json.dumps(dataclasses.asdict(pre))), image_size=(80, 40))
+    sae = topk_sae(8, 12, k=3)
+    with torch.no_grad():  # feature 11 never fires
+        sae.W_enc[:, 11] = 0
+        sae.b_enc[11] = -100
+    run = save_run(tmp_path / "run", sae, shards)
+    args = ["export-features", "--run", str(run), "--shards", str(shards.dpath), "--features", "0-2,11", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "t.csv")]) == 0
+    assert "9 images x 4 features = 36 rows" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "t.csv")
+    features = [0, 1, 2, 11]
+    codes = brute_force(sae, acts)[:, :, features].clip(min=0)  # (image, patch, feature)
+    assert table["image"].tolist() == [f"{i}.png" for i in range(9) for _ in features]
+    assert table["feature"].tolist() == features * 9
+    labels = shards.image_labels()
+    assert table["label_i1"].tolist() == np.repeat(labels[:, 1], 4).tolist()
+    np.testing.assert_allclose(table["max"], codes.max(1).reshape(-1), rtol=1e-5)
+    np.testing.assert_allclose(table["mean"], codes.mean(1).reshape(-1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(table["frac_patches"], (codes > 0).mean(1).reshape(-1), rtol=1e-6)
+    fired = codes.max(1).reshape(-1) > 0
+    assert fired.any() and not fired[3::4].any()  # feature 11 never fires: no peak
+    peak = codes.argmax(1).reshape(-1)
+    assert table["peak_patch"][fired].tolist() == peak[fired].tolist() and table["peak_patch"][~fired].isna().all()
+    row, col = peak // 4, peak % 4
+    np.testing.assert_allclose(table["peak_x"][fired], ((col + 0.5) / 4)[fired], rtol=1e-6)
+    np.testing.assert_allclose(table["peak_y"][fired], ((-10 + (row + 0.5) * 20) / 40)[fired], rtol=1e-6)
+    assert table["peak_x"][~fired].isna().all()
+
+    assert main([*args, "--out", str(tmp_path / "t.parquet")]) == 0
+    parquet = pd.read_parquet(tmp_path / "t.parquet")
+    assert parquet["label"].isna().all() and table["label"].isna().all()  # no image has a class label
+    pd.testing.assert_frame_equal(parquet.drop(columns="label"), table.drop(columns="label"), check_dtype=False)
+    assert main([*args, "--features", "12", "--out", str(tmp_path / "x.csv")]) == 2
+    assert "not a feature of this SAE (0..11)" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "t.xlsx")]) == 2
+    assert ".csv or .parquet" in capsys.readouterr().err

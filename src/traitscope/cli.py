@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inference": ("traitscope.features.cli", "compute every feature's activations over a dataset"),
     "align": ("traitscope.features.align_cli", "score features against known trait labels"),
     "match": ("traitscope.features.match_cli", "pair the features of two SAEs on the same model and layer"),
+    "export-features": ("traitscope.features.export_cli",
+                        "per-image feature values (max, mean, peak patch and position) as CSV / Parquet"),
     "app": ("traitscope.app.cli", "browse features in a web app"),
     "ratings": ("traitscope.app.ratings_cli", "summarise a saved blind-test ratings file"),
     "finetune": ("traitscope.finetune.cli", "contrastive + orientation fine-tuning of a backbone"),
