@@ -1,6 +1,9 @@
 """`traitscope demo` end to end on a small synthetic set with the offline DINOv2-S, and its rerun."""
 
 import re
+from pathlib import Path
+
+import pytest
 
 from traitscope.cli import main
 from traitscope.demo.report import coverage_verdict
@@ -40,3 +43,23 @@ def test_the_report_says_whether_the_sae_beats_every_baseline():
     text = coverage_verdict(by(sae=0.29, dense=0.36, pca=0.07, kmeans=0.43, probe=1.0))
     assert "<b>not</b> above every baseline (kmeans: 43%)" in text
     assert "not" in coverage_verdict(by(sae=0.5, dense=0.5))  # a tie is not above
+
+
+FISH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fishvista_demo"
+
+
+@pytest.mark.skipif(not FISH.is_dir(), reason=f"{FISH} is absent")
+def test_demo_on_unlabelled_photos_skips_alignment_and_says_so(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for fpath in sorted(FISH.glob("*.JPG"))[:16]:
+        (photos / fpath.name).symlink_to(fpath)
+    out = tmp_path / "demo"
+    assert main(["demo", "--images", str(photos), "--out", str(out), "--tokens", "8k", "--ks", "8",
+                 "--expansion", "2", "--batch-size", "512"]) == 0
+    assert "alignment skipped" in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    assert "Trait alignment: skipped" in page and "have no labels" in page
+    figures = re.findall(r'src="(figures/feature-\d+\.png)"', page)
+    assert figures and all((out / f).is_file() for f in figures)
+    assert "<td>kmeans (" in page  # the held-out metrics against the baselines are there

@@ -33,7 +33,8 @@ class DemoConfig:
     out: str = "demo-out"
     """Folder for everything the demo writes (data, shards, runs, report)."""
     images: str | None = None
-    """A folder of your own images instead of the synthetic trait set."""
+    """A folder of your own images instead of the synthetic trait set (unlabelled photos work: alignment
+    is skipped and the report shows the features to look at first)."""
     n_images: int = 300
     """Images of the synthetic trait set."""
     seed: int = 0
@@ -66,6 +67,7 @@ class RunOutcome(NamedTuple):
     inference: Inference
     metrics: dict[str, Metrics]
     alignment: list[LabelScore]
+    """Scores against the data set's labels; empty for unlabelled images (alignment skipped)."""
 
 
 class DemoResult(NamedTuple):
@@ -120,9 +122,13 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
     inf = inferences[chosen.dpath]
     baselines, info = baselines_for(inputs, inf, progress=True)
     metrics, _ = heldout_metrics(inputs, inf, baselines, info)
-    rows = align(inputs, inf, baselines, progress=True)
-    write_report(rows, inf.dpath / "alignment.csv", inf.dpath / "alignment.md")
-    write_enrichment(label_enrichment(inf, shards), inf.dpath / "enrichment.csv")
+    if shards.patch_label_names or shards.image_label_names:
+        rows = align(inputs, inf, baselines, progress=True)
+        write_report(rows, inf.dpath / "alignment.csv", inf.dpath / "alignment.md")
+        write_enrichment(label_enrichment(inf, shards), inf.dpath / "enrichment.csv")
+    else:
+        rows = []
+        echo(f"alignment skipped: {spec} has no labels; the report shows the features to look at first instead")
     aligned = RunOutcome(chosen.dpath, by_dpath[chosen.dpath.resolve()], inf, metrics, rows)
 
     step(5, "report")

@@ -69,6 +69,15 @@ def coverage_verdict(by_method: dict) -> str:
             "prints the same comparison.</p>")
 
 
+def features_to_look_at(inf, n: int = N_GRID_IMAGES) -> np.ndarray:
+    """For unlabelled images: the `n` features that fire on the most images among those that fire on
+    at least 3 images and at most a quarter of them (rarer ones may be coincidences, commoner ones
+    the background)."""
+    n_fired = np.rint(np.asarray(inf.array("feature_image_freq"), np.float64) * inf.n_images)
+    candidates = np.flatnonzero((n_fired >= 3) & (n_fired <= max(3, inf.n_images / 4)))
+    return candidates[np.argsort(-n_fired[candidates], kind="stable")][:n]
+
+
 def write_report(cfg, shards: Shards, train_cfg: TrainConfig, points: list, best, out: Path) -> Path:
     """report.html in `out`, for the sweep's `points` (Pareto rows) and the aligned run `best`."""
     run_config = json.loads((best.dpath / "config.json").read_text())
@@ -96,6 +105,8 @@ of {model['n_layers']} (patch tokens, d_model {shards.d_model(shards.layers[0])}
                    for name, m in best.metrics.items()]
     metrics = _table(["method", "NMSE", "explained var.", "L0", "dead", "dense", "codes"], metric_rows)
 
+    if not best.alignment:
+        return _write(out, _page(cfg, shards, best, out, facts, pareto, metrics, held, _unlabelled(shards, best, out)))
     by = {s.method: s for s in summarise(best.alignment) if s.level == "patch"}
     methods = [m for m in ("sae", "dense", "pca", "kmeans", "probe")
                if any(s.method == m for s in best.alignment)]
@@ -124,21 +135,7 @@ of {model['n_layers']} (patch tokens, d_model {shards.d_model(shards.layers[0])}
         tiles.append(f"""<div class="feature"><b>{html.escape(s.label)}</b>: feature {feature},
 held-out AP {s.ap:.3f}, purity@16 {s.purity:.2f}<br><img src="{fpath.relative_to(out)}"></div>""")
 
-    app_cmd = f"traitscope app --runs {out / 'runs'} --shards {shards.dpath}"
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>traitscope demo report</title>
-<style>{STYLE}</style></head><body>
-<h1>traitscope demo: traits found by sparse autoencoders</h1>
-{facts}
-<h2>Sparsity against reconstruction error</h2>
-<p>Each SAE of the sweep on the {held}: L0 (active latents per token) against NMSE. Runs on the
-frontier are not beaten on both at once.</p>
-<img class="plot" src="pareto.png">
-{pareto}
-<h2>Held-out reconstruction: {html.escape(best.dpath.name)} against baselines</h2>
-<p>The run scored from here on is the TopK SAE with k = {cfg.align_k}, chosen before looking at any score.
-Baselines need no SAE: the dense dimensions themselves, PCA and k-means fitted on training tokens.</p>
-{metrics}
-<h2>Trait alignment</h2>
+    alignment = f"""<h2>Trait alignment</h2>
 <p>For each trait label, the single feature with the best average precision on training patches;
 its AP on the {held} is reported. Coverage is the share of labels whose held-out AP is at least 0.5.
 The probe (logistic regression on the dense activations) is a ceiling, not a competitor. Dominant labels
@@ -151,11 +148,59 @@ The probe (logistic regression on the dense activations) is a ceiling, not a com
 <p>Top {N_GRID_IMAGES} images of each label's feature, with its activation drawn over the patches the
 model saw (one colour scale per feature).</p>
 {''.join(tiles)}
-<h2>Explore further</h2>
+"""
+    return _write(out, _page(cfg, shards, best, out, facts, pareto, metrics, held, alignment))
+
+
+def _unlabelled(shards: Shards, best, out: Path) -> str:
+    """The report's second half for images without labels: no alignment, the features to look at first."""
+    figures_dpath = out / "figures"
+    figures_dpath.mkdir(exist_ok=True)
+    freq = np.asarray(best.inference.array("feature_image_freq"))
+    tiles = []
+    for feature in features_to_look_at(best.inference):
+        fpath = figures_dpath / f"feature-{feature}.png"
+        feature_grid(shards, best.inference, int(feature)).save(fpath)
+        tiles.append(f"""<div class="feature"><b>feature {feature}</b>: fires on {freq[feature]:.0%} of the
+images<br><img src="{fpath.relative_to(out)}"></div>""")
+    return f"""<h2>Trait alignment: skipped</h2>
+<p>These images have no labels (<code>{html.escape(shards.manifest["images_root"])}</code>), so no feature
+can be scored against known traits and there is no alignment table. To score features, make the images'
+shards with labels: a folder per class (<code>--labels folders</code>), a CSV, or segmentation masks
+(<code>--masks</code>); see docs/tutorial.md.</p>
+<h2>Features to look at first</h2>
+<p>No labels to rank by, so these are the {len(tiles)} features that fire on the most images among those
+firing on at least 3 images and at most a quarter of them (rarer ones may be coincidences, commoner
+ones the background). Top {N_GRID_IMAGES} images of each, with its activation drawn over the patches
+the model saw (one colour scale per feature). Judge them yourself; the app shows every feature.</p>
+{''.join(tiles) or "<p>No feature fires on between 3 images and a quarter of them.</p>"}
+"""
+
+
+def _page(cfg, shards: Shards, best, out: Path, facts: str, pareto: str, metrics: str, held: str,
+          second_half: str) -> str:
+    app_cmd = f"traitscope app --runs {out / 'runs'} --shards {shards.dpath}"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>traitscope demo report</title>
+<style>{STYLE}</style></head><body>
+<h1>traitscope demo: traits found by sparse autoencoders</h1>
+{facts}
+<h2>Sparsity against reconstruction error</h2>
+<p>Each SAE of the sweep on the {held}: L0 (active latents per token) against NMSE. Runs on the
+frontier are not beaten on both at once.</p>
+<img class="plot" src="pareto.png">
+{pareto}
+<h2>Held-out reconstruction: {html.escape(best.dpath.name)} against baselines</h2>
+<p>The run scored from here on is the TopK SAE with k = {cfg.align_k}, chosen before looking at any score.
+Baselines need no SAE: the dense dimensions themselves, PCA and k-means fitted on training tokens.</p>
+{metrics}
+{second_half}<h2>Explore further</h2>
 <p>Browse every feature, compare runs and take the blind test in the app:</p>
 <pre>{html.escape(app_cmd)}</pre>
 </body></html>
 """
+
+
+def _write(out: Path, page: str) -> Path:
     report_fpath = out / "report.html"
     report_fpath.write_text(page)
     return report_fpath
