@@ -535,7 +535,7 @@ def strip_html(run: Run, row: pd.Series, tiles: list[dict], image_level: bool) -
     """One atlas row: the feature's numbers (each with a tooltip) and a strip of its best images."""
     f = int(row["feature"])
     link = feature_link(run, f)
-    facts = [num(row["images"], "d", "images where it fires (activation > 0 on any patch)") + " images",
+    facts = [num(int(row["images"]), "d", "images where it fires (activation > 0 on any patch)") + " images",
              num(row["image_freq"], ".2%", "share of the dataset's images where it fires")]
     if not image_level:
         facts.append(num(row["patch_freq"], ".3%", "share of all patches (image tokens) where it fires")
@@ -547,7 +547,7 @@ def strip_html(run: Run, row: pd.Series, tiles: list[dict], image_level: bool) -
                      + ", " + num(row["y"], ".2f", "median vertical position (0 = top, 1 = bottom)"))
     if "label" in row and row["label"]:
         facts.append(f"<b>{html.escape(str(row['label']))}</b> "
-                     + num(row["label_images"], "d", "firing images that carry this label") + " imgs, lift "
+                     + num(int(row["label_images"]), "d", "firing images that carry this label") + " imgs, lift "
                      + num(row["lift"], ".2f", "share of this label among its firing images / among all images")
                      + ", q " + num(row["q"], ".2g", "hypergeometric p-value, Benjamini-Hochberg corrected over "
                                     f"every feature-label pair seen on >= {MIN_SUPPORT} images"))
