@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from traitscope.backbones import Preprocess, load_backbone
@@ -107,3 +108,97 @@ def test_the_whole_fish_is_seen(capsys):
               f"median aspect {aspect:.2f}) and letterbox: 100%")
     assert len(sizes) == 110 and max(centre) < 0.5
     assert all(grid.seen_fraction(w, h) == pytest.approx(1.0) == letterbox.seen_fraction(w, h) for w, h in sizes)
+
+
+def test_padding_patches_are_never_trained_on_counted_or_ranked(long_photos, tmp_path, capsys):
+    """Letterboxed long photos: most patches are padding; none reaches training, statistics or top images."""
+    from traitscope.features import open_inputs, run_inference
+    from traitscope.train.loader import ShuffledLoader, TokenSplit
+
+    assert main(["shards", "--images", str(long_photos), "--model", MODEL, "--layers=-1", "--geometry", "letterbox",
+                 "--resolution", "112", "--out", str(tmp_path / "shards"), "--device", "cpu"]) == 0
+    shards = Shards(capsys.readouterr().out.strip().splitlines()[-1])
+    validity = shards.patch_validity(-1)
+    pre = Preprocess.from_dict(shards.manifest["preprocess"])
+    expected = np.stack([pre.valid_patches(r["width"], r["height"], (8, 8)).reshape(-1) for r in shards.images])
+    np.testing.assert_array_equal(validity.of_images(0, shards.n_images), expected)
+    assert 0.3 < expected.mean() < 0.6  # 3:1 photos in a square: about 3 rows of 8 hold image
+
+    split = TokenSplit(shards, -1, "patches", val_frac=0.2, seed=0)
+    acts = shards.acts(-1)[:]
+    valid_rows = expected.reshape(-1) & ~np.repeat(split.is_val, 64)
+    assert split.n_train_tokens == valid_rows.sum()
+    with ShuffledLoader(split, 16, seed=0, chunk_rows=64, prefetch=False) as loader:
+        seen = np.concatenate([next(loader).numpy() for _ in range(split.n_train_tokens // 16)])
+    as_set = lambda rows: {r.tobytes() for r in rows.astype(np.float32)}  # noqa: E731
+    assert as_set(seen) == as_set(acts[valid_rows])  # one epoch: every valid training token, nothing else
+
+    assert main(["train", "--shards", str(shards.dpath), "--sae", "topk", "--k", "4", "--d-sae", "32",
+                 "--tokens", "2000", "--batch-size", "64", "--val-frac", "0.2", "--out", str(tmp_path / "runs"),
+                 "--quiet"]) == 0
+    run = next((tmp_path / "runs").rglob("sae.safetensors")).parent
+    assert json.loads((run / "config.json").read_text())["train"]["n_train_tokens"] == split.n_train_tokens
+    inf, _ = run_inference(run, shards.dpath, top_n=4, progress=False)
+    maps = np.asarray(inf.array("top_patch_acts"))  # (d_sae, top_n, 64)
+    rows = np.asarray(inf.top_rows)
+    assert (rows >= 0).any()
+    for f, slot in zip(*np.nonzero(rows >= 0)):
+        assert not maps[f, slot][~expected[rows[f, slot]]].any()  # never a value on padding
+    inputs = open_inputs(run, shards.dpath)
+    codes = inputs.sae.encode(torch.from_numpy(acts.astype(np.float32))).detach().numpy()
+    freq = (codes[expected.reshape(-1)] > 0).mean(0)
+    np.testing.assert_allclose(np.asarray(inf.array("feature_freq")), freq, rtol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", ["grid", "letterbox", "squash", "center-crop"])
+def test_a_drawn_region_and_its_mask_stay_aligned(tmp_path, geometry):
+    """A red rectangle near the edge of a long photo and its mask land on the same patches."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rgb = np.full((100, 310, 3), 200, dtype=np.uint8)
+    mask = np.zeros((100, 310), dtype=np.uint8)
+    for x0, y0 in [(6, 30), (150, 10), (255, 55)]:  # a head, a dorsal fin, a tail
+        rgb[y0:y0 + 30, x0:x0 + 45] = (255, 0, 0)
+        mask[y0:y0 + 30, x0:x0 + 45] = 1
+    Image.fromarray(rgb).save(images / "fish.png")
+    Image.fromarray(mask).save(masks / "fish.png")
+    (masks / "labels.json").write_text(json.dumps({"0": "background", "1": "spot"}))
+    source = FolderSource(images, masks=masks)
+    pre = DINOV2_PREPROCESS.with_geometry(geometry, 224, 14, aspect=3.1)
+    grid = (pre.input_hw[0] // 14, pre.input_hw[1] // 14)
+    record = source.records()[0]
+    labels = source.patch_labels(record, pre, grid)[:, 1].reshape(grid).astype(bool)
+    seen = np.asarray(pre.crop_image(source.load(record)), dtype=np.int64)
+    red = (seen[..., 0] > 230) & (seen[..., 1] < 30)
+    red_share = red.reshape(grid[0], 14, grid[1], 14).mean(axis=(1, 3))
+    np.testing.assert_array_equal(labels, red_share > 0.5)
+    assert labels.sum() >= (4 if geometry != "center-crop" else 1)
+    valid = pre.valid_patches(310, 100, grid)
+    assert not labels[~valid].any() and source.patch_labels(record, pre, grid)[~valid.reshape(-1)].sum() == 0
+
+
+@pytest.mark.parametrize("geometry", ["grid", "letterbox"])
+def test_heatmaps_cover_the_whole_image_patch_for_patch(geometry):
+    """Every pixel of the original lies under exactly the patch that saw it; padding cells are never drawn."""
+    from traitscope.viz.heatmap import overlay_heatmap, patch_index_maps
+
+    width, height = 310, 100
+    pre = DINOV2_PREPROCESS.with_geometry(geometry, 224, 14, aspect=3.1)
+    grid = (pre.input_hw[0] // 14, pre.input_hw[1] // 14)
+    row0, col0, row1, col1 = pre.valid_box(width, height, grid)
+    col_of_x, row_of_y = patch_index_maps((width, height), pre.canvas_box(width, height), grid)
+    assert (col_of_x >= col0).all() and (col_of_x < col1).all() and (row_of_y >= row0).all() and (row_of_y < row1).all()
+    assert col_of_x[0] == col0 and col_of_x[-1] == col1 - 1 and row_of_y[0] == row0 and row_of_y[-1] == row1 - 1
+    # each pixel's patch is where that pixel landed in the model's input
+    (new_w, new_h), (ox, oy) = pre.placement(width, height)
+    x_in = (np.arange(width) + 0.5) * new_w / width + ox
+    np.testing.assert_array_equal(col_of_x, np.floor(x_in / 14).astype(int))
+
+    acts_hw = np.zeros(grid, dtype=np.float32)
+    acts_hw[:, col0] = 1.0  # the head end
+    acts_hw[:, col1 - 1] = 1.0  # the tail end
+    acts_hw[~pre.valid_patches(width, height, grid)] = 5.0  # padding (letterbox: rows above and below) is never drawn
+    drawn = np.asarray(overlay_heatmap(Image.new("RGB", (width, height), "white"), acts_hw, pre, vmax=1.0))
+    changed = (drawn != 255).any(axis=2)
+    assert changed[:, 0].all() and changed[:, -1].all() and not changed[:, width // 2].any()

@@ -580,12 +580,16 @@ def dense_top_images(dataset: Dataset, layer: int, kind: str, top_n: int, cache_
         return load_npy(rows_fpath, mmap=False)
     acts = shards.acts(layer, kind)
     per_image, n = acts.rows_per_item, dataset.n_images
+    validity = shards.patch_validity(layer) if kind == "patches" else None
 
     def batches():
         for start in range(0, n, chunk_images):
             stop = min(start + chunk_images, n)
             block = acts.read(start * per_image, stop * per_image).astype(np.float32)
-            yield start, block.reshape(stop - start, per_image, acts.width).max(axis=1)
+            block = block.reshape(stop - start, per_image, acts.width)
+            if validity is not None:  # padding patches never rank an image
+                block[~validity.of_images(start, stop)] = -np.inf
+            yield start, block.max(axis=1)
             progress(stop / n, f"dense dimensions: {stop}/{n} images")
 
     rows = top_images(batches(), top_n, normalize=normalize, kind="dense").rows_un

@@ -22,7 +22,10 @@ def load_dataset_backbone(dataset: Dataset) -> tuple[Backbone, bool]:
     """The backbone the dataset's shards were made with, and whether its weights hash matches."""
     backbone = load_backbone(dataset.model_name, device="cpu")
     expected = dataset.manifest["model"].get("weights_sha256")
-    return backbone, expected is None or backbone.weights_sha256() == expected
+    matches = expected is None or backbone.weights_sha256() == expected
+    if backbone.preprocess != dataset.preprocess:  # the shards' geometry and resolution
+        backbone.set_preprocess(dataset.preprocess)
+    return backbone, matches
 
 
 @torch.inference_mode()
@@ -41,7 +44,11 @@ def dataset_image_codes(sae: SAE, dataset: Dataset, run: Run, row: int) -> np.nd
         raise TraitscopeError(f"image row {row} is out of range")
     acts = dataset.shards.acts(run.layer, run.token_kind)
     per_image = acts.rows_per_item
-    return encode_acts(sae, acts.read(row * per_image, (row + 1) * per_image))
+    codes = encode_acts(sae, acts.read(row * per_image, (row + 1) * per_image))
+    validity = dataset.shards.patch_validity(run.layer) if run.token_kind == "patches" else None
+    if validity is not None:  # padding patches never fire
+        codes[~validity.of_images(row, row + 1)[0]] = 0
+    return codes
 
 
 @torch.inference_mode()
@@ -51,7 +58,10 @@ def new_image_codes(backbone: Backbone, sae: SAE, dataset: Dataset, run: Run, im
     pixels_bchw = dataset.preprocess(image).unsqueeze(0)
     acts = backbone.record(pixels_bchw, [layer])[layer]
     tokens_td = acts.patches_bpd[0] if run.token_kind == "patches" else acts.cls_bd
-    return encode_acts(sae, tokens_td.float().numpy())
+    codes = encode_acts(sae, tokens_td.float().numpy())
+    if run.token_kind == "patches":  # padding patches never fire
+        codes[~dataset.preprocess.valid_patches(*image.size, dataset.grid(run.layer)).reshape(-1)] = 0
+    return codes
 
 
 def top_features(codes_td: np.ndarray, n: int = 12) -> tuple[np.ndarray, np.ndarray]:

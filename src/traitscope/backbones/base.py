@@ -137,20 +137,34 @@ class Preprocess:
         left, top, right, bottom = self.crop_box(width, height)
         return (right - left) * (bottom - top) / (width * height)
 
+    def valid_box(self, width: int, height: int, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(row0, col0, row1, col1): the patches of a `grid` over the model's input that hold any image pixel
+        are rows [row0, row1) x cols [col0, col1); the others are pure padding (letterbox and grid only)."""
+        (new_w, new_h), (ox, oy) = self.placement(width, height)
+        out_h, out_w = self.input_hw
+        rows, cols = grid
+
+        def span(n: int, extent: int, lo: int, hi: int) -> tuple[int, int]:
+            lo, hi = max(lo, 0), min(hi, extent)  # the image's pixels [lo, hi) of [0, extent)
+            return int(math.floor(lo * n / extent)), int(math.ceil(hi * n / extent))
+
+        (row0, row1), (col0, col1) = span(rows, out_h, oy, oy + new_h), span(cols, out_w, ox, ox + new_w)
+        return row0, col0, row1, col1
+
     def valid_patches(self, width: int, height: int, grid: tuple[int, int]) -> np.ndarray:
         """(rows, cols) bool: the patches of a `grid` over the model's input that hold any image pixel.
 
         Only letterbox and grid pad; a patch of pure padding is False and never counts anywhere.
         """
-        (new_w, new_h), (ox, oy) = self.placement(width, height)
-        out_h, out_w = self.input_hw
-        rows, cols = grid
+        row0, col0, row1, col1 = self.valid_box(width, height, grid)
+        valid = np.zeros(grid, dtype=bool)
+        valid[row0:row1, col0:col1] = True
+        return valid
 
-        def overlaps(n: int, extent: int, lo: int, hi: int) -> np.ndarray:
-            edges = np.arange(n + 1) * extent / n
-            return (edges[1:] > max(lo, 0)) & (edges[:-1] < min(hi, extent))
-
-        return overlaps(rows, out_h, oy, oy + new_h)[:, None] & overlaps(cols, out_w, ox, ox + new_w)[None, :]
+    @property
+    def pads(self) -> bool:
+        """Whether some images get padding patches (letterbox and grid)."""
+        return self.mode in ("letterbox", "grid")
 
     def crop_image(self, image: Image.Image, size: tuple[int, int] | None = None,
                    box: tuple[float, float, float, float] | None = None) -> Image.Image:

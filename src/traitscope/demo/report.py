@@ -13,6 +13,7 @@ from PIL import Image
 
 from traitscope.backbones import Preprocess
 from traitscope.features.alignment import summarise
+from traitscope.images.source import load_image
 from traitscope.shards import Shards
 from traitscope.train.config import TrainConfig
 from traitscope.viz.heatmap import image_grid, overlay_heatmap
@@ -48,9 +49,8 @@ def feature_grid(shards: Shards, inf, feature: int, n_images: int = N_GRID_IMAGE
     vmax = max((v for _, v in top), default=1.0)
     tiles = []
     for slot, (row, _) in enumerate(top):
-        with Image.open(shards.image_fpath(row)) as image:
-            tiles.append(overlay_heatmap(image.convert("RGB"), inf.patch_map(feature, slot), preprocess,
-                                         vmax=vmax, max_side=256))
+        image = load_image(shards.image_fpath(row))  # upright, as the model saw it
+        tiles.append(overlay_heatmap(image, inf.patch_map(feature, slot), preprocess, vmax=vmax, max_side=256))
     return image_grid(tiles + [None] * (n_images - len(tiles)), n_cols=n_images // 2, cell=150)
 
 

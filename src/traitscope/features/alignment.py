@@ -242,15 +242,24 @@ def _sae_triplets(sae, x_nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 @torch.no_grad()
 def _pooled(inputs: RunInputs, image_rows: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor],
             reduce: str) -> torch.Tensor:
-    """(n_images, width) per-image max (or mean) over tokens of fn(acts), streamed image by image."""
+    """(n_images, width) per-image max (or mean) over tokens of fn(acts), streamed image by image; padding
+    patches are left out."""
     per_image = inputs.tokens_per_image
     step = max(1, CHUNK_TOKENS // per_image)
     out = []
     for start in range(0, len(image_rows), step):
         rows = image_rows[start:start + step]
-        x = torch.from_numpy(inputs.acts[token_indices(rows, per_image)].astype(np.float32))
+        idx = token_indices(rows, per_image)
+        x = torch.from_numpy(inputs.acts[idx].astype(np.float32))
         s = fn(x).view(len(rows), per_image, -1)
-        out.append(s.amax(1) if reduce == "max" else s.mean(1))
+        if inputs.validity is None:
+            out.append(s.amax(1) if reduce == "max" else s.mean(1))
+            continue
+        valid = torch.from_numpy(inputs.validity.of_rows(idx)).view(len(rows), per_image, 1)
+        if reduce == "max":
+            out.append(s.masked_fill(~valid, -torch.inf).amax(1))
+        else:
+            out.append((s * valid).sum(1) / valid.sum(1).clamp(min=1))
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 

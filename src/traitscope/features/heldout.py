@@ -34,8 +34,9 @@ def token_indices(image_rows: np.ndarray, tokens_per_image: int) -> np.ndarray:
 
 
 def sample_tokens(inputs: RunInputs, image_rows: np.ndarray, max_tokens: int, seed: int = 0) -> np.ndarray:
-    """Sorted token rows: every token of `image_rows`, or `max_tokens` of them drawn without replacement."""
-    idx = token_indices(image_rows, inputs.tokens_per_image)
+    """Sorted token rows: every token of `image_rows` (padding patches left out), or `max_tokens` of them
+    drawn without replacement."""
+    idx = inputs.token_rows(image_rows)
     if len(idx) > max_tokens:
         idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_tokens, replace=False))
     return idx
@@ -118,7 +119,7 @@ def heldout_metrics(inputs: RunInputs, inf: Inference, baselines: list[Baseline]
     accs = {"sae": MetricsAccumulator(d_model, sae.d_sae)}
     named = {b.label: b for b in baselines}
     accs.update({label: MetricsAccumulator(d_model, b.n_codes) for label, b in named.items()})
-    for x in iter_tokens(inputs, token_indices(held_rows, inputs.tokens_per_image)):
+    for x in iter_tokens(inputs, inputs.token_rows(held_rows)):
         codes = sae.encode(x.to(device))
         accs["sae"].add(x, sae.decode(codes).cpu(), codes.cpu())
         for label, b in named.items():

@@ -314,11 +314,19 @@ def _compute(inputs: RunInputs, out_dpath: Path, top_n: int, chunk_tokens: int, 
     top = _TopN(sae.d_sae, top_n, None if is_cls else n_p, device)
     cls_out = NpyAppender(out_dpath / "cls_codes.npy", np.float32, (sae.d_sae,)) if is_cls else None
     bar = tqdm(total=n_images, unit="img", desc="inference", disable=not progress)
+    n_tokens = 0
     try:
         for first_row, acts_np in _chunks(inputs, chunk_tokens):
             n_img = acts_np.shape[0] // n_p
             x_bd = torch.from_numpy(acts_np).to(device=device, dtype=torch.float32)
             tok, feat, vals = sae.encode_sparse(x_bd)  # a feature fires where its code is positive
+            valid = inputs.valid_tokens(first_row, first_row + n_img)
+            if valid is not None:  # padding patches: never counted, ranked or drawn
+                keep = torch.from_numpy(valid).to(device)[tok]
+                tok, feat, vals = tok[keep], feat[keep], vals[keep]
+                n_tokens += int(valid.sum())
+            else:
+                n_tokens += len(x_bd)
             if cls_out is not None:
                 codes_bs = torch.zeros(len(x_bd), sae.d_sae, device=device).index_put_((tok, feat), vals)
                 cls_out.append(codes_bs.cpu().numpy())
@@ -336,7 +344,7 @@ def _compute(inputs: RunInputs, out_dpath: Path, top_n: int, chunk_tokens: int, 
         raise
     finally:
         bar.close()
-    totals.save(out_dpath, n_images * n_p, n_images)
+    totals.save(out_dpath, n_tokens, n_images)
     rows, values, maps = top.finish()
     atomic_save_npy(out_dpath / "top_rows.npy", rows)
     atomic_save_npy(out_dpath / "top_values.npy", values)

@@ -13,7 +13,7 @@ import numpy as np
 
 from traitscope.errors import TraitscopeError
 from traitscope.sae import SAE, load_sae
-from traitscope.shards import Shards, TokenArray
+from traitscope.shards import PatchValidity, Shards, TokenArray
 from traitscope.files import file_sha256
 
 
@@ -33,10 +33,23 @@ class RunInputs(NamedTuple):
     """'patches' (patch-level SAE, or one trained on all tokens) or 'cls' (image-level SAE)."""
     acts: TokenArray
     """(n_images * tokens_per_image, d_model) activations of that layer and token kind."""
+    validity: PatchValidity | None = None
+    """Which patch tokens hold image pixels (letterbox and grid pad the rest); None: all of them."""
 
     @property
     def tokens_per_image(self) -> int:
         return self.acts.rows_per_item
+
+    def token_rows(self, image_rows: np.ndarray) -> np.ndarray:
+        """Rows of the flattened token array that belong to these images, image by image, padding left out."""
+        rows = np.asarray(image_rows, dtype=np.int64)
+        idx = (rows[:, None] * self.tokens_per_image + np.arange(self.tokens_per_image)).reshape(-1)
+        return idx if self.validity is None else idx[self.validity.of_rows(idx)]
+
+    def valid_tokens(self, start: int, stop: int) -> np.ndarray | None:
+        """(n_images * tokens_per_image,) bool for images [start, stop): True where a token holds image
+        pixels; None when every token does."""
+        return None if self.validity is None else self.validity.of_images(start, stop).reshape(-1)
 
     @property
     def n_images(self) -> int:
@@ -74,8 +87,9 @@ def open_inputs(run_dpath: str | Path, shards_dpath: str | Path, device: str = "
     if shards.d_model(layer) != sae.d_model:
         raise TraitscopeError(f"the SAE in {run_dpath} reads width {sae.d_model} but layer {layer} of "
                               f"{shards.dpath} has width {shards.d_model(layer)}")
+    validity = shards.patch_validity(layer) if token_kind == "patches" else None
     return RunInputs(run_dpath, config, sae, file_sha256(run_dpath / "sae.safetensors"), shards, layer,
-                     token_kind, shards.acts(layer, token_kind))
+                     token_kind, shards.acts(layer, token_kind), validity)
 
 
 HELDOUT_FRACTION = 0.1

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
@@ -149,7 +149,8 @@ def sae_top_images(shards: Shards, run_dpath: str | Path, n: int = N_TOP, normal
 
 
 class ShardImages:
-    """Opens the image behind a shard row, cut to the square the model saw; caches thumbnails."""
+    """Opens the image behind a shard row, cut to what the model saw (the centre crop's square, or the whole
+    image under letterbox, grid and squash); caches thumbnails."""
 
     def __init__(self, shards: Shards, cell: int = 128):
         self.shards = shards
@@ -168,7 +169,8 @@ class ShardImages:
 
     def _thumbnail(self, row: int) -> Image.Image:
         image = self.open(row)
-        return image.crop(self.preprocess.crop_box(*image.size)).resize((self.cell, self.cell), Image.Resampling.BICUBIC)
+        seen = image.crop(tuple(round(v) for v in self.preprocess.crop_box(*image.size)))
+        return ImageOps.contain(seen, (self.cell, self.cell), Image.Resampling.BICUBIC)  # aspect kept
 
 
 def grid_image(images: ShardImages, rows: np.ndarray) -> Image.Image:

@@ -1,5 +1,5 @@
 """Activation shards: a content-addressed folder of memory-mapped arrays with a manifest."""
 
-from traitscope.shards.store import Shards, TokenArray
+from traitscope.shards.store import PatchValidity, Shards, TokenArray
 
-__all__ = ["Shards", "TokenArray"]
+__all__ = ["PatchValidity", "Shards", "TokenArray"]

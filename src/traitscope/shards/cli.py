@@ -34,13 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="backbone name, 'hf:<id>', 'timm:<name>', ... (default: DINOv2 ViT-S/14 with registers "
                              "from the Hugging Face hub, or the offline DINOv2-S when the hub cannot be reached)")
-    parser.add_argument("--geometry", default="center-crop", choices=GEOMETRIES,
-                        help="how each image becomes the model's input. grid: the whole image, aspect kept, in a patch grid "
-                             "shaped like the collection's median aspect ratio (e.g. 9x29 patches for long fish), "
-                             "padded where an image differs; letterbox: the whole image, aspect kept, padded to the "
-                             "model's square; squash: the whole image stretched to the square; center-crop "
-                             "(default): the model's own resize and centre crop (only the middle square of a long "
-                             "image is seen)")
+    parser.add_argument("--geometry", default="grid", choices=GEOMETRIES,
+                        help="how each image becomes the model's input. grid (default): the whole image, aspect "
+                             "kept, in a patch grid shaped like the collection's median aspect ratio (e.g. 9x29 "
+                             "patches for long fish), padded where an image differs; letterbox: the whole image, "
+                             "aspect kept, padded to the model's square; squash: the whole image stretched to the "
+                             "square; center-crop: the model's own resize and centre crop (the middle square only: "
+                             "a quarter of a long fish). The default shows every pixel undistorted, because "
+                             "specimens are often long or tall and a trait the model never saw cannot be found. "
+                             "Padding patches are never trained on, counted or drawn")
     parser.add_argument("--resolution", type=int, default=None, metavar="PX",
                         help="side of the model's square input in pixels, a multiple of its patch size (default: the "
                              "model's own, 224 for most); under grid the grid has about as many patches as that "

@@ -20,9 +20,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.files import (atomic_save_npy, atomic_write_bytes, atomic_write_json, file_sha256, read_json,
                               tmp_name, unlink_quietly)
@@ -188,6 +190,45 @@ class TokenArray:
         return out
 
 
+class PatchValidity(NamedTuple):
+    """Which patch tokens hold image pixels. Letterbox and grid pad an image to the model's input; the
+    patches of pure padding are never trained on, counted, ranked, aligned or drawn."""
+
+    boxes: np.ndarray
+    """(n_images, 4) int64 per image: row0, col0, row1, col1; its patches in rows [row0, row1) and cols
+    [col0, col1) of the grid hold image pixels."""
+    grid: tuple[int, int]
+    """Patch rows and columns of the layer."""
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def of_rows(self, token_rows: np.ndarray) -> np.ndarray:
+        """bool per flattened patch row (image * n_patches + patch): True where it holds image pixels."""
+        image, patch = np.divmod(np.asarray(token_rows, dtype=np.int64), self.n_patches)
+        row, col = np.divmod(patch, self.grid[1])
+        box = self.boxes[image]
+        return (row >= box[..., 0]) & (col >= box[..., 1]) & (row < box[..., 2]) & (col < box[..., 3])
+
+    def of_images(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, n_patches) bool for images [start, stop)."""
+        rows = np.arange(start * self.n_patches, stop * self.n_patches)
+        return self.of_rows(rows).reshape(stop - start, self.n_patches)
+
+
+def patch_validity(preprocess: dict | None, sizes: list[tuple[int, int]], grid: tuple[int, int]) -> PatchValidity | None:
+    """The validity of images of these (width, height) under a manifest's `preprocess`, or None when every
+    patch of every image holds image pixels (centre crop, squash, shards made before geometries)."""
+    if not preprocess:
+        return None
+    pre = Preprocess.from_dict(preprocess)
+    if not pre.pads:
+        return None
+    boxes = np.array([pre.valid_box(w, h, grid) for w, h in sizes], dtype=np.int64).reshape(-1, 4)
+    return PatchValidity(boxes, (int(grid[0]), int(grid[1])))
+
+
 class Shards:
     """A complete shard folder, opened for reading (memory-mapped; nothing is loaded up front).
 
@@ -300,6 +341,15 @@ class Shards:
     def _shapes(self, row_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         """Each shard file's shape, for files whose rows have `row_shape`."""
         return [(int(s["n_images"]), *row_shape) for s in self.manifest["shards"]]
+
+    def patch_validity(self, layer: int) -> PatchValidity | None:
+        """Which patch tokens of each image hold image pixels (see `PatchValidity`); None when all do."""
+        layer = self.resolve(layer)
+        cache = self.__dict__.setdefault("_validity", {})
+        if layer not in cache:
+            sizes = [(int(rec["width"]), int(rec["height"])) for rec in self.images]
+            cache[layer] = patch_validity(self.manifest.get("preprocess"), sizes, self.grid(layer))
+        return cache[layer]
 
     @property
     def patch_label_names(self) -> list[str]:

@@ -60,7 +60,16 @@ class TokenSplit:
         self.val_order = order[:n_val]  # evaluation visits validation images in this order
         self.is_val = np.zeros(n_images, dtype=bool)
         self.is_val[self.val_rows] = True
-        self.n_train_tokens = sum(a.rows_per_item for a in self.arrays) * (n_images - n_val)
+        self.validity = shards.patch_validity(self.layer) if "patches" in kinds else None
+        """Which patch tokens hold image pixels (None: all); padding patches are never trained or evaluated on."""
+        self.n_train_tokens = int(sum(self._tokens_per_image(a)[~self.is_val].sum() for a in self.arrays))
+
+    def _tokens_per_image(self, array: TokenArray) -> np.ndarray:
+        """(n_images,) tokens of each image that count: all of them, or the patches holding image pixels."""
+        if self.validity is None or array.rows_per_item == 1:
+            return np.full(self.shards.n_images, array.rows_per_item, dtype=np.int64)
+        box = self.validity.boxes
+        return (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
 
     @property
     def dtype(self) -> np.dtype:
@@ -80,11 +89,14 @@ class TokenSplit:
         return out
 
     def train_mask(self, chunk: Chunk) -> np.ndarray | None:
-        """Boolean mask of the chunk's training rows, or None when all of them are training rows."""
+        """Boolean mask of the chunk's training rows (not a validation image, not a padding patch), or None
+        when all of them are training rows."""
         array = self.arrays[chunk.source]
         rows = np.arange(chunk.start, chunk.stop) + int(array.offsets[chunk.file])
-        is_val = self.is_val[rows // array.rows_per_item]
-        return ~is_val if is_val.any() else None
+        keep = ~self.is_val[rows // array.rows_per_item]
+        if self.validity is not None and array.rows_per_item > 1:
+            keep &= self.validity.of_rows(rows)
+        return None if keep.all() else keep
 
     def describe_row(self, chunk: Chunk, local_row: int) -> str:
         array = self.arrays[chunk.source]
@@ -119,7 +131,10 @@ class TokenSplit:
         n_left = max_tokens
         for image in self.val_order:
             for array in self.arrays:
-                rows = array.read(int(image) * array.rows_per_item, (int(image) + 1) * array.rows_per_item)[:n_left]
+                rows = array.read(int(image) * array.rows_per_item, (int(image) + 1) * array.rows_per_item)
+                if self.validity is not None and array.rows_per_item > 1:
+                    rows = rows[self.validity.of_images(int(image), int(image) + 1)[0]]
+                rows = rows[:n_left]
                 finite = np.isfinite(rows).all(axis=1)
                 if not finite.all():
                     raise TraitscopeError(f"NaN/Inf in activations of validation image row {image} "

@@ -1,8 +1,10 @@
 """Activation heatmaps over images, and image grids: plain functions that take arrays and return images.
 
 The app, the demo report and the faces workflow all draw with these, so a feature looks the same
-everywhere. A heatmap is drawn over exactly the part of the *original* image that the model saw,
-`preprocess.crop_box(width, height)`, one cell per patch of the model's grid.
+everywhere. A heatmap is drawn over the *original* image, one cell per patch of the model's grid, each
+cell over exactly the pixels that patch saw: the grid covers `preprocess.canvas_box(width, height)`, the
+model's whole input mapped back onto the original (the centre crop's square, or the whole image and the
+padding around it under letterbox and grid; padding cells fall outside the image and are never drawn).
 """
 
 from collections.abc import Sequence
@@ -66,20 +68,20 @@ def overlay_heatmap(image: Image.Image, acts_hw: np.ndarray, preprocess: Preproc
     """The original `image` with a patch-grid activation map drawn over the region the model saw.
 
     acts_hw: (rows, cols) activations on the model's patch grid (row-major, as in the shards).
-    preprocess: the model's resize and crop (the shard manifest's `preprocess`); the grid covers
-        `preprocess.crop_box(image.width, image.height)` of the original image, whatever its size.
+    preprocess: the model's geometry (the shard manifest's `preprocess`); the grid covers
+        `preprocess.canvas_box(image.width, image.height)` of the original image, whatever its size.
     vmax: activation drawn at full colour and opacity (default: this map's maximum). Pass one value,
         e.g. a feature's largest activation, to make several images comparable.
     cmap: matplotlib colour map; a patch's opacity grows linearly from 0 (activation 0) to `max_alpha`.
     max_side: draw on a copy shrunk to at most this many pixels on its longer side (for thumbnails).
 
-    Pixels outside the crop box are left as they are. Returns an RGB image.
+    Pixels the model did not see (outside a centre crop) are left as they are. Returns an RGB image.
     """
     acts_hw = np.asarray(acts_hw)
     if acts_hw.ndim != 2:
         raise ValueError(f"acts_hw must be 2-D (rows, cols), got shape {acts_hw.shape}")
     orig_w, orig_h = image.size
-    box = preprocess.crop_box(orig_w, orig_h)
+    box = preprocess.canvas_box(orig_w, orig_h)
     canvas = fit_thumbnail(image, max_side)
     sx, sy = canvas.width / orig_w, canvas.height / orig_h
     box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
