@@ -14,7 +14,11 @@ Images: ../shared/data/fishvista_demo when present, else the synthetic set. On a
 memory runs use `random-dinov2` with all four blocks recorded (the offline model would take minutes per
 1000 images there); the printed bytes written show how much a non-streaming writer would have held.
 
-    python benchmarks/bench_shards.py [--device cuda] [--batch-size 64] [--n-images 110]
+Geometry and resolution: the throughput runs once per `--resolutions` entry (default 224 and 448 px,
+`--geometry grid`), and prints the input grid and each image's input and stored bytes (and the peak GPU
+memory on a GPU): a 448 px run has four times the patches of a 224 px one.
+
+    python benchmarks/bench_shards.py [--device cuda] [--batch-size 64] [--n-images 110] [--resolutions 224 448]
 """
 
 import argparse
@@ -29,7 +33,8 @@ from pathlib import Path
 import torch
 
 from traitscope.backbones import load_backbone
-from traitscope.images import open_source
+from traitscope.backbones.base import GEOMETRIES
+from traitscope.images import median_aspect, open_source
 from traitscope.shards.build import build_shards
 
 OFFLINE = "dinov2-vits14-saliency-offline"
@@ -77,12 +82,20 @@ def bare_forward(backbone, batches: list[torch.Tensor], layers: list[int], devic
     return time.perf_counter() - t0
 
 
-def throughput(args, tmp: Path) -> None:
+def throughput(args, tmp: Path, resolution: int | None = None) -> None:
+    tmp.mkdir(parents=True, exist_ok=True)
     backbone, model_note = pick_model(args.device)
     images_dpath, images_note = image_folder(args.n_images, tmp)
     source = open_source(str(images_dpath))
+    aspect = median_aspect(source, source.records()) if args.geometry == "grid" else 1.0
+    backbone.set_preprocess(backbone.preprocess.with_geometry(args.geometry, resolution, backbone.patch_size, aspect))
+    height, width = backbone.preprocess.input_hw
     print(f"model: {model_note}; device: {args.device}; torch threads: {torch.get_num_threads()}")
     print(f"images: {images_note}; layers {args.layers}, patches + cls, float16, batch size {args.batch_size}")
+    print(f"geometry: {args.geometry} at resolution {backbone.preprocess.crop}: {width}x{height} px input, "
+          f"{backbone.layout.grid[0]}x{backbone.layout.grid[1]} patches")
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
     records = source.records()
     pixels = [backbone.preprocess(source.load(r)) for r in records]
@@ -101,6 +114,11 @@ def throughput(args, tmp: Path) -> None:
         shutil.rmtree(out)
     n = len(records)
     bare, pipe = n / min(bare_s), n / min(pipe_s)
+    n_patches = backbone.layout.n_patches
+    stored = len(backbone.resolve_layers(args.layers)) * (n_patches + 1) * backbone.d_model * 2
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if args.device == "cuda" else ""
+    print(f"per image: input {3 * height * width * 4 / 2**20:.2f} MiB float32, activations stored "
+          f"{stored / 2**20:.2f} MiB{peak}")
     print(f"bare forward loop:  {bare:8.1f} images/s  (runs: {', '.join(f'{t:.1f} s' for t in bare_s)})")
     print(f"build_shards:       {pipe:8.1f} images/s  (runs: {', '.join(f'{t:.1f} s' for t in pipe_s)})")
     verdict = "meets" if pipe / bare >= TARGET else "MISSES"
@@ -148,6 +166,9 @@ def main() -> None:
                         help="images for the throughput test (default: 110 on the CPU, 2000 on a GPU)")
     parser.add_argument("--layers", nargs="+", default=["-2"])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--geometry", default="grid", choices=GEOMETRIES, help="as `traitscope shards --geometry`")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 448], metavar="PX",
+                        help="throughput at each of these resolutions (default: 224 448)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rss-model", default=OFFLINE, help=argparse.SUPPRESS)
@@ -159,7 +180,10 @@ def main() -> None:
         return rss_child(args)
     args.n_images = args.n_images or (2000 if args.device == "cuda" else 110)
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
-        throughput(args, Path(tmp))
+        for i, resolution in enumerate(args.resolutions):
+            if i:
+                print()
+            throughput(args, Path(tmp) / f"res-{resolution}", resolution)
         if not args.skip_memory:
             args.layers = [str(x) for x in args.layers]
             memory(args, Path(tmp))

@@ -202,3 +202,114 @@ def test_heatmaps_cover_the_whole_image_patch_for_patch(geometry):
     drawn = np.asarray(overlay_heatmap(Image.new("RGB", (width, height), "white"), acts_hw, pre, vmax=1.0))
     changed = (drawn != 255).any(axis=2)
     assert changed[:, 0].all() and changed[:, -1].all() and not changed[:, width // 2].any()
+
+
+# --- pixel-exact against the named reference pipelines ---------------------------------------------
+
+
+def _odd_photos() -> list[Image.Image]:
+    """Long, tall, nearly square and odd-margin sizes (301x517: the crop margin 107.5 rounds to 108)."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            for w, h in [(339, 97), (640, 480), (301, 517), (700, 283), (225, 224)]]
+
+
+def test_every_geometry_matches_its_reference_pipeline_exactly():
+    """torchvision for the centre crop (Meta's DINOv2 eval transform, saev), open_clip's own transforms for
+    every geometry, timm's eval transform: the same normalised tensors, to the last bit."""
+    import open_clip
+    import timm
+    from torchvision import transforms as T
+
+    from traitscope.backbones.base import CLIP_MEAN, CLIP_STD
+
+    photos = _odd_photos()
+    bicubic = T.InterpolationMode.BICUBIC
+    dinov2_ref = T.Compose([T.Resize(256, interpolation=bicubic), T.CenterCrop(224), T.ToTensor(),
+                            T.Normalize(DINOV2_PREPROCESS.mean, DINOV2_PREPROCESS.std)])
+    assert "torchvision" in DINOV2_PREPROCESS.reference
+    for photo in photos:
+        assert torch.equal(dinov2_ref(photo), DINOV2_PREPROCESS(photo))
+
+    clip = Preprocess(crop=224, resize=224, mean=CLIP_MEAN, std=CLIP_STD)
+    for resize_mode, geometry in [("shortest", "center-crop"), ("squash", "squash"), ("longest", "letterbox"),
+                                  ("longest", "grid")]:
+        pre = clip.with_geometry(geometry, 224, 16, aspect=3.0)
+        ref = open_clip.image_transform(pre.input_hw, is_train=False, mean=CLIP_MEAN, std=CLIP_STD,
+                                        resize_mode=resize_mode, interpolation="bicubic", fill_color=0)
+        for photo in photos:
+            assert torch.equal(ref(photo), pre(photo)), (geometry, photo.size)
+    assert "open_clip" in clip.with_geometry("grid", 224, 16, 3.0).reference
+
+    timm_backbone = load_backbone("random-timm-vit")
+    ref = timm.data.create_transform(**timm.data.resolve_data_config({}, model=timm_backbone.model))
+    for photo in photos:
+        assert torch.equal(ref(photo), timm_backbone.preprocess(photo))
+
+
+def test_transformers_processors_round_the_crop_differently():
+    """Why the manifest names the reference: transformers' AutoImageProcessor convention (floor division)
+    puts DINOv2's crop one pixel from torchvision's on an odd margin that rounds up; otherwise the two agree
+    to within the few grey levels of its antialiased tensor resize."""
+    import transformers
+
+    processor = transformers.BitImageProcessor(  # what AutoImageProcessor gives for facebook/dinov2-*
+        size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
+        image_mean=list(DINOV2_PREPROCESS.mean), image_std=list(DINOV2_PREPROCESS.std))
+    std = torch.tensor(DINOV2_PREPROCESS.std).view(3, 1, 1)
+    for photo in _odd_photos():
+        hf = processor(photo, return_tensors="pt")["pixel_values"][0]
+        ours = DINOV2_PREPROCESS(photo)
+        levels = ((hf - ours) * std * 255).abs()
+        if photo.size == (301, 517):  # resized to 256x439: margin 107.5, torchvision 108, floor 107
+            assert levels.max() > 50
+            assert ((hf[:, 1:] - ours[:, :-1]) * std * 255).abs().mean() < 5  # the same, one row lower
+        else:
+            assert levels.max() < 6
+
+
+def _edge_trait_photos(dpath: Path, n_images: int) -> Path:
+    """Long 768x256 photos: a synthetic-set tile (1-3 objects with known traits) at the left end, plain
+    background elsewhere; the image label is whether an object at that end is red. Returns the labels CSV."""
+    from traitscope.images.synthetic import draw_image
+
+    dpath.mkdir()
+    lines = ["path,red_at_edge"]
+    yy, xx = np.mgrid[0:256, 0:512]
+    for i in range(n_images):
+        tile, _, objects = draw_image(7, i, 256)
+        rng = np.random.default_rng([7, i])
+        rest = rng.uniform(90, 170) + 30 * np.sin(xx / rng.uniform(40, 90))[..., None] + rng.normal(0, 6, (256, 512, 3))
+        photo = np.concatenate([tile, np.clip(rest, 0, 255).astype(np.uint8)], axis=1)
+        Image.fromarray(photo).save(dpath / f"{i:04d}.png")
+        lines.append(f"{i:04d}.png,{int(any(o['colour'] == 'red' for o in objects))}")
+    (dpath.parent / "labels.csv").write_text("\n".join(lines) + "\n")
+    return dpath.parent / "labels.csv"
+
+
+def test_a_trait_at_the_edge_is_found_by_the_default_and_missed_by_the_centre_crop(tmp_path, capsys):
+    """Alignment AP of the SAE's best feature for 'red object at the left end': the centre crop never shows
+    that end, the default grid does."""
+    from traitscope.features import open_inputs, run_inference
+    from traitscope.features.alignment import align
+
+    labels = _edge_trait_photos(tmp_path / "photos", 64)
+    ap = {}
+    for geometry in ("grid", "center-crop"):
+        assert main(["shards", "--images", str(tmp_path / "photos"), "--labels", str(labels), "--model", MODEL,
+                     "--layers=-1", "--geometry", geometry, "--resolution", "112", "--out", str(tmp_path / "shards"),
+                     "--device", "cpu"]) == 0
+        shards_dpath = capsys.readouterr().out.strip().splitlines()[-1]
+        runs = tmp_path / f"runs-{geometry}"
+        assert main(["train", "--shards", shards_dpath, "--sae", "topk", "--k", "8", "--d-sae", "64", "--tokens",
+                     "6k", "--batch-size", "256", "--val-frac", "0.4", "--out", str(runs), "--quiet"]) == 0
+        run = next(runs.rglob("sae.safetensors")).parent
+        inputs = open_inputs(run, shards_dpath)
+        inf, _ = run_inference(run, shards_dpath, progress=False, inputs=inputs)
+        rows = align(inputs, inf, [], select_tokens=5000, eval_tokens=5000)
+        (score,) = [r for r in rows if r.label == "red_at_edge" and r.method == "sae"]
+        ap[geometry] = (score.ap, score.base_rate)
+    with capsys.disabled():
+        print(f"\nred object at the edge, SAE alignment AP (base rate): grid {ap['grid'][0]:.3f} "
+              f"({ap['grid'][1]:.3f}), center-crop {ap['center-crop'][0]:.3f} ({ap['center-crop'][1]:.3f})")
+    assert ap["grid"][0] > 0.8 and ap["center-crop"][0] < ap["center-crop"][1] + 0.2
