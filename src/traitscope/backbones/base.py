@@ -355,6 +355,65 @@ class Backbone(torch.nn.Module):
         raise NotImplementedError
 
 
+class ConvStagesBackbone(Backbone):
+    """A CNN recorded at the outputs of its stages (the "layers"): a stage's spatial map, flattened
+    row-major to (H*W, C), plays the part of the patch tokens, and its global average pool the part of
+    the CLS token. Width, grid and stride differ per stage; they are measured by one small forward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, stages: Sequence[torch.nn.Module], name: str, description: str,
+                 preprocess: Preprocess):
+        super().__init__()
+        self.model = model.eval()
+        self.name = name
+        self.description = description
+        self.preprocess = preprocess
+        self.blocks = tuple(stages)  # a tuple: not a second copy in state_dict
+        self.n_layers = len(self.blocks)
+        self._probe(preprocess)
+        self.d_model = self._widths[-1]
+        self.patch_size = self._strides[-1]
+
+    def _probe(self, preprocess: Preprocess) -> None:
+        """Widths, grids and strides per stage, from one small forward pass at the input size."""
+        height, width = preprocess.input_hw
+        param = next(self.model.parameters())
+        probe = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
+        with torch.inference_mode():
+            maps = capture_block_outputs(self.blocks, list(range(self.n_layers)), lambda: self.model(probe))
+        self._widths = [maps[i].shape[1] for i in range(self.n_layers)]
+        self._grids = [(maps[i].shape[2], maps[i].shape[3]) for i in range(self.n_layers)]
+        self._strides = [width // grid[1] for grid in self._grids]
+        self.layout = TokenLayout(n_cls=0, n_registers=0, grid=self._grids[-1])
+
+    def set_preprocess(self, preprocess: Preprocess) -> None:
+        """A CNN takes any input size; each stage's grid is measured again (use multiples of 32 so every
+        stage's grid covers the input exactly)."""
+        self.preprocess = preprocess
+        self._probe(preprocess)
+
+    def d_model_at(self, layer: int) -> int:
+        return self._widths[layer]
+
+    def grid_at(self, layer: int) -> tuple[int, int]:
+        return self._grids[layer]
+
+    def stride_at(self, layer: int) -> int:
+        """Pixels of the model's input per position of the stage's map."""
+        return self._strides[layer]
+
+    @torch.inference_mode()
+    def record(self, pixels_bchw: torch.Tensor, layers: list[int]) -> dict[int, LayerActs]:
+        param = next(self.model.parameters())
+        pixels_bchw = pixels_bchw.to(device=param.device, dtype=param.dtype)
+        maps = capture_block_outputs(self.blocks, layers, lambda: self.model(pixels_bchw))
+        acts = {}
+        for layer in layers:
+            map_bchw = maps[layer]
+            acts[layer] = LayerActs(cls_bd=map_bchw.mean(dim=(2, 3)), patches_bpd=map_bchw.flatten(2).transpose(1, 2))
+        return acts
+
+
 class _StopForward(Exception):
     """Raised by the hook on the deepest requested block: the rest of the model need not run."""
 

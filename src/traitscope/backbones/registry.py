@@ -19,6 +19,7 @@ FAMILY_MODULES = [
     "traitscope.backbones.openclip_vit",
     "traitscope.backbones.timm_vit",
     "traitscope.backbones.resnet",
+    "traitscope.backbones.efficientnet",
     "traitscope.backbones.offline_dinov2",
     "traitscope.finetune.model",
 ]

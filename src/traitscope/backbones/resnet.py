@@ -4,7 +4,7 @@ one, for example).
 
 The "layers" of a ResNet are its four stages (layer1..layer4), so -1 is layer4. A stage's output is a
 spatial map: its positions, flattened row-major to (H*W, C), play the part of patch tokens, and its
-global average pool plays the part of the CLS token. Width, grid and stride differ per stage.
+global average pool plays the part of the CLS token (`base.ConvStagesBackbone`).
 """
 
 import json
@@ -13,15 +13,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from traitscope.backbones.base import (
-    Backbone,
-    LayerActs,
-    Preprocess,
-    TokenLayout,
-    capture_block_outputs,
-    load_weights,
-    read_state_dict,
-)
+from traitscope.backbones.base import ConvStagesBackbone, Preprocess, load_weights, read_state_dict
 from traitscope.backbones.registry import register
 from traitscope.errors import TraitscopeError
 
@@ -31,42 +23,15 @@ PREPROCESS_KEY = "traitscope_preprocess"
 DESCRIPTION_KEY = "traitscope_description"
 
 
-class ResNetBackbone(Backbone):
+class ResNetBackbone(ConvStagesBackbone):
     """A torchvision ResNet recorded at the outputs of its four stages."""
 
     family = "torchvision"
 
     def __init__(self, model: torch.nn.Module, name: str, description: str, preprocess: Preprocess):
-        super().__init__()
         if not all(hasattr(model, stage) for stage in STAGES):
             raise TraitscopeError(f"{name}: {type(model).__name__} has no layer1..layer4 stages")
-        self.model = model.eval()
-        self.name = name
-        self.description = description
-        self.preprocess = preprocess
-        self.blocks = tuple(getattr(model, stage) for stage in STAGES)  # a tuple: not a second copy in state_dict
-        self.n_layers = len(STAGES)
-        self._probe(preprocess)
-        self.d_model = self._widths[-1]
-        self.patch_size = self._strides[-1]
-
-    def _probe(self, preprocess: Preprocess) -> None:
-        """Widths, grids and strides per stage, from one small forward pass at the input size."""
-        height, width = preprocess.input_hw
-        param = next(self.model.parameters())
-        probe = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
-        with torch.inference_mode():
-            maps = capture_block_outputs(self.blocks, list(range(self.n_layers)), lambda: self.model(probe))
-        self._widths = [maps[i].shape[1] for i in range(self.n_layers)]
-        self._grids = [(maps[i].shape[2], maps[i].shape[3]) for i in range(self.n_layers)]
-        self._strides = [width // grid[1] for grid in self._grids]
-        self.layout = TokenLayout(n_cls=0, n_registers=0, grid=self._grids[-1])
-
-    def set_preprocess(self, preprocess: Preprocess) -> None:
-        """A CNN takes any input size; each stage's grid is measured again (use multiples of 32 so every
-        stage's grid covers the input exactly)."""
-        self.preprocess = preprocess
-        self._probe(preprocess)
+        super().__init__(model, [getattr(model, stage) for stage in STAGES], name, description, preprocess)
 
     @classmethod
     def from_module(
@@ -74,27 +39,6 @@ class ResNetBackbone(Backbone):
     ) -> "ResNetBackbone":
         """Wrap a torchvision ResNet already in memory (e.g. one being fine-tuned)."""
         return cls(model, name, description or f"torchvision {type(model).__name__} ({name})", preprocess)
-
-    def d_model_at(self, layer: int) -> int:
-        return self._widths[layer]
-
-    def grid_at(self, layer: int) -> tuple[int, int]:
-        return self._grids[layer]
-
-    def stride_at(self, layer: int) -> int:
-        """Pixels of the model's input per position of the stage's map."""
-        return self._strides[layer]
-
-    @torch.inference_mode()
-    def record(self, pixels_bchw: torch.Tensor, layers: list[int]) -> dict[int, LayerActs]:
-        param = next(self.model.parameters())
-        pixels_bchw = pixels_bchw.to(device=param.device, dtype=param.dtype)
-        maps = capture_block_outputs(self.blocks, layers, lambda: self.model(pixels_bchw))
-        acts = {}
-        for layer in layers:
-            map_bchw = maps[layer]
-            acts[layer] = LayerActs(cls_bd=map_bchw.mean(dim=(2, 3)), patches_bpd=map_bchw.flatten(2).transpose(1, 2))
-        return acts
 
 
 def _check_arch(arch: str, name: str) -> None:
