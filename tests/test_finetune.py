@@ -355,3 +355,18 @@ def test_grid_png_is_4x4_of_the_top_images_best_first(tmp_path):
         y, x = divmod(place, 4)
         centre = (pad + x * step + 10, pad + y * step + 10)
         assert grid.getpixel(centre) == _colour(int(row)), place
+
+
+def test_batchnorm_is_frozen_from_trained_weights_and_trains_from_a_random_init(tmp_path):
+    from traitscope.finetune.trainer import train_mode
+
+    model = load_backbone("random-resnet18")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    train_mode(model, FinetuneConfig(model="efficientnet-lite0"))
+    assert model.training and not any(bn.training for bn in bns)
+    train_mode(model, FinetuneConfig(model="random-resnet18"))
+    assert all(bn.training for bn in bns)
+    train_mode(model, FinetuneConfig(model="efficientnet-lite0", batchnorm="batch"))
+    assert all(bn.training for bn in bns)
+    with pytest.raises(TraitscopeError, match="--batchnorm"):
+        finetune(FinetuneConfig(model="random-resnet18", batchnorm="running"), str(tmp_path / "faces"), tmp_path / "out")

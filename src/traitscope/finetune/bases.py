@@ -1,5 +1,5 @@
-"""The base model a fine-tune starts from: a torchvision ResNet or any registered backbone, with
-ImageNet, random, or given weights (`--init`)."""
+"""The base model a fine-tune starts from: a torchvision ResNet, the offline ImageNet EfficientNet-Lite0
+or any registered backbone, with ImageNet, random, or given weights (`--init`)."""
 
 import dataclasses
 from pathlib import Path
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from traitscope.backbones import efficientnet
 from traitscope.backbones.base import Backbone, Preprocess, load_weights
 from traitscope.backbones.registry import load_backbone
 from traitscope.backbones.resnet import IMAGENET_PREPROCESS, ResNetBackbone
@@ -37,8 +38,11 @@ def _reinit(base: Backbone, seed: int) -> Backbone:
     """The same architecture with freshly initialised (seeded) weights."""
     from traitscope.backbones.hf_vit import HFViTBackbone
 
+    if isinstance(base, efficientnet.EfficientNetBackbone):
+        return efficientnet.EfficientNetBackbone(efficientnet.new_model(seed), base.name, base.description, base.preprocess)
     if not isinstance(base, HFViTBackbone):
-        raise TraitscopeError(f"--init random is supported for ResNets and transformers ViTs, not {base.name} ({base.family})")
+        raise TraitscopeError(f"--init random is supported for ResNets, EfficientNet-Lite0 and transformers ViTs, "
+                              f"not {base.name} ({base.family})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = type(base.model)(base.model.config).eval()
@@ -71,9 +75,9 @@ def build_base(model: str, init: str, image_size: int | None, seed: int) -> tupl
             base, note = ResNetBackbone.from_module(module, arch, description=f"torchvision {arch}"), f"random init (seed {seed})"
         base.arch = arch  # what finetune.json records to rebuild it offline
     else:
-        if init == "imagenet":
-            raise TraitscopeError(f"--init imagenet is for torchvision ResNets; {model} loads its own weights "
-                                  "(use --init default)")
+        if init == "imagenet" and model != efficientnet.NAME:
+            raise TraitscopeError(f"--init imagenet is for torchvision ResNets and {efficientnet.NAME}; {model} "
+                                  "loads its own weights (use --init default)")
         base = load_backbone(model)
         note = "its own weights"
         if init == "random":

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from traitscope.backbones.base import Backbone, LayerActs, Preprocess
+from traitscope.backbones.efficientnet import EfficientNetBackbone
 from traitscope.backbones.registry import load_backbone, register
 from traitscope.errors import TraitscopeError
 
@@ -120,6 +121,8 @@ def rewrap(base: Backbone, preprocess: Preprocess) -> Backbone:
         from traitscope.finetune.bases import wrap_resnet
 
         return wrap_resnet(base.model, base.arch, base.name, preprocess, base.description)
+    if isinstance(base, EfficientNetBackbone):
+        return EfficientNetBackbone(base.model, base.name, base.description, preprocess)
     raise TraitscopeError(f"the image size of {base.name} ({base.family}) cannot be changed")
 
 
