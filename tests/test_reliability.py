@@ -314,3 +314,47 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_ends_identical(
     for name in ("checkpoint", "checkpoint.old"):
         (run / name / "state.json").write_text("{")
     damaged_error(cli(*args), run / "checkpoint" / "state.json", "--restart")
+
+
+def test_non_finite_activations_stop_inference_with_one_line_and_nothing_written(pipeline, tmp_path):
+    shards = copy(pipeline.shards, tmp_path / "shards")
+    run = copy(pipeline.run, tmp_path / "run")
+    fpath = shards / "L2" / "patches-00001.npy"
+    arr = np.load(fpath, mmap_mode="r+")
+    arr[2, 5, 7] = np.nan  # same size and header: only the numbers are wrong
+    arr.flush()
+    del arr
+    import shutil
+
+    shutil.rmtree(run / "inference")
+    proc = cli("inference", "--run", run, "--shards", shards, "--quiet", "--no-metrics", "--device", "cpu")
+    damaged_error(proc, shards, "NaN/Inf", "image row 6, patch 5")
+    assert not any((run / "inference").glob("*/manifest.json"))
+
+
+# --- bad values on the command line ---
+
+def test_every_bad_value_is_one_line_and_exit_2(pipeline, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    S, R = pipeline.shards, pipeline.run
+    inference = ["inference", "--run", R, "--shards", S, "--quiet"]
+    train = ["train", "--shards", S, "--out", tmp_path / "runs", "--tokens", "1k"]
+    cases = [
+        (["train", "--shards", S, "--out", a_file], "is a file"),
+        (["train", "--shards", S, "--out", a_file / "sub"], "which is a file"),
+        (["shards", "--images", pipeline.photos, "--out", a_file], "is a file"),
+        ([*inference, "--fit-tokens", "0"], "--fit-tokens"),
+        ([*inference, "--pca-k", "-1"], "--pca-k"),
+        ([*inference, "--kmeans-clusters", "-5"], "--kmeans-clusters"),
+        ([*inference, "--device", "tpu"], "--device"),
+        ([*train, "--val-frac", "0"], "--val-frac"),
+        ([*train, "--threads", "-2"], "--threads"),
+        (["train", "--shards", a_file, "--out", tmp_path / "runs"], str(a_file)),
+        (["grids", "--shards", S, "--out", tmp_path / "g", "--cell", "0"], "--cell"),
+        (["finetune", "--images", pipeline.photos, "--out", tmp_path / "ft", "--epochs", "0"], "--epochs"),
+    ]
+    for argv, needle in cases:
+        FIGURES["bad values"][0] += 1
+        one_line_error(cli(*argv), needle)
+        FIGURES["bad values"][1] += 1

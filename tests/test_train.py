@@ -3,6 +3,7 @@ dictionary model, the run folder, split by image, the loader, resume, bad input 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -253,13 +254,13 @@ def test_cli_reports_nan_activations_as_one_error(tmp_path, capsys):
     shards = sparse_dictionary_shards(tmp_path / "nan", n_images=40, images_per_shard=10)
     bad_fpath = shards.dpath / f"L{LAYER}" / "patches-00001.npy"
     arr = np.load(bad_fpath)
-    arr[0, 0, 0] = np.inf
+    arr[:, 0, 0] = np.inf  # every image of the shard, so a training image is hit whichever are held out
     np.save(bad_fpath, arr)
     code = main(["train", "--shards", str(shards.dpath), "--k", "2", "--d-sae", "32", "--tokens", "20k",
-                 "--batch-size", "128", "--out", str(tmp_path / "runs"), "--quiet", "--val-frac", "0", "--threads", "1"])
+                 "--batch-size", "128", "--out", str(tmp_path / "runs"), "--quiet", "--val-frac", "0.05", "--threads", "1"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "NaN/Inf in activations" in err and "patches-00001.npy row 0" in err
+    assert "NaN/Inf in activations" in err and re.search(r"patches-00001\.npy row \d+ \(image row 1\d, patch 0\)", err)
 
 
 # --- resume ---

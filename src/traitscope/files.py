@@ -39,6 +39,19 @@ def folder_lock(dpath: Path, command: str, lock_name: str = ".lock"):
         f.close()
 
 
+def check_out_dpath(dpath: str | Path, flag: str = "--out") -> Path:
+    """`dpath` as a Path, refused in one line when it (or a folder above it) is a file: an output
+    folder is created, never written over a file."""
+    dpath = Path(dpath).expanduser()
+    for p in (dpath, *dpath.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == dpath else f"is inside {p}, which is a file"
+                raise TraitscopeError(f"{flag} {dpath} {where}; give a folder")
+            break
+    return dpath
+
+
 def file_sha256(fpath: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(fpath, "rb") as f:

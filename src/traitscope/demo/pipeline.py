@@ -13,6 +13,8 @@ from traitscope.backbones import load_backbone
 from traitscope.demo.report import write_report as write_html
 from traitscope.features.alignment import LabelScore, align, write_report
 from traitscope.features.enrichment import label_enrichment, write_enrichment
+from traitscope.files import check_out_dpath
+from traitscope.errors import TraitscopeError
 from traitscope.features.heldout import baselines_for, heldout_metrics
 from traitscope.features.inference import Inference, run_inference
 from traitscope.features.inputs import open_inputs
@@ -79,7 +81,14 @@ class DemoResult(NamedTuple):
 
 
 def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
-    out = Path(cfg.out)
+    out = check_out_dpath(cfg.out)
+    checks = [(cfg.n_images >= 10, f"--n-images must be at least 10, not {cfg.n_images}"),
+              (0 < cfg.val_frac < 1, f"--val-frac must lie between 0 and 1 (exclusive), not {cfg.val_frac:g}"),
+              (cfg.ks and all(k >= 1 for k in cfg.ks), f"--ks must be positive counts, not {cfg.ks}"),
+              (cfg.batch_size >= 1 and cfg.tokens >= 1, "--batch-size and --tokens must be at least 1")]
+    for ok, message in checks:
+        if not ok:
+            raise TraitscopeError(message)
     out.mkdir(parents=True, exist_ok=True)
     n_steps = 5
     t0 = time.perf_counter()

@@ -8,9 +8,9 @@ dense, PCA and k-means baselines (metrics.csv / metrics.md). A rerun with the sa
 import argparse
 
 import numpy as np
-import torch
 
-from traitscope.features.heldout import FIT_TOKENS, baselines_for, heldout_metrics
+from traitscope import dist
+from traitscope.features.heldout import FIT_TOKENS, baselines_for, check_baseline_settings, heldout_metrics
 from traitscope.features.inference import run_inference
 from traitscope.features.inputs import open_inputs
 
@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_and_infer(args: argparse.Namespace):
     """Open the run and shards, and compute (or reuse) the inference folder; prints where it is."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    check_baseline_settings(args.fit_tokens, args.pca_k, args.kmeans_clusters)
+    device = str(dist.pick_device(args.device))
     inputs = open_inputs(args.run, args.shards, device=device)
     inf, computed = run_inference(inputs.run_dpath, inputs.shards.dpath, top_n=args.top_n, progress=not args.quiet,
                                   inputs=inputs)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from traitscope.errors import TraitscopeError
 from traitscope.features.baselines import (BASELINES_FORMAT, KMEANS_EPOCHS, Baseline, fit_baselines, load_baselines,
                                            save_baselines, with_pca_k)
 from traitscope.features.inference import Inference
@@ -65,10 +66,11 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
     Defaults: PCA reconstructs with the SAE's k (or its mean L0 over the data set, for ReLU SAEs);
     k-means has as many centroids as the SAE has latents.
     """
+    check_baseline_settings(fit_tokens, pca_k, n_clusters)
     if pca_k is None:
         k = inputs.sae.cfg.k
         pca_k = int(k) if k else max(1, int(round(float(np.asarray(inf.array("feature_freq"), np.float64).sum()))))
-    n_clusters = n_clusters or inputs.sae.d_sae
+    n_clusters = inputs.sae.d_sae if n_clusters is None else n_clusters
     train_rows, _ = split_rows(inputs)
     info = {"fit_tokens": int(fit_tokens), "pca_k": int(pca_k), "n_clusters": int(n_clusters),
             "train_images": int(len(train_rows)), "kmeans": f"minibatch-{KMEANS_EPOCHS}-passes"}
@@ -76,6 +78,9 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
            "token_kind": inputs.token_kind, "fit_tokens": int(fit_tokens), "n_clusters": int(n_clusters),
            "kmeans_epochs": KMEANS_EPOCHS, "seed": 0,
            "train_rows": hashlib.sha256(np.asarray(train_rows, np.int64).tobytes()).hexdigest()}
+    if pca_k > inputs.acts.width:
+        raise TraitscopeError(f"--pca-k {pca_k} is more components than the activations' width "
+                              f"({inputs.acts.width}); use at most that")
     fpath = baselines_fpath(inputs, fit)
     for cached in (fpath, inf.dpath / fpath.name):
         if cached.is_file():
@@ -87,6 +92,11 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
     if progress:
         print(f"fitting the baselines on {len(idx):,} training tokens (once per shards, layer and split): "
               f"PCA, k-means with {n_clusters} centroids", flush=True)
+    if pca_k > len(idx):
+        raise TraitscopeError(f"--pca-k {pca_k} is more components than the {len(idx):,} fitting tokens allow")
+    if n_clusters > len(idx):
+        raise TraitscopeError(f"--kmeans-clusters {n_clusters} is more centroids than the {len(idx):,} fitting tokens; "
+                              "use fewer centroids or a larger --fit-tokens")
     x_fit = inputs.acts[idx].astype(np.float32)
     baselines = fit_baselines(x_fit, pca_k, n_clusters, seed=0, progress=progress)
     try:
@@ -98,6 +108,13 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
         if progress:
             print(f"note: cannot write beside the shards ({err.strerror}); saved the baselines in {fpath}")
     return baselines, info
+
+
+def check_baseline_settings(fit_tokens: int, pca_k: int | None, n_clusters: int | None) -> None:
+    """--fit-tokens, --pca-k and --kmeans-clusters: positive counts (None: the default)."""
+    for flag, value in (("--fit-tokens", fit_tokens), ("--pca-k", pca_k), ("--kmeans-clusters", n_clusters)):
+        if value is not None and value < 1:
+            raise TraitscopeError(f"{flag} must be at least 1, not {value}")
 
 
 @torch.no_grad()

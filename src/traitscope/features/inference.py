@@ -165,6 +165,16 @@ def _run_inference(inputs: RunInputs, dpath: Path, top_n: int, chunk_tokens: int
     return Inference(dpath), True
 
 
+def _raise_non_finite(inputs: RunInputs, first_row: int, acts_nd: np.ndarray) -> None:
+    """Name the first token holding NaN/Inf (as `train` does); a sum that merely overflowed passes."""
+    bad = np.flatnonzero(~np.isfinite(acts_nd).all(axis=1))
+    if len(bad):
+        image, token = divmod(int(bad[0]), inputs.tokens_per_image)
+        where = f"image row {first_row + image}" + (f", patch {token}" if inputs.tokens_per_image > 1 else "")
+        raise TraitscopeError(f"NaN/Inf in activations ({where}, layer {inputs.layer} {inputs.token_kind}) of "
+                              f"{inputs.shards.dpath}; rebuild those shards (or drop that image); nothing was written")
+
+
 def _chunks(inputs: RunInputs, chunk_tokens: int):
     """(first image row, (n_img * tokens_per_image, d_model) float array) in order, read one chunk ahead."""
     per_image = inputs.tokens_per_image
@@ -318,6 +328,8 @@ def _compute(inputs: RunInputs, out_dpath: Path, top_n: int, chunk_tokens: int, 
     try:
         for first_row, acts_np in _chunks(inputs, chunk_tokens):
             n_img = acts_np.shape[0] // n_p
+            if not np.isfinite(np.add.reduce(acts_np.reshape(-1), dtype=np.float32)):
+                _raise_non_finite(inputs, first_row, acts_np)
             x_bd = torch.from_numpy(acts_np).to(device=device, dtype=torch.float32)
             tok, feat, vals = sae.encode_sparse(x_bd)  # a feature fires where its code is positive
             valid = inputs.valid_tokens(first_row, first_row + n_img)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from traitscope.errors import TraitscopeError
+from traitscope.files import atomic_write_json, check_out_dpath
 from traitscope.finetune import grids
-from traitscope.files import atomic_write_json
 from traitscope.shards.store import Shards
 
 
@@ -37,10 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        raise TraitscopeError("--n must be at least 1")
+    for flag, value, low in (("--n", args.n, 1), ("--cell", args.cell, 8), ("--limit", args.limit, 0)):
+        if value is not None and value < low:
+            raise TraitscopeError(f"{flag} must be at least {low}, not {value}")
     shards = Shards(args.shards)
-    out_dpath = Path(args.out)
+    out_dpath = check_out_dpath(args.out)
     out_dpath.mkdir(parents=True, exist_ok=True)
     layer = args.layer
     if layer is None and args.run:

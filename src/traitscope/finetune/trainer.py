@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import traitscope
 from traitscope.backbones.base import Backbone
+from traitscope import dist
 from traitscope.errors import TraitscopeError
 from traitscope.finetune import losses
 from traitscope.finetune.augment import AugmentConfig, random_views
@@ -51,7 +52,7 @@ from traitscope.finetune.model import (
 )
 from traitscope.finetune.bases import build_base
 from traitscope.images import ImageError, ImageSource, open_source
-from traitscope.files import atomic_write_json, folder_lock, truncate_log
+from traitscope.files import atomic_write_json, check_out_dpath, folder_lock, truncate_log
 from traitscope.shards.store import content_hash
 
 
@@ -142,11 +143,8 @@ def seeded_generator(*key) -> torch.Generator:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TraitscopeError(f"--device {device}: no CUDA device is available")
-    return torch.device(device)
+    """auto: cuda when available, else mps, else cpu; an unknown or absent device is refused in one line."""
+    return dist.pick_device(device)
 
 
 def load_training_images(source: ImageSource, backbone: Backbone, verbose: bool = True) -> TrainingImages:
@@ -293,7 +291,15 @@ def finetune(cfg: FinetuneConfig, images: str | ImageSource, out_dpath: str | Pa
     Resumes from `out_dpath/checkpoint` when there is one (its settings must match, except `epochs`,
     `save_every` and `device`); returns at once when the folder is complete for `cfg.epochs`.
     """
-    out_dpath = Path(out_dpath).expanduser().resolve()
+    checks = [(cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}"),
+              (cfg.batch_size >= 2, f"--batch-size must be at least 2 (the contrastive loss compares images), not {cfg.batch_size}"),
+              (cfg.lr > 0 and cfg.temperature > 0, "--lr and --temperature must be positive"),
+              (cfg.save_every >= 1 and cfg.head_dim >= 1, "--save-every and --head-dim must be at least 1"),
+              (cfg.image_size is None or cfg.image_size >= 32, f"--image-size must be at least 32, not {cfg.image_size}")]
+    for ok, message in checks:
+        if not ok:
+            raise TraitscopeError(message)
+    out_dpath = check_out_dpath(out_dpath).resolve()
     with folder_lock(out_dpath, "traitscope finetune"):
         return _finetune(cfg, images, out_dpath, verbose)
 

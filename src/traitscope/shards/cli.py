@@ -18,6 +18,7 @@ import os
 
 from traitscope import dist
 from traitscope.errors import TraitscopeError
+from traitscope.files import check_out_dpath
 from traitscope.backbones.base import GEOMETRIES
 from traitscope.shards.store import TOKEN_KINDS
 
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.verify is not None:
         return verify(args.verify)
+    check_out_dpath(args.out)
     layers = parse_layers(args.layers)
     token_kinds = parse_tokens(args.tokens)
     device = dist.pick_device(args.device)

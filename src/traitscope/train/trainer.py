@@ -38,7 +38,7 @@ from traitscope import dist
 from traitscope.errors import TraitscopeError
 from traitscope.features.metrics import MetricsAccumulator
 from traitscope.sae import SAE, SAEConfig, build_sae
-from traitscope.files import (atomic_write_json, file_sha256, folder_lock, load_safetensors, read_json,
+from traitscope.files import (atomic_write_json, check_out_dpath, file_sha256, folder_lock, load_safetensors, read_json,
                               truncate_log)
 from traitscope.shards.store import Shards
 from traitscope.train.config import VARIANTS_WITH_K, RunSettings, TrainConfig, identity_hash, run_identity
@@ -93,6 +93,7 @@ class Run:
 def train(cfg: TrainConfig, settings: list[RunSettings], echo=print) -> list[RunResult]:
     """Train every SAE in `settings` on the data of `cfg`, sharing one pass over the data."""
     n_threads = torch.get_num_threads()
+    check_shared(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
@@ -589,11 +590,17 @@ def check_shared(cfg: TrainConfig) -> None:
               (cfg.chunk_rows >= 1 and cfg.buffer_mb >= 1, "chunk_rows and buffer_mb must be positive"),
               (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "log_every and checkpoint_every must be positive"),
               (cfg.val_tokens >= 1, "val_tokens must be positive"),
+              (cfg.val_frac != 0, "--val-frac 0 holds out no images, and every reported metric is measured on "
+                                  "held-out images; use a share such as 0.2"),
+              (0 < cfg.val_frac < 1, f"--val-frac must lie between 0 and 1 (exclusive), not {cfg.val_frac:g}"),
+              (cfg.threads is None or cfg.threads >= 0, f"--threads must be at least 1 (0: torch's default), "
+                                                        f"not {cfg.threads}"),
               (cfg.dist_mode in ("data", "sweep"), f"dist_mode must be data or sweep, not {cfg.dist_mode!r}"),
               (cfg.log_to in ("none", "tensorboard", "wandb"), f"log_to must be none, tensorboard or wandb, not {cfg.log_to!r}")]
     for ok, message in checks:
         if not ok:
             raise TraitscopeError(message)
+    check_out_dpath(cfg.out)
     if cfg.log_to != "none" and importlib.util.find_spec(cfg.log_to) is None:
         raise TraitscopeError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package (pip install {cfg.log_to})")
 
