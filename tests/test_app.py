@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 import app_fixtures as fx
 from traitscope.app import blind
-from traitscope.app.data import Dataset, InferenceView, find_runs, load_npy, parse_int, safe_child
+from traitscope.app.data import Dataset, InferenceView, find_runs, load_npy, open_image_file, parse_int, safe_child
 from traitscope.cli import main as traitscope_main
 from traitscope.errors import TraitscopeError
 
@@ -377,9 +377,15 @@ def test_paths_outside_the_images_root_are_refused(world, tmp_path):
     for bad in ["../secret.png", "/etc/passwd", "a/../../x.png"]:
         with pytest.raises(TraitscopeError):
             safe_child(Path(root), bad)
-    (Path(root) / "link.png").symlink_to("/etc/hostname")
+    # links are followed as `shards` followed them: images linked in from another folder are viewable,
+    # and a link to something that is not an image is still not shown
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "elsewhere" / "real.png")
+    (Path(root) / "link.png").symlink_to(tmp_path / "elsewhere" / "real.png")
+    assert open_image_file(safe_child(Path(root), "link.png")).size == (40, 30)
+    (Path(root) / "text-link.png").symlink_to("/etc/hostname")
     with pytest.raises(TraitscopeError):
-        safe_child(Path(root), "link.png")
+        open_image_file(safe_child(Path(root), "text-link.png"))
 
     # a shard folder whose image index points outside its root
     dataset = Dataset(world["shards"].dpath)
@@ -396,7 +402,7 @@ def test_untrusted_numbers_and_pickles_are_refused(tmp_path):
     for bad in ["-1", "20", "1e3", "0x10", " ", None, "9" * 30, "3.5"]:
         assert parse_int(bad, 0, 20) is None
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(TraitscopeError, match="obj.npy cannot be read"):
         load_npy(tmp_path / "obj.npy")
 
 

@@ -352,9 +352,65 @@ def test_every_bad_value_is_one_line_and_exit_2(pipeline, tmp_path):
         ([*train, "--threads", "-2"], "--threads"),
         (["train", "--shards", a_file, "--out", tmp_path / "runs"], str(a_file)),
         (["grids", "--shards", S, "--out", tmp_path / "g", "--cell", "0"], "--cell"),
-        (["finetune", "--images", pipeline.photos, "--out", tmp_path / "ft", "--epochs", "0"], "--epochs"),
+        (["finetune", "--images", pipeline.photos, "--out", tmp_path / "ft", "--epochs", "-1"], "--epochs"),
     ]
     for argv, needle in cases:
         FIGURES["bad values"][0] += 1
         one_line_error(cli(*argv), needle)
         FIGURES["bad values"][1] += 1
+
+
+# --- the app ---
+
+def test_the_app_lists_unusable_runs_shows_damage_in_one_line_and_views_linked_images(pipeline, tmp_path,
+                                                                                       monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    links = tmp_path / "links"  # a data set whose images are links into another folder
+    links.mkdir()
+    for fpath in sorted(pipeline.photos.iterdir()):
+        (links / fpath.name).symlink_to(fpath)
+    proc = cli("shards", "--images", links, "--out", tmp_path / "shards", *SHARDS_ARGS, check_rc=0)
+    shards = Path(proc.stdout.strip().splitlines()[-1])
+    runs = tmp_path / "runs"
+    good = copy(pipeline.run, runs / "good")
+    cli("inference", "--run", good, "--shards", shards, "--quiet", "--no-metrics", "--device", "cpu", check_rc=0)
+    broken = copy(good, runs / "broken")
+    top_rows = broken / "inference" / shards.name / "top_rows.npy"
+    top_rows.write_bytes(top_rows.read_bytes()[:-64])
+    (copy(pipeline.run, runs / "bad-config") / "config.json").write_text('{"sae": ')
+
+    args = ["--runs", str(runs), "--shards", str(shards), "--ratings", str(tmp_path / "ratings"),
+            "--cache", str(tmp_path / "cache")]
+    monkeypatch.setenv("TRAITSCOPE_APP_ARGS", json.dumps(args))
+    at = AppTest.from_file(str(Path(__file__).parents[1] / "src" / "traitscope" / "app" / "main.py"),
+                           default_timeout=120)
+    at.query_params["run"] = "good"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    captions = " ".join(c.value for c in at.sidebar.caption)
+    assert "bad-config" in captions and "config.json is damaged" in captions  # listed, with the reason
+    tiles = " ".join(m.value for m in at.markdown if "ts-grid" in m.value)
+    assert "data:image/jpeg;base64" in tiles and "refusing" not in tiles  # linked images are shown
+
+    at = AppTest.from_file(str(Path(__file__).parents[1] / "src" / "traitscope" / "app" / "main.py"),
+                           default_timeout=120)
+    at.query_params["run"] = "broken"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert len(at.error) == 1 and str(top_rows) in at.error[0].value, [e.value for e in at.error]
+    FIGURES["damaged"][0] += 2
+    FIGURES["damaged"][1] += 2
+
+    # a busy port is found before any address is printed
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = cli("app", "--runs", runs, "--shards", shards, "--port", port, "--no-browser")
+    one_line_error(proc, f"--port {port}", "not free")
+    assert "open http" not in proc.stdout
+    assert "run bad-config cannot be used" in proc.stderr

@@ -16,7 +16,7 @@ import urllib.request
 import webbrowser
 from pathlib import Path
 
-from traitscope.app.data import Dataset, find_runs
+from traitscope.app.data import Dataset, find_run_folders
 from traitscope.errors import TraitscopeError
 
 MAIN_FPATH = Path(__file__).with_name("main.py")
@@ -41,6 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-on-the-fly", type=int, default=5000, metavar="N",
                         help="compute inference on the fly for datasets of at most N images (default 5000)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """TraitscopeError when something already listens on host:port, so the address printed is ours."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed socket's wait is fine
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise TraitscopeError(f"--port {port} on {host} is not free ({err.strerror}; another server, perhaps "
+                                  "another traitscope app?); use another --port, or --port 0 for a free one") from None
 
 
 def free_port(host: str) -> int:
@@ -75,6 +87,7 @@ def streamlit_command(host: str, port: int, app_args: list[str]) -> list[str]:
             "--server.fileWatcherType", "none", "--server.runOnSave", "false",
             "--server.maxUploadSize", "50", "--global.developmentMode", "false",
             "--client.toolbarMode", "minimal", "--theme.base", "light",
+            "--client.showErrorDetails", "type",    # never a traceback in the page (the app shows one line)
             "--", *app_args]
 
 
@@ -92,13 +105,16 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 60.0) 
 
 def run(args: argparse.Namespace) -> int:
     # Validate everything here, so a mistake is one clear line rather than a page error.
-    runs = find_runs(args.runs)
+    runs, unusable = find_run_folders(args.runs)
+    for name, why in unusable:
+        print(f"traitscope app: warning: run {name} cannot be used: {why}", file=sys.stderr)
     datasets = [Dataset(p) for p in args.shards]
     if args.max_on_the_fly < 0:
         raise TraitscopeError("--max-on-the-fly must be >= 0")
     if not 0 <= args.port < 65536:
         raise TraitscopeError(f"--port {args.port}: not a port number")
     port = args.port or free_port(args.host)
+    check_port_free(args.host, port)
     print(f"traitscope app: {len(runs)} runs under {args.runs}, datasets: "
           + ", ".join(d.title() for d in datasets))
     if not is_loopback(args.host):

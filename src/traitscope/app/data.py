@@ -8,7 +8,6 @@ Derived tables the formats do not store (dense-dimension top images, label co-oc
 once in a bounded pass and cached as .npy under a cache folder, keyed by what they depend on.
 """
 
-import json
 import os
 import re
 from pathlib import Path
@@ -23,13 +22,11 @@ from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.features import Inference
 from traitscope.features.enrichment import hypergeom_p
+from traitscope.files import atomic_save_npy, read_json
 from traitscope.finetune.grids import row_batches, top_images
 from traitscope.images import ImageError, decode_image, load_image, open_source
-from traitscope.files import atomic_save_npy
 from traitscope.shards.store import Shards, content_hash
 
-MAX_IMAGE_PIXELS = 80_000_000
-"""Refuse to decode larger images (decompression bombs), from the dataset or uploaded."""
 MAX_RUN_DEPTH = 3
 """How deep under --runs to look for run folders."""
 
@@ -42,36 +39,26 @@ def _no_progress(fraction: float, message: str) -> None:
 
 
 def safe_child(root: Path, rel: str | os.PathLike) -> Path:
-    """`root / rel`, resolved, refused (TraitscopeError) unless it lies inside `root`.
-
-    Catches '..', absolute paths and symlinks that lead out of `root`.
-    """
-    root = Path(root).resolve()
-    fpath = (root / rel).resolve()
-    if not fpath.is_relative_to(root):
-        raise TraitscopeError(f"refusing {rel!r}: it resolves outside {root}")
-    return fpath
+    """`root / rel` for a relative path `rel` from the data, refused (TraitscopeError) when it is
+    absolute or climbs out with '..'. Links inside `root` are followed like `shards` followed them,
+    so a data set whose images are links into another folder is viewable."""
+    rel_path = Path(rel)
+    if rel_path.is_absolute() or ".." in rel_path.parts or not rel_path.parts:
+        raise TraitscopeError(f"refusing {str(rel)!r}: image paths must lie under {root}")
+    return Path(root).resolve() / rel_path
 
 
 def load_npy(fpath: Path, mmap: bool = True) -> np.ndarray:
-    """A .npy file, memory-mapped by default, never unpickled."""
-    return np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
+    """A .npy file, memory-mapped by default, never unpickled; a damaged file is a TraitscopeError naming it."""
+    try:
+        return np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError, SyntaxError) as err:
+        raise TraitscopeError(f"{fpath} cannot be read ({' '.join(str(err).split())})") from None
 
 
 def open_image_file(fpath_or_file) -> Image.Image:
-    """Decode an image (a path or a file-like object) to upright RGB, as the shards saw it.
-
-    Refuses images over MAX_IMAGE_PIXELS before decoding them (decompression bombs).
-    """
-    try:
-        with Image.open(fpath_or_file) as image:
-            n_pixels = image.width * image.height
-    except Exception as err:  # Pillow raises many kinds for bad data
-        raise TraitscopeError(f"not an image Pillow can read: {err}") from None
-    if n_pixels > MAX_IMAGE_PIXELS:
-        raise TraitscopeError(f"image too large to decode safely ({n_pixels} pixels)")
-    if hasattr(fpath_or_file, "seek"):
-        fpath_or_file.seek(0)
+    """Decode an image (a path or a file-like object) to upright RGB, as the shards saw it, with the
+    checks of `load_image`: only a regular file, bounded in bytes, and in pixels before decoding."""
     return load_image(fpath_or_file)
 
 
@@ -228,9 +215,11 @@ class Run:
     def __init__(self, dpath: Path, name: str):
         self.dpath = dpath.resolve()
         self.name = name
-        self.config = json.loads((self.dpath / "config.json").read_text())
+        self.config = read_json(self.dpath / "config.json")
+        if not isinstance(self.config.get("sae"), dict):
+            raise TraitscopeError(f"{self.dpath / 'config.json'} is damaged (no 'sae' entry)")
         metrics_fpath = self.dpath / "metrics.json"
-        self.metrics = json.loads(metrics_fpath.read_text()) if metrics_fpath.is_file() else {}
+        self.metrics = read_json(metrics_fpath) if metrics_fpath.is_file() else {}
 
     @property
     def sae_config(self) -> dict:
@@ -285,17 +274,24 @@ class Run:
 
 def find_runs(runs_dpath: str | Path) -> list[Run]:
     """Run folders (holding config.json) at or under `runs_dpath`, up to MAX_RUN_DEPTH levels deep."""
+    return find_run_folders(runs_dpath)[0]
+
+
+def find_run_folders(runs_dpath: str | Path) -> tuple[list[Run], list[tuple[str, str]]]:
+    """(the usable runs at or under `runs_dpath`, (name, why) for each run folder that cannot be used)."""
     root = Path(runs_dpath).resolve()
     if not root.is_dir():
         raise TraitscopeError(f"--runs {runs_dpath}: not a folder")
     runs: list[Run] = []
+    unusable: list[tuple[str, str]] = []
 
     def visit(dpath: Path, depth: int) -> None:
         if (dpath / "config.json").is_file():
+            name = str(dpath.relative_to(root)) if dpath != root else root.name
             try:
-                runs.append(Run(dpath, str(dpath.relative_to(root)) if dpath != root else root.name))
-            except (json.JSONDecodeError, OSError):
-                pass
+                runs.append(Run(dpath, name))
+            except TraitscopeError as err:
+                unusable.append((name, str(err)))
             return
         if depth >= MAX_RUN_DEPTH:
             return
@@ -304,7 +300,7 @@ def find_runs(runs_dpath: str | Path) -> list[Run]:
                 visit(child, depth + 1)
 
     visit(root, 0)
-    return runs
+    return runs, unusable
 
 
 class FeatureData(NamedTuple):

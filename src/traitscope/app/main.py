@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlencode
@@ -26,7 +27,7 @@ import streamlit as st
 
 from traitscope.app import atlas, blind
 from traitscope.app.data import (MIN_SUPPORT, Dataset, Enrichment, FeatureData, InferenceView, Run, dense_top_images,
-                                 find_runs, label_enrichment, open_image_file, parse_int, sae_top_rows)
+                                 find_run_folders, label_enrichment, open_image_file, parse_int, sae_top_rows)
 from traitscope.errors import TraitscopeError
 from traitscope.viz import fit_thumbnail, image_grid, overlay_heatmap
 
@@ -59,8 +60,8 @@ def get_dataset(dpath: str) -> Dataset:
 
 
 @st.cache_resource(show_spinner=False, ttl=30)
-def get_runs(runs_dpath: str) -> list[Run]:
-    return find_runs(runs_dpath)
+def get_runs(runs_dpath: str) -> tuple[list[Run], list[tuple[str, str]]]:
+    return find_run_folders(runs_dpath)
 
 
 @st.cache_resource(show_spinner=False)
@@ -1132,7 +1133,7 @@ def blind_summary(session: blind.Session) -> None:
 def main() -> None:
     st.set_page_config(page_title="traitscope", layout="wide")
     datasets = [get_dataset(str(p)) for p in ARGS.shards]
-    all_runs = get_runs(str(ARGS.runs))
+    all_runs, unusable = get_runs(str(ARGS.runs))
     for key, value in st.session_state.pop("_goto", {}).items():
         st.session_state[key] = value
     with st.sidebar:
@@ -1151,6 +1152,10 @@ def main() -> None:
         for run in runs:
             mark = "✓" if run.has_inference(dataset.hash) else "·"
             st.caption(f"{mark} {run.title()}")
+        if unusable:
+            with st.expander(f"{len(unusable)} run folder(s) cannot be used"):
+                for name, why in unusable:
+                    st.caption(f"✗ {name}: {why}")
     if st.query_params.get("page") != page:
         st.query_params["page"] = page
     if not runs:
@@ -1166,3 +1171,7 @@ try:
     main()
 except TraitscopeError as error:
     st.error(str(error))
+except Exception as error:  # noqa: BLE001  (never a traceback in the page: one line, the traceback on the terminal)
+    traceback.print_exc()
+    st.error(f"unexpected {type(error).__name__}: {error} (a bug: the terminal running `traitscope app` has the "
+             "traceback; please report it)")

@@ -12,7 +12,6 @@ made from other weights, other shards or other settings is recomputed into a fre
 replaces it whole.
 """
 
-import json
 import queue
 import shutil
 import threading
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from traitscope.errors import TraitscopeError
 from traitscope.features.inputs import RunInputs, open_inputs
-from traitscope.files import atomic_save_npy, atomic_write_json, folder_lock
+from traitscope.files import atomic_save_npy, atomic_write_json, folder_lock, read_json
 from traitscope.shards.store import NpyAppender
 from traitscope.sae.sparse import one_thread
 
@@ -38,6 +37,22 @@ CHUNK_TOKENS = 4096
 """Tokens encoded per step (whole images: at least one image)."""
 
 
+RECOMPUTE = "rerun `traitscope inference` with the same --run and --shards to recompute it"
+"""What to do about a damaged inference folder."""
+
+
+def _open_npy(fpath: Path) -> np.ndarray:
+    """A .npy file memory-mapped read-only, checked to be whole; TraitscopeError naming it otherwise."""
+    try:
+        arr = np.load(fpath, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError, SyntaxError) as err:
+        raise TraitscopeError(f"{fpath} is damaged ({' '.join(str(err).split())}); {RECOMPUTE}") from None
+    if fpath.stat().st_size != arr.offset + arr.nbytes:
+        raise TraitscopeError(f"{fpath} is damaged ({fpath.stat().st_size} bytes, expected "
+                              f"{arr.offset + arr.nbytes}); {RECOMPUTE}")
+    return arr
+
+
 class Inference:
     """A finished inference folder, opened for reading (arrays are memory-mapped on first use)."""
 
@@ -47,7 +62,7 @@ class Inference:
         if not manifest_fpath.is_file():
             raise TraitscopeError(f"{self.dpath} is not a finished inference folder (no manifest.json); "
                                   "run `traitscope inference`")
-        self.manifest = json.loads(manifest_fpath.read_text())
+        self.manifest = read_json(manifest_fpath, RECOMPUTE)
         if self.manifest.get("format") != FORMAT:
             raise TraitscopeError(f"{manifest_fpath}: format {self.manifest.get('format')!r}, expected {FORMAT}; "
                                   "rerun `traitscope inference` to recompute it")
@@ -59,7 +74,7 @@ class Inference:
             fpath = self.dpath / f"{name}.npy"
             if not fpath.is_file():
                 raise TraitscopeError(f"{self.dpath} has no {name}.npy")
-            self._arrays[name] = np.load(fpath, mmap_mode="r", allow_pickle=False)
+            self._arrays[name] = _open_npy(fpath)
         return self._arrays[name]
 
     @property
@@ -114,7 +129,12 @@ def _stale_reason(manifest_fpath: Path, settings: dict) -> str | None:
     """None when the folder was made with exactly these settings, else why it is recomputed."""
     if not manifest_fpath.is_file():
         return "no finished result"
-    old = json.loads(manifest_fpath.read_text()).get("settings", {})
+    try:
+        old = read_json(manifest_fpath).get("settings", {})
+        for fpath in manifest_fpath.parent.glob("*.npy"):
+            _open_npy(fpath)
+    except TraitscopeError as err:
+        return str(err).split("; ")[0]
     names = {"format": "an older format", "sae_sha256": "different SAE weights",
              "shards_hash": "different shards", "top_n": "a different --top-n"}
     for key, value in settings.items():

@@ -291,10 +291,11 @@ def finetune(cfg: FinetuneConfig, images: str | ImageSource, out_dpath: str | Pa
     Resumes from `out_dpath/checkpoint` when there is one (its settings must match, except `epochs`,
     `save_every` and `device`); returns at once when the folder is complete for `cfg.epochs`.
     """
-    checks = [(cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}"),
+    checks = [(cfg.epochs >= 0, f"--epochs must be 0 (the starting model only) or more, not {cfg.epochs}"),
               (cfg.batch_size >= 2, f"--batch-size must be at least 2 (the contrastive loss compares images), not {cfg.batch_size}"),
               (cfg.lr > 0 and cfg.temperature > 0, "--lr and --temperature must be positive"),
-              (cfg.save_every >= 1 and cfg.head_dim >= 1, "--save-every and --head-dim must be at least 1"),
+              (cfg.save_every >= 1, f"--save-every must be at least 1, not {cfg.save_every}"),
+              (cfg.head_dim >= 0, f"--head-dim must be 0 (no head) or more, not {cfg.head_dim}"),
               (cfg.image_size is None or cfg.image_size >= 32, f"--image-size must be at least 32, not {cfg.image_size}")]
     for ok, message in checks:
         if not ok:
