@@ -279,6 +279,18 @@ def test_a_new_image_goes_through_the_manifests_backbone_and_preprocessing(world
 # --- blind test ------------------------------------------------------------------------------------
 
 
+def test_too_few_blind_test_candidates_says_what_to_change():
+    with pytest.raises(TraitscopeError) as err:
+        blind.plan_items(10, 0, np.arange(32), np.arange(4))
+    message = str(err.value)
+    assert "4 SAE features that fire on at least 16 images" in message and "lower N to 4" in message
+    assert "--l1" in message and "--expansion" in message and "docs/faces.md" in message
+    with pytest.raises(TraitscopeError, match="N=10 of each kind: 32 dense dimensions, 0 SAE") as err:
+        blind.plan_items(10, 0, np.arange(32), np.arange(0))
+    assert "lower N" not in str(err.value)  # no N would do
+    assert len(blind.plan_items(4, 0, np.arange(32), np.arange(4))) == 8
+
+
 def rate_next(at: AppTest, rating: int) -> AppTest:
     position = next(int(b.key.split("-")[1]) for b in at.button if b.key and b.key.startswith("rate-"))
     at.button(key=f"rate-{position}-{rating}").click().run()

@@ -40,13 +40,21 @@ class Item(NamedTuple):
     """The dimension or feature index."""
 
 
-def plan_items(n: int, seed: int, dense_candidates: np.ndarray, sae_candidates: np.ndarray) -> list[Item]:
-    """N dense dimensions and N SAE features drawn without replacement, in a seeded random order."""
+def plan_items(n: int, seed: int, dense_candidates: np.ndarray, sae_candidates: np.ndarray,
+               grid_images: int = 16) -> list[Item]:
+    """N dense dimensions and N SAE features drawn without replacement, in a seeded random order.
+
+    `sae_candidates` are the features that fire on at least `grid_images` images (a full grid)."""
     if n < 1:
         raise TraitscopeError("the blind test needs at least one item of each kind")
-    if len(dense_candidates) < n or len(sae_candidates) < n:
-        raise TraitscopeError(f"not enough candidates for n={n}: {len(dense_candidates)} dense dimensions, "
-                              f"{len(sae_candidates)} SAE features with enough top images")
+    n_dense, n_sae = len(dense_candidates), len(sae_candidates)
+    if n_dense < n or n_sae < n:
+        lower = f"lower N to {min(n_dense, n_sae)}, or " if min(n_dense, n_sae) else ""
+        raise TraitscopeError(
+            f"not enough candidates for N={n} of each kind: {n_dense} dense dimensions, {n_sae} SAE features "
+            f"that fire on at least {grid_images} images (a full {grid_images}-image grid). To fix it, {lower}"
+            "use an SAE whose features fire on more images: a weaker L1 (--l1) or a larger k, fewer latents "
+            "(--expansion), more images (docs/faces.md)")
     rng = np.random.default_rng(seed)
     items = [Item("dense", int(i)) for i in rng.choice(dense_candidates, n, replace=False)]
     items += [Item("sae", int(i)) for i in rng.choice(sae_candidates, n, replace=False)]
