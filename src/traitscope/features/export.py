@@ -61,22 +61,19 @@ def _image_columns(inputs: RunInputs) -> pd.DataFrame:
     return table
 
 
-def _geometry(inputs: RunInputs) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(n_images, n_patches) validity and (n_images, 4) canvas boxes normalised by the image's size
-    (left, top, right, bottom); (None, None) when the shards record no preprocessing."""
+def _canvas_boxes(inputs: RunInputs) -> np.ndarray | None:
+    """(n_images, 4) each image's model input (left, top, right, bottom) as fractions of the image's
+    width and height; None when the shards record no preprocessing or hold one token per image."""
     preprocess = inputs.shards.manifest.get("preprocess")
     if inputs.token_kind != "patches" or not preprocess:
-        return None, None
+        return None
     pre = Preprocess.from_dict(preprocess)
-    grid = inputs.shards.grid(inputs.layer)
-    valid = np.ones((inputs.n_images, grid[0] * grid[1]), dtype=bool)
     boxes = np.zeros((inputs.n_images, 4))
     for row, rec in enumerate(inputs.shards.images):
         w, h = int(rec["width"]), int(rec["height"])
-        valid[row] = pre.valid_patches(w, h, grid).reshape(-1)
         left, top, right, bottom = pre.canvas_box(w, h)
         boxes[row] = (left / w, top / h, right / w, bottom / h)
-    return valid, boxes
+    return boxes
 
 
 @torch.no_grad()
@@ -87,7 +84,7 @@ def feature_table(inputs: RunInputs, features: np.ndarray, chunk_tokens: int = C
     device = sae.W_enc.device
     column_of = torch.full((sae.d_sae,), -1, dtype=torch.int64, device=device)
     column_of[torch.as_tensor(features, device=device)] = torch.arange(len(features), device=device)
-    valid, boxes = _geometry(inputs)
+    boxes = _canvas_boxes(inputs)
     max_if, mean_if, frac_if = (np.zeros((inputs.n_images, len(features)), np.float32) for _ in range(3))
     peak_if = np.full((inputs.n_images, len(features)), -1, np.int64)
     bar = tqdm(total=inputs.n_images, unit="img", desc="feature values", disable=not progress)
@@ -101,9 +98,10 @@ def feature_table(inputs: RunInputs, features: np.ndarray, chunk_tokens: int = C
         codes_ipf = codes.view(n_img, n_p, len(features)).cpu().numpy()
         rows = slice(first_row, first_row + n_img)
         n_valid = np.full(n_img, n_p)
+        valid = inputs.valid_tokens(first_row, first_row + n_img)  # padding patches never count
         if valid is not None:
-            codes_ipf *= valid[rows, :, None]
-            n_valid = valid[rows].sum(1)
+            codes_ipf *= valid.reshape(n_img, n_p, 1)
+            n_valid = np.maximum(1, valid.reshape(n_img, n_p).sum(1))
         max_if[rows] = codes_ipf.max(1)
         mean_if[rows] = codes_ipf.sum(1) / n_valid[:, None]
         frac_if[rows] = (codes_ipf > 0).sum(1) / n_valid[:, None]
