@@ -10,7 +10,8 @@ says what it skipped.
 Sections, each a ratio against a floor timed in the same run:
   decode     images/s of the shards decode stage (threads/processes x full/draft) on generated
              3000-px JPEGs; floor: threads + full decoding
-  shards     `build_shards` images/s end to end on those JPEGs against the bare backbone forward on
+  shards     `build_shards` images/s end to end on those JPEGs (decode full, draft, and device: nvJPEG
+             on the GPU) against the bare backbone forward on
              preprocessed batches already on the device (float32 and bfloat16 autocast); the backbone
              is a random-init DINOv2 ViT-B/14 with 4 registers (the hub cannot be reached there)
   train      tokens/s of one training step of TopK, BatchTopK and Matryoshka (d_model 768, d_sae
@@ -191,7 +192,7 @@ def shards_section(source: FolderSource, backbone, device: torch.device, n_worke
         out[f"bare_forward_{dtype}_images_per_s"] = round(n / (time.perf_counter() - t0), 1)
         say(f"bare forward, {dtype}", out[f"bare_forward_{dtype}_images_per_s"], unit="images/s")
     del batches
-    for decode in ("full", "draft"):
+    for decode in ("full", "draft", "device"):  # device: nvJPEG on a CUDA GPU
         t0 = time.perf_counter()
         build_shards(source, backbone, [-2], root / f"shards-{decode}", batch_size=batch_size, decode=decode,
                      n_workers=n_workers, verbose=False)
@@ -370,7 +371,8 @@ def main() -> None:
                 _write_jpeg((i, images / f"{i:03d}.jpg", 640))
             check.section("torchrun", lambda: torchrun_section(root, images), 150)
         if not cuda:
-            check.skip("decode_cuda", "no CUDA device: the CUDA JPEG decoder (torchvision.io.decode_jpeg) was not run")
+            check.skip("decode_cuda", "no CUDA device: the CUDA JPEG decoder was not run (the shards row 'device' "
+                                      "ran the same code with torchvision's CPU decoder)")
             check.skip("gpu_sizes", "on the CPU: 8 JPEGs, ViT-Ti/14 instead of ViT-B/14, training at batch 256 with "
                                     "d_sae 4 x 768 in float32 (bf16 autocast on a CPU is no GPU figure), loader on "
                                     "200 images, inference at d_sae 4 x 768; the loader into a GPU is not run")

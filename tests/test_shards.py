@@ -148,6 +148,24 @@ def test_worker_processes_and_threads_write_the_same_bytes_and_draft_is_recorded
     np.testing.assert_allclose(draft_acts[large], full_acts[large], atol=0.05 * np.abs(full_acts[large]).max())
 
 
+def test_jpegs_decoded_where_the_model_runs_give_nearly_the_same_activations(photos, tmp_path, backbone):
+    """decode='device' (nvJPEG on a GPU; torchvision's CPU decoder here, the same code): JPEGs are decoded
+    in batches by the loader and resized by torch, the PNG by the workers; an EXIF-turned photo too."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _photo(np.random.default_rng(2), 900, 600).save(photos / "turned.jpg", exif=exif.tobytes(), quality=90)
+    full = build_shards(FolderSource(photos), backbone, [-2], tmp_path / "out", images_per_shard=4, n_workers=2,
+                        verbose=False)
+    device = build_shards(FolderSource(photos), backbone, [-2], tmp_path / "out", images_per_shard=4, n_workers=2,
+                          decode="device", verbose=False)
+    assert device.manifest["decode"] == "device" and device.dpath != full.dpath
+    assert [(e["width"], e["height"]) for e in device.images] == [(e["width"], e["height"]) for e in full.images]
+    a, b = (np.asarray(s.acts(-2, "cls"), dtype=np.float32) for s in (full, device))
+    np.testing.assert_allclose(b, a, atol=0.05 * np.abs(a).max())
+    png = next(i for i, e in enumerate(full.images) if e["path"].endswith(".png"))
+    assert np.array_equal(a[png], b[png])  # not a JPEG: decoded by the workers as before
+
+
 def test_rerun_finds_the_complete_folder(photos, tmp_path, backbone, capsys):
     first = build_shards(FolderSource(photos), backbone, [-2], tmp_path / "out", images_per_shard=4)
     before = {p: p.stat().st_mtime_ns for p in first.dpath.rglob("*")}

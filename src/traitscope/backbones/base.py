@@ -183,6 +183,22 @@ class Preprocess:
         out_h, out_w = self.input_hw
         return image.crop((-ox, -oy, out_w - ox, out_h - oy))  # PIL fills beyond the image with black
 
+    def crop_tensor(self, image_chw: torch.Tensor) -> torch.Tensor:
+        """`crop_image` for an upright (3, height, width) uint8 tensor on any device (a GPU JPEG
+        decoder's output): the same geometry, resampled by torch (antialiased) instead of PIL, so pixels
+        differ slightly; (height, width, 3) uint8 like `crop_image`'s array."""
+        _, h, w = image_chw.shape
+        (new_w, new_h), (ox, oy) = self.placement(w, h)
+        mode = self.interpolation.lower()
+        x = torch.nn.functional.interpolate(image_chw[None].float(), size=(new_h, new_w), mode=mode,
+                                            antialias=mode != "nearest")[0]
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+        out_h, out_w = self.input_hw
+        canvas = torch.zeros((3, out_h, out_w), dtype=torch.uint8, device=x.device)  # black padding, as PIL
+        x0, y0, x1, y1 = max(ox, 0), max(oy, 0), min(ox + new_w, out_w), min(oy + new_h, out_h)
+        canvas[:, y0:y1, x0:x1] = x[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+        return canvas.permute(1, 2, 0)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Normalised float tensor of shape (3, height, width)."""
         cropped = self.crop_image(image)

@@ -12,7 +12,7 @@ from traitscope.errors import TraitscopeError
 from traitscope.images import labels as labels_mod
 from traitscope.images.masks import one_hot, patch_majority, read_mask, read_names
 from traitscope.images.source import (Decoded, ImageError, ImageSource, MinSize, decode_image, image_extensions,
-                                     load_image, oriented_size)
+                                     jpeg_file, load_image, oriented_size)
 
 
 def list_images(root: Path, exclude: Path | None = None) -> list[str]:
@@ -94,6 +94,9 @@ class FolderSource(ImageSource):
 
     def image_size(self, record: dict) -> tuple[int, int]:
         return oriented_size(self.root / record["path"])
+
+    def jpeg(self, record: dict) -> tuple[bytes, tuple[int, int], int] | None:
+        return jpeg_file(self.root / record["path"])
 
     def decode(self, record: dict, min_size: MinSize | None = None) -> Decoded:
         if min_size is None:

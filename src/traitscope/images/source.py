@@ -74,6 +74,11 @@ class ImageSource:
         image = self.load(record)
         return Decoded(image, image.size, None)
 
+    def jpeg(self, record: dict) -> tuple[bytes, tuple[int, int], int] | None:
+        """(file bytes, upright (width, height), EXIF orientation) when the image is a JPEG file a
+        decoder elsewhere (a GPU's) can take as is; None otherwise (then `decode` it)."""
+        return None
+
     def image_labels(self, record: dict) -> np.ndarray | None:
         """(n_image_labels,) uint8 multi-hot, or None when the source has no per-image labels."""
         return None
@@ -249,6 +254,44 @@ def _upright(image: Image.Image, size: tuple[int, int], box: tuple[float, float,
     (x0, y0), (x1, y1) = move(box[0], box[1]), move(box[2], box[3])
     upright = size[::-1] if orientation in _TURNS_SIDEWAYS else size
     return turned, upright, (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def jpeg_file(fpath: str | Path) -> tuple[bytes, tuple[int, int], int] | None:
+    """`ImageSource.jpeg` for a file: its bytes, upright size and orientation when it is a JPEG of 8-bit
+    colour or grey that passes the header checks (`check_pixels`); None for anything else."""
+    data = read_file(fpath)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return None
+            check_pixels(image)
+            orientation = _orientation(image)
+            width, height = image.size
+    except ImageError:
+        raise
+    except Exception:
+        return None  # `decode` says why
+    upright = (height, width) if orientation in _TURNS_SIDEWAYS else (width, height)
+    return data, upright, orientation if 1 <= orientation <= 8 else 1
+
+
+def orient_tensor(image_chw, orientation: int):
+    """A decoded (3, height, width) tensor turned upright as EXIF `orientation` says (as `to_rgb`)."""
+    if orientation == 2:
+        return image_chw.flip(2)
+    if orientation == 3:
+        return image_chw.flip(1, 2)
+    if orientation == 4:
+        return image_chw.flip(1)
+    if orientation == 5:
+        return image_chw.transpose(1, 2)
+    if orientation == 6:
+        return image_chw.transpose(1, 2).flip(2)
+    if orientation == 7:
+        return image_chw.transpose(1, 2).flip(1, 2)
+    if orientation == 8:
+        return image_chw.transpose(1, 2).flip(1)
+    return image_chw
 
 
 def _orientation(image: Image.Image) -> int:

@@ -9,7 +9,10 @@ Decoding is one function (`DecodeJob`) whichever workers run it. `decode="draft"
 decoder work at 1/2, 1/4 or 1/8 scale, never below the size the backbone's `Preprocess.resized_size`
 asks for; the folder's manifest says so (`decode`), and it is part of the folder's identity, so a
 folder decoded in full is never mixed with a drafted one. `decode="full"` gives the same bytes as
-before this option existed.
+before this option existed. `decode="device"` has the workers only read JPEG files (and check their
+headers) and decodes them in batches where the model runs (`torchvision.io.decode_jpeg`: nvJPEG on
+a CUDA GPU), resized by `Preprocess.crop_tensor` (torch's antialiased resampling: the pixels differ
+slightly from PIL's); other files are decoded by the workers as usual.
 
 Shard s covers listed images [s * S, (s + 1) * S), S = images_per_shard; skipped images get no rows.
 A shard's rows stream into `.tmp` files as they are computed (memory stays flat however many images
@@ -52,12 +55,13 @@ from traitscope import dist
 from traitscope.backbones.base import Backbone, Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.files import folder_lock, unlink_quietly
-from traitscope.images.source import ImageError, ImageSource
+from traitscope.images.source import ImageError, ImageSource, orient_tensor
 from traitscope.shards.store import FORMAT, TOKEN_KINDS, NpyAppender, Shards, ShardWriter, content_hash
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-DECODES = ("full", "draft")
-"""How images are decoded: 'full' (every pixel), 'draft' (JPEGs at reduced size, see the module doc)."""
+DECODES = ("full", "draft", "device")
+"""How images are decoded: 'full' (every pixel), 'draft' (JPEGs at reduced size), 'device' (JPEGs on
+the model's device: nvJPEG on a CUDA GPU, via torchvision); see the module doc."""
 WORKER_KINDS = ("processes", "threads")
 """What decodes in parallel: worker processes (forked; Linux), or threads of this process."""
 FP16_MAX = 65504.0
@@ -165,6 +169,9 @@ class _Decoded(NamedTuple):
     image_labels: np.ndarray | None
     patch_labels: np.ndarray | None
     skipped: str | None
+    jpeg: tuple[bytes, int] | None = None
+    """decode='device': the JPEG file's bytes and EXIF orientation, decoded where the model runs
+    (`pixels` is then None)."""
 
 
 class _Batch(NamedTuple):
@@ -215,13 +222,18 @@ class DecodeJob:
         self.preprocess = backbone.preprocess
         self.uint8 = type(self.preprocess) is Preprocess  # its __call__ is crop_image + `_normalize`
         self.draft = decode == "draft" and self.uint8
+        self.on_device = decode == "device" and self.uint8
         self.grid = tuple(backbone.grid_at(layer))
         self.want_image_labels = bool(source.image_label_names)
         self.want_patch_labels = bool(source.patch_label_names)
 
     def __call__(self, record: dict) -> _Decoded:
         try:
-            if self.uint8:
+            jpeg = self.source.jpeg(record) if self.on_device else None
+            if jpeg is not None:
+                data, size, orientation = jpeg
+                pixels, jpeg = None, (data, orientation)
+            elif self.uint8:
                 decoded = self.source.decode(record, self.preprocess.resized_size if self.draft else None)
                 pixels = np.asarray(self.preprocess.crop_image(decoded.image, decoded.size, decoded.box))
                 size = decoded.size
@@ -233,7 +245,40 @@ class DecodeJob:
                             if self.want_patch_labels else None)
         except ImageError as err:
             return _Decoded(record, None, None, None, None, err.reason)
-        return _Decoded(record, pixels, size, image_labels, patch_labels, None)
+        return _Decoded(record, pixels, size, image_labels, patch_labels, None, jpeg)
+
+    def on(self, device: torch.device, kept: list[_Decoded]) -> torch.Tensor:
+        """(b, height, width, 3) uint8 on `device`: the JPEGs among `kept` decoded there in one call,
+        the others' pixels copied there."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out = [None if d.jpeg is not None else torch.from_numpy(np.asarray(d.pixels)).to(device) for d in kept]
+        jpegs = [i for i, d in enumerate(kept) if d.jpeg is not None]
+        if jpegs:
+            datas = [torch.frombuffer(bytearray(kept[i].jpeg[0]), dtype=torch.uint8) for i in jpegs]
+            try:
+                images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:  # one bad file fails the batch: one at a time
+                images = [self._one(kept[i], data, device) for i, data in zip(jpegs, datas)]
+            for i, image_chw in zip(jpegs, images):
+                out[i] = self.preprocess.crop_tensor(orient_tensor(image_chw, kept[i].jpeg[1]))
+        return torch.stack(out)
+
+    def _one(self, decoded: _Decoded, data: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """One JPEG decoded on the device, (3, h, w); where its decoder refuses it, Pillow's decoding
+        of the file as a (3, h, w) tensor there."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            try:
+                image = self.source.decode(decoded.record).image  # upright already
+            except ImageError as err:
+                raise TraitscopeError(f"{_image_name(self.source, decoded.record)}: {err.reason} (rerun with "
+                                      "--decode full to skip such files)") from err
+            turned_back = {6: 8, 8: 6}.get(decoded.jpeg[1], decoded.jpeg[1])  # on_device turns it upright again
+            return orient_tensor(torch.from_numpy(np.asarray(image)).permute(2, 0, 1), turned_back).to(device)
 
 
 _WORKER_JOB: DecodeJob | None = None
@@ -274,9 +319,9 @@ class _Loader(threading.Thread):
     batches in listing order; batches never cross a shard boundary."""
 
     def __init__(self, plan: ShardPlan, job: DecodeJob, pool: tuple[Executor, object], shards: list[int],
-                 batch_size: int, n_workers: int, strict: bool, pin: bool):
+                 batch_size: int, n_workers: int, strict: bool, pin: bool, device: torch.device):
         super().__init__(name="traitscope-shards-loader", daemon=True)
-        self.plan, self.source, self.shards = plan, job.source, shards
+        self.plan, self.source, self.shards, self.job, self.device = plan, job.source, shards, job, device
         self.pool, self.run_job = pool
         self.batch_size, self.n_workers, self.strict, self.pin = batch_size, n_workers, strict, pin
         self.uint8 = job.uint8
@@ -285,10 +330,13 @@ class _Loader(threading.Thread):
         self.stop = threading.Event()
 
     def _collate(self, shard: int, kept: list[_Decoded], n_listed: int) -> _Batch:
-        first = kept[0].pixels
-        dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
-        pixels = torch.empty((len(kept), *first.shape), dtype=dtype, pin_memory=self.pin)
-        np.stack([np.asarray(d.pixels) for d in kept], out=pixels.numpy())
+        if self.job.on_device:
+            pixels = self.job.on(self.device, kept)
+        else:
+            first = kept[0].pixels
+            dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
+            pixels = torch.empty((len(kept), *first.shape), dtype=dtype, pin_memory=self.pin)
+            np.stack([np.asarray(d.pixels) for d in kept], out=pixels.numpy())
         labels = {}
         if self.want_image_labels:
             labels["labels/images"] = np.stack([np.asarray(d.image_labels, dtype=np.uint8) for d in kept])
@@ -637,7 +685,7 @@ def _compute(plan: ShardPlan, job: DecodeJob, backbone: Backbone, store: ShardWr
     keys = [(layer, kind) for layer in plan.layers for kind in plan.token_kinds]
 
     pool = decode_pool(job, n_workers, workers)  # first: worker processes fork before any other thread starts
-    loader = _Loader(plan, job, pool, todo, batch_size, n_workers, strict, pin=cuda)
+    loader = _Loader(plan, job, pool, todo, batch_size, n_workers, strict, pin=cuda, device=device)
     writer = _Writer(store, _row_specs(plan, job.source, backbone))
     bar = tqdm(total=bar_range[0], initial=bar_range[1], unit="img", desc="shards", dynamic_ncols=True,
                disable=not verbose, file=sys.stderr, smoothing=0.1)

@@ -70,10 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "processes on the machine, at most 16)")
     parser.add_argument("--decode-workers", default="processes", choices=["processes", "threads"],
                         help="what the workers are: processes (default; forked, on Linux) or threads of this process")
-    parser.add_argument("--decode", default="full", choices=["full", "draft"],
+    parser.add_argument("--decode", default="full", choices=["full", "draft", "device"],
                         help="full (default): decode every pixel; draft: decode JPEGs at 1/2, 1/4 or 1/8 scale "
                              "where the model's input is that much smaller (about 3x faster on 3000-px photos; "
                              "the model's input differs from full decoding by about 0.4/255 per pixel on average). "
+                             "device: decode JPEGs where the model runs, in batches (nvJPEG on a CUDA GPU, via "
+                             "torchvision), resized by torch (pixels differ slightly from Pillow's). "
                              "The manifest records it, and it names a different shard folder")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable image instead of skipping it")
