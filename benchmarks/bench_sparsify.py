@@ -1,0 +1,228 @@
+"""Dictionary quality per token: `traitscope train` with its own defaults against EleutherAI's sparsify,
+trained in this script on the same tokens, in the same order, scored on the same held-out images.
+
+    pip install eai-sparsify==1.3.3        # the peer, from PyPI by name (not a traitscope dependency)
+    python benchmarks/bench_sparsify.py [--data camvid,fish] [--tokens 512k] [--ablate [NAMES]] [--batch-size 4096]
+
+Data: real photos beside the project (../shared/data): `camvid_train/images` (367 street scenes) and
+`fishvista_demo` (110 museum fish photos), each run through the offline DINOv2 ViT-S/14
+(`dinov2-vits14-saliency-offline`, layer -2, 256 patch tokens of 384 dims per image) with
+`traitscope shards`; 10% of the images are held out (traitscope's own split, seed 0).
+
+Both SAEs: TopK, 6144 latents, k = 32, batches of --batch-size tokens from traitscope's shuffled
+loader (seed 0), so both see the same batches in the same order.
+- sparsify: `SparseCoder` with the recipe of sparsify's own `Trainer` at its defaults (signum: sign
+  SGD in a schedule-free wrapper, momentum 0.95, lr 5e-3 / sqrt(latents / 2^14), no schedule; decoder
+  bias set to the first batch's mean; unit-norm decoder rows, the gradient along them removed; loss
+  FVU; AuxK off (`auxk_alpha` 0); raw activations). Scored with the schedule-free averaged weights.
+- traitscope: `traitscope.train.train` with default `RunSettings` but d_sae and k, default
+  `TrainConfig` but the budget, batch size and a 10% hold-out.
+
+Printed per SAE: held-out NMSE (squared error over the held-out tokens' total sum of squares around
+their mean), L0, and the dead fraction: latents that fire on no training token (one pass over all
+of them with the final SAE). With --ablate, traitscope's settings are varied one at a time (learning
+rate, its schedule, AuxK window, decoder-bias start) and sparsify's input scale, to find where a gap
+comes from. Shards and runs are cached under --work: a rerun only scores.
+"""
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from traitscope.sae import load_sae
+from traitscope.shards import Shards
+from traitscope.train import RunSettings, TrainConfig, train
+from traitscope.train.config import parse_count
+from traitscope.train.loader import ShuffledLoader, TokenSplit
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (REPO.parent / "shared" / "data").resolve()
+SETS = {"camvid": DATA / "camvid_train" / "images", "fish": DATA / "fishvista_demo"}
+MODEL, LAYER, D_SAE, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 6144, 32, 0.1, 0
+
+# One change at a time from traitscope's defaults (--ablate).
+ABLATIONS = {
+    "defaults": {},
+    "lr-x4": {"lr_scale": 4.0},
+    "lr-x10": {"lr_scale": 10.0},
+    "lr-x10-no-decay": {"lr_scale": 10.0, "lr_decay": "none"},
+    "lr-x10-auxk-64k": {"lr_scale": 10.0, "dead_tokens": 65_536},
+    "lr-x10-median": {"lr_scale": 10.0, "b_dec_init": "median"},
+}
+
+
+class Score(NamedTuple):
+    """How one SAE did."""
+
+    nmse: float
+    """Held-out squared error over the held-out total sum of squares around the mean."""
+    l0: float
+    """Mean active latents per held-out token."""
+    dead_frac: float
+    """Share of latents that fire on no training token."""
+    seconds: float
+    """Training time."""
+
+
+def make_shards(images_dpath: Path, work_dpath: Path) -> Shards:
+    """The offline DINOv2-S's layer -2 patch tokens of every image (content-addressed: made once)."""
+    out = subprocess.run([sys.executable, "-m", "traitscope.cli", "shards", "--images", str(images_dpath),
+                          "--model", MODEL, "--layers", str(LAYER), "--tokens", "patches",
+                          "--out", str(work_dpath / "shards")], check=True, stdout=subprocess.PIPE, text=True)
+    return Shards(out.stdout.strip().splitlines()[-1])
+
+
+def training_tokens(split: TokenSplit) -> torch.Tensor:
+    """Every training token once (float32), for counting dead latents."""
+    with ShuffledLoader(split, split.n_train_tokens, SEED, prefetch=False, stream=7) as loader:
+        return next(loader)
+
+
+@torch.inference_mode()
+def score(encode_decode, split: TokenSplit, train_nd: torch.Tensor, d_sae: int, seconds: float) -> Score:
+    """`encode_decode(x_bd) -> (x_hat_bd, fired latent ids)`, scored on held-out and training tokens."""
+    sse = sst = 0.0
+    n_active = n_tokens = 0
+    val_nd = torch.cat(list(split.val_batches(4096, 10**9)))
+    mean_d = val_nd.double().mean(0)
+    for x_bd in val_nd.split(4096):
+        x_hat_bd, ids = encode_decode(x_bd)
+        sse += float(((x_hat_bd.double() - x_bd.double()) ** 2).sum())
+        sst += float(((x_bd.double() - mean_d) ** 2).sum())
+        n_active += ids.numel()
+        n_tokens += len(x_bd)
+    fired_s = torch.zeros(d_sae, dtype=torch.bool)
+    for x_bd in train_nd.split(4096):
+        fired_s[encode_decode(x_bd)[1]] = True
+    return Score(sse / sst, n_active / n_tokens, float((~fired_s).float().mean()), seconds)
+
+
+def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor,
+                 input_scale: float = 1.0) -> Score:
+    """sparsify's SparseCoder trained with its Trainer's default recipe on traitscope's batches."""
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    torch.manual_seed(SEED)
+    sae = SparseCoder(split.d_model, SparseCoderConfig(num_latents=D_SAE, k=K), torch.device("cpu"), dtype=torch.float32)
+    opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (D_SAE / 2**14) ** 0.5)]), momentum=0.95)
+    opt.train()
+    n_steps = -(-n_tokens // batch_size)
+    t0 = time.perf_counter()
+    with ShuffledLoader(split, batch_size, SEED) as loader:
+        for step in tqdm(range(n_steps), desc="sparsify", unit="step", mininterval=5):
+            x_bd = next(loader) * input_scale
+            if step == 0:
+                sae.b_dec.data = x_bd.mean(0)
+            sae.set_decoder_norm_to_unit_norm()
+            out = sae(x_bd, y=x_bd, total_variance=(x_bd - x_bd.mean(0)).pow(2).sum())
+            out.fvu.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+    seconds = time.perf_counter() - t0
+    opt.eval()  # schedule-free: score the averaged weights
+
+    def encode_decode(x_bd):
+        enc = sae.encode(x_bd * input_scale)
+        return sae.decode(enc.top_acts, enc.top_indices) / input_scale, enc.top_indices[enc.top_acts > 0]
+
+    return score(encode_decode, split, train_nd, D_SAE, seconds)
+
+
+def run_traitscope(shards: Shards, split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor,
+                   work_dpath: Path, ablations: dict[str, dict]) -> dict[str, Score]:
+    """`traitscope train` (its Python entry point) with default settings but the ones in `ablations`,
+    all SAEs in one pass over the data."""
+    cfg = TrainConfig(shards=str(shards.dpath), layer=LAYER, tokens=n_tokens, batch_size=batch_size, seed=SEED,
+                      val_frac=VAL_FRAC, out=str(work_dpath / "runs"), checkpoint_every=10**12)
+    default_lr = RunSettings(d_sae=D_SAE, k=K).resolved(split.d_model).lr
+    settings = []
+    for change in ablations.values():
+        change = dict(change)
+        lr_scale = change.pop("lr_scale", None)
+        if lr_scale is not None:
+            change["lr"] = default_lr * lr_scale
+        settings.append(RunSettings(d_sae=D_SAE, k=K, **change))
+    t0 = time.perf_counter()
+    results = train(cfg, settings, echo=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    seconds = (time.perf_counter() - t0) / len(settings)
+    scores = {}
+    for name, result in zip(ablations, results):
+        if result.status not in ("trained", "already trained"):
+            raise SystemExit(f"traitscope run {name} {result.status}: {result.message}")
+        sae = load_sae(result.dpath)
+
+        def encode_decode(x_bd, sae=sae):
+            codes_bs = sae.encode(x_bd)
+            return sae.decode(codes_bs), (codes_bs > 0).nonzero()[:, 1]
+
+        scores[name] = score(encode_decode, split, train_nd, D_SAE, seconds)
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="camvid,fish", help="comma-separated: camvid, fish")
+    parser.add_argument("--tokens", default="512k", help="comma-separated token budgets (512k, 5M)")
+    parser.add_argument("--batch-size", default="4096", help="tokens per step, both SAEs (comma-separated: several)")
+    parser.add_argument("--ablate", nargs="?", const="all", default="",
+                        help=f"also vary traitscope's settings one at a time: 'all' or some of {', '.join(ABLATIONS)} "
+                             "(comma-separated); 'all' also scales sparsify's inputs")
+    parser.add_argument("--work", default=str(Path.home() / ".cache" / "traitscope-bench-sparsify"),
+                        help="cache of shards and runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder needs a GPU
+    try:
+        import sparsify  # noqa: F401
+    except ImportError:
+        raise SystemExit("this benchmark runs EleutherAI's sparsify: pip install eai-sparsify==1.3.3") from None
+    work_dpath = Path(args.work)
+    names = list(ABLATIONS) if args.ablate == "all" else ["defaults", *filter(None, args.ablate.split(","))]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"unknown ablation(s) {unknown}; known: {', '.join(ABLATIONS)}")
+    ablations = {n: ABLATIONS[n] for n in names}
+    lines = []
+    for data in args.data.split(","):
+        if not SETS[data].is_dir():
+            raise SystemExit(f"{SETS[data]} is absent")
+        shards = make_shards(SETS[data], work_dpath)
+        split = TokenSplit(shards, LAYER, "patches", VAL_FRAC, SEED)
+        train_nd = training_tokens(split)
+        print(f"{data}: {shards.n_images} images, {split.n_train_tokens:,} training tokens, "
+              f"{len(split.val_rows)} held-out images ({shards.dpath})", file=sys.stderr)
+        for n_tokens in map(parse_count, args.tokens.split(",")):
+            for batch_size in map(int, args.batch_size.split(",")):
+                rows = {"sparsify (defaults)": run_sparsify(split, n_tokens, batch_size, train_nd)}
+                if args.ablate == "all":
+                    scale = float(1 / train_nd.pow(2).sum(1).mean().sqrt())
+                    rows["sparsify, inputs scaled to E|x|^2 = 1"] = run_sparsify(split, n_tokens, batch_size,
+                                                                                  train_nd, scale)
+                for name, s in run_traitscope(shards, split, n_tokens, batch_size, train_nd, work_dpath,
+                                              ablations).items():
+                    rows[f"traitscope ({name})"] = s
+                lines.append(f"\n{data}, {n_tokens:,} tokens, batch {batch_size} ({-(-n_tokens // batch_size)} steps)")
+                lines.append(f"{'SAE':48s} {'val NMSE':>9s} {'L0':>6s} {'dead':>7s} {'s/run':>6s}")
+                for name, s in rows.items():
+                    lines.append(f"{name:48s} {s.nmse:9.4f} {s.l0:6.1f} {s.dead_frac:7.2%} {s.seconds:6.0f}")
+                print("\n".join(lines[-len(rows) - 2:]), flush=True)
+    print("\n".join(["", "summary:", *lines]))
+
+
+if __name__ == "__main__":
+    main()
