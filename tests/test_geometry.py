@@ -314,3 +314,16 @@ def test_a_trait_at_the_edge_is_found_by_the_default_and_missed_by_the_centre_cr
               f"({ap['grid'][1]:.3f}), center-crop {ap['center-crop'][0]:.3f} ({ap['center-crop'][1]:.3f})")
     (grid_ap, base_rate), (crop_ap, _) = ap["grid"], ap["center-crop"]  # measured: 0.657, 0.154; 0.177
     assert grid_ap > max(0.5, 3 * base_rate) and crop_ap < base_rate + 0.15
+
+
+def test_the_atlas_zooms_onto_the_patches_that_fire_under_letterbox():
+    """The atlas's zoomed tile of a feature firing at a long photo's head shows the head, not the middle."""
+    from traitscope.app.atlas import zoom_box
+
+    width, height = 310, 100
+    pre = DINOV2_PREPROCESS.with_geometry("letterbox", 224, 14)
+    row0, col0, row1, col1 = pre.valid_box(width, height, (16, 16))
+    acts_hw = np.zeros((16, 16), dtype=np.float32)
+    acts_hw[(row0 + row1) // 2, col0] = 1.0  # the head end, in the middle row of the photo
+    left, top, right, bottom = zoom_box(acts_hw, pre.canvas_box(width, height), (width, height), margin=0)
+    assert left == 0 and right < width / 2 and bottom == height  # the head end; 35% of the view is taller

@@ -132,16 +132,18 @@ def decoder_map(W_dec_sd: np.ndarray, sae_sha256: str, cache_root, seed: int = 0
 # Tiles
 
 
-def zoom_box(acts_hw: np.ndarray, crop_box: tuple[float, float, float, float], size: tuple[int, int],
+def zoom_box(acts_hw: np.ndarray, canvas_box: tuple[float, float, float, float], size: tuple[int, int],
              threshold: float = 0.2, margin: float = 1.5, min_frac: float = 0.35) -> tuple[int, int, int, int]:
     """The part of an image (of `size`) to show for a heatmap: the patches where the map reaches
     `threshold` x its maximum, `margin` patches around, at least `min_frac` of the model's view wide
-    and high, clipped to the image. The whole view when the map is empty."""
+    and high, clipped to the image. The whole view when the map is empty. `canvas_box` is where the
+    patch grid lies on the image (`Preprocess.canvas_box`: beyond the image where there is padding)."""
     rows, cols = acts_hw.shape
-    left, top, right, bottom = crop_box
+    left, top, right, bottom = canvas_box
+    w, h = size
     vmax = float(acts_hw.max(initial=0.0))
     if vmax <= 0:
-        return tuple(int(round(v)) for v in crop_box)
+        return (max(0, int(round(left))), max(0, int(round(top))), min(w, int(round(right))), min(h, int(round(bottom))))
     r_idx, c_idx = np.nonzero(acts_hw >= threshold * vmax)
     pw, ph = (right - left) / cols, (bottom - top) / rows
     x0, x1 = left + (c_idx.min() - margin) * pw, left + (c_idx.max() + 1 + margin) * pw
@@ -151,7 +153,6 @@ def zoom_box(acts_hw: np.ndarray, crop_box: tuple[float, float, float, float], s
         x0, x1 = (x0 + x1 - min_w) / 2, (x0 + x1 + min_w) / 2
     if y1 - y0 < min_h:
         y0, y1 = (y0 + y1 - min_h) / 2, (y0 + y1 + min_h) / 2
-    w, h = size
     return (max(0, int(x0)), max(0, int(y0)), min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1))))
 
 
@@ -160,7 +161,7 @@ def draw_tile(image: Image.Image, acts_hw: np.ndarray, preprocess: Preprocess, v
     """A heatmap tile: `image` with its patch map drawn by `overlay_heatmap` (opacity up to `alpha`),
     cut to where the feature fires when `zoom`, fitted into `side` x `side` pixels. With `heat` off,
     the same cut of the bare image (to compare colours)."""
-    box = zoom_box(acts_hw, preprocess.crop_box(*image.size), image.size) if zoom else (0, 0, *image.size)
+    box = zoom_box(acts_hw, preprocess.canvas_box(*image.size), image.size) if zoom else (0, 0, *image.size)
     drawn = overlay_heatmap(image, acts_hw, preprocess, vmax=vmax, max_alpha=alpha) if heat else image
     tile = drawn.crop(box)
     scale = side / max(tile.size)
