@@ -34,8 +34,8 @@ import torch
 
 from traitscope.backbones import load_backbone
 from traitscope.backbones.base import GEOMETRIES
-from traitscope.images import median_aspect, open_source
-from traitscope.shards.build import build_shards
+from traitscope.images import open_source
+from traitscope.shards.build import build_shards, use_geometry
 
 OFFLINE = "dinov2-vits14-saliency-offline"
 FISHVISTA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fishvista_demo"
@@ -87,8 +87,7 @@ def throughput(args, tmp: Path, resolution: int | None = None) -> None:
     backbone, model_note = pick_model(args.device)
     images_dpath, images_note = image_folder(args.n_images, tmp)
     source = open_source(str(images_dpath))
-    aspect = median_aspect(source, source.records()) if args.geometry == "grid" else 1.0
-    backbone.set_preprocess(backbone.preprocess.with_geometry(args.geometry, resolution, backbone.patch_size, aspect))
+    use_geometry(backbone, source, args.geometry, resolution)
     height, width = backbone.preprocess.input_hw
     print(f"model: {model_note}; device: {args.device}; torch threads: {torch.get_num_threads()}")
     print(f"images: {images_note}; layers {args.layers}, patches + cls, float16, batch size {args.batch_size}")

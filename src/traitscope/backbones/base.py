@@ -22,6 +22,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 GEOMETRIES = ("grid", "letterbox", "squash", "center-crop")
 """What `--geometry` accepts; each is one `Preprocess.mode` (center-crop is the mode 'shorter')."""
+DEFAULT_GEOMETRY = "grid"
+"""What `traitscope shards` shows the model by default: every whole image, undistorted (see its --help)."""
 _MODE_OF = {"grid": "grid", "letterbox": "letterbox", "squash": "squash", "center-crop": "shorter"}
 
 REFERENCES = {

@@ -21,7 +21,7 @@ from traitscope.features.inputs import open_inputs
 from traitscope.features.metrics import Metrics
 from traitscope.features.pareto import RunPoint, find_runs, mark_frontier, plot, write_csv
 from traitscope.images import open_source
-from traitscope.shards.build import build_shards
+from traitscope.shards.build import build_shards, use_geometry
 from traitscope.train.config import RunSettings, TrainConfig
 from traitscope.train.trainer import train
 
@@ -36,7 +36,9 @@ class DemoConfig:
     """Folder for everything the demo writes (data, shards, runs, report)."""
     images: str | None = None
     """A folder of your own images instead of the synthetic trait set (unlabelled photos work: alignment
-    is skipped and the report shows the features to look at first)."""
+    is skipped and the report shows the features to look at first). They are shown whole, in the 'grid'
+    geometry `traitscope shards` uses by default; the synthetic set keeps the model's centre crop, which
+    its objects are drawn to stay inside."""
     n_images: int = 300
     """Images of the synthetic trait set."""
     seed: int = 0
@@ -100,6 +102,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
     spec = cfg.images or f"synthetic:{cfg.n_images}:{cfg.seed}"
     source = open_source(spec, cache_dpath=out / "data")
     backbone = load_backbone(cfg.model)
+    if cfg.images:  # your photos: the whole of each, as `traitscope shards` shows them by default
+        use_geometry(backbone, source)
     echo(f"model: {backbone.description}")
     shards = build_shards(source, backbone, [cfg.layer], out / "shards")
     del backbone

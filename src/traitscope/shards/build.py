@@ -52,10 +52,10 @@ from tqdm import tqdm
 
 import traitscope
 from traitscope import dist
-from traitscope.backbones.base import Backbone, Preprocess
+from traitscope.backbones.base import DEFAULT_GEOMETRY, Backbone, Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.files import folder_lock, unlink_quietly
-from traitscope.images.source import ImageError, ImageSource, orient_tensor
+from traitscope.images.source import ImageError, ImageSource, median_aspect, orient_tensor
 from traitscope.shards.store import FORMAT, TOKEN_KINDS, NpyAppender, Shards, ShardWriter, content_hash
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -88,6 +88,14 @@ class ShardPlan(NamedTuple):
 
     def shard_records(self, shard: int) -> list[dict]:
         return self.records[shard * self.images_per_shard:(shard + 1) * self.images_per_shard]
+
+
+def use_geometry(backbone: Backbone, source: ImageSource, geometry: str = DEFAULT_GEOMETRY,
+                 resolution: int | None = None) -> None:
+    """Set the backbone's input geometry and resolution for this collection: under 'grid' the patch grid
+    takes the median aspect ratio of the source's images (see `Preprocess.with_geometry`)."""
+    aspect = median_aspect(source, source.records()) if geometry == "grid" else 1.0
+    backbone.set_preprocess(backbone.preprocess.with_geometry(geometry, resolution, backbone.patch_size, aspect))
 
 
 def plan_shards(source: ImageSource, backbone: Backbone, layers: list[int], out_dpath: str | Path,
@@ -808,4 +816,5 @@ def _finish(plan: ShardPlan, store: ShardWriter, verbose: bool) -> Shards:
     return shards
 
 
-__all__ = ["build_shards", "plan_shards", "ShardPlan", "DTYPES", "DECODES", "FP16_MAX", "WORKER_KINDS", "DecodeJob", "decode_pool"]
+__all__ = ["build_shards", "plan_shards", "use_geometry", "ShardPlan", "DTYPES", "DECODES", "FP16_MAX", "WORKER_KINDS",
+           "DecodeJob", "decode_pool"]

@@ -19,7 +19,7 @@ import os
 from traitscope import dist
 from traitscope.errors import TraitscopeError
 from traitscope.files import check_out_dpath
-from traitscope.backbones.base import GEOMETRIES
+from traitscope.backbones.base import DEFAULT_GEOMETRY, GEOMETRIES
 from traitscope.shards.store import TOKEN_KINDS
 
 
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="backbone name, 'hf:<id>', 'timm:<name>', ... (default: DINOv2 ViT-S/14 with registers "
                              "from the Hugging Face hub, or the offline DINOv2-S when the hub cannot be reached)")
-    parser.add_argument("--geometry", default="grid", choices=GEOMETRIES,
+    parser.add_argument("--geometry", default=DEFAULT_GEOMETRY, choices=GEOMETRIES,
                         help="how each image becomes the model's input. grid (default): the whole image, aspect "
                              "kept, in a patch grid shaped like the collection's median aspect ratio (e.g. 9x29 "
                              "patches for long fish), padded where an image differs; letterbox: the whole image, "
@@ -112,8 +112,8 @@ def parse_tokens(value: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from traitscope.backbones import default_model, load_backbone
-    from traitscope.images import median_aspect, open_source
-    from traitscope.shards.build import build_shards
+    from traitscope.images import open_source
+    from traitscope.shards.build import build_shards, use_geometry
 
     if args.verify is not None:
         return verify(args.verify)
@@ -136,9 +136,7 @@ def run(args: argparse.Namespace) -> int:
         with dist.main_first():  # rank 0 first: a generated or downloaded image set lands in a shared cache once
             source = open_source(args.images, labels=args.labels, masks=args.masks)
         backbone = load_backbone(model_name, device=str(device))  # hub downloads lock their cache files
-        aspect = median_aspect(source, source.records()) if args.geometry == "grid" else 1.0
-        backbone.set_preprocess(backbone.preprocess.with_geometry(args.geometry, args.resolution,
-                                                                  backbone.patch_size, aspect))
+        use_geometry(backbone, source, args.geometry, args.resolution)
         about = "" if args.model is None else f" ({backbone.description})"
         where = f"{device}" if not world.distributed else f"{world.size} processes ({device.type})"
         height, width = backbone.preprocess.input_hw
