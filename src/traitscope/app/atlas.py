@@ -169,12 +169,25 @@ def draw_tile(image: Image.Image, acts_hw: np.ndarray, preprocess: Preprocess, v
                        Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
 
 
+def decode_side(size: tuple[int, int], acts_hw: np.ndarray, preprocess: Preprocess, side: int, zoom: bool) -> int:
+    """The shorter side an image of `size` must be decoded at for a `side`-pixel tile of it (zoomed or
+    whole) to need no enlarging."""
+    w, h = size
+    box = zoom_box(acts_hw, preprocess.crop_box(w, h), size) if zoom and acts_hw.size > 1 else (0, 0, w, h)
+    scale = side / max(1, box[2] - box[0], box[3] - box[1])
+    return max(1, int(np.ceil(min(w, h) * scale)))
+
+
 def tile_images(dataset: Dataset, rows: np.ndarray, maps_nhw: np.ndarray, vmax: float | None, side: int,
                 zoom: bool, alpha: float, heat: bool = True) -> list[Image.Image]:
-    """`draw_tile` of each of a feature's top images (a JPEG is decoded at the scale the tile needs)."""
+    """`draw_tile` of each of a feature's top images; a JPEG is decoded at the smallest scale the tile
+    needs (the zoom box is worked out from the image's size in the shards' listing first)."""
     tiles = []
     for row, acts_hw in zip(rows, maps_nhw):
-        image = dataset.open_image(int(row), min_side=side * (3 if zoom else 1))
+        rec = dataset.images[int(row)]
+        size = (int(rec.get("width") or 0), int(rec.get("height") or 0))
+        min_side = decode_side(size, acts_hw, dataset.preprocess, side, zoom) if min(size) > 0 else None
+        image = dataset.open_image(int(row), min_side=min_side)
         if acts_hw.size == 1:  # image-level run: no map to draw or zoom to
             tiles.append(draw_tile(image, np.zeros((1, 1)), dataset.preprocess, None, side, zoom=False, heat=False))
         else:

@@ -29,7 +29,7 @@ from traitscope.app import atlas, blind
 from traitscope.app.data import (MIN_SUPPORT, Dataset, Enrichment, FeatureData, InferenceView, Run, dense_top_images,
                                  find_run_folders, label_enrichment, open_image_file, parse_int, sae_top_rows)
 from traitscope.errors import TraitscopeError
-from traitscope.viz import fit_thumbnail, image_grid, overlay_heatmap
+from traitscope.viz import image_grid, overlay_heatmap
 
 PAGES = ("Atlas", "Feature", "Compare runs", "Run plots", "Image", "Blind test")
 PAGE_ALIASES = {"Features": "Feature"}  # older page names in links and bookmarks
@@ -176,15 +176,11 @@ def feature_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, featur
         tile = {"row": int(row), "value": float(value), "path": dataset.images[row]["path"],
                 "label": dataset.images[row].get("label"), "vmax": vmax}
         try:
-            image = dataset.open_image(int(row), min_side=side * (3 if view.zoom else 1))
-            if fd.has_patch_maps:
-                tile["b64"] = jpeg_b64(atlas.draw_tile(image, acts_hw, dataset.preprocess, vmax, side, view.zoom,
-                                                       view.alpha))
-                if view.beside:
-                    tile["b64_bare"] = jpeg_b64(atlas.draw_tile(image, acts_hw, dataset.preprocess, vmax, side,
-                                                                view.zoom, heat=False))
-            else:
-                tile["b64"] = jpeg_b64(fit_thumbnail(image, side))
+            tile["b64"] = jpeg_b64(atlas.tile_images(dataset, [row], [acts_hw], vmax, side, view.zoom,
+                                                     view.alpha)[0])
+            if view.beside and fd.has_patch_maps:
+                tile["b64_bare"] = jpeg_b64(atlas.tile_images(dataset, [row], [acts_hw], vmax, side, view.zoom,
+                                                              view.alpha, heat=False)[0])
         except TraitscopeError as err:
             tile["error"] = str(err)
         tiles.append(tile)
