@@ -31,7 +31,7 @@ MIN_IMAGES = 2
 
 
 def peak_positions(inference: InferenceView, cache_root, chunk: int = 1024) -> np.ndarray:
-    """(d_sae, 2) float32 (x, y) in [0, 1] of where each feature peaks on the model's view of an image:
+    """(d_sae, 2) float32 (x, y) in [0, 1] of where each feature peaks on the model's input grid:
     the median over its top images of the centre of the patch where its map is largest; NaN for dead
     features and image-level runs. One pass over `top_patch_acts`, cached."""
     d_sae, (rows, cols) = inference.d_sae, inference.grid
@@ -148,7 +148,8 @@ def zoom_box(acts_hw: np.ndarray, canvas_box: tuple[float, float, float, float],
     pw, ph = (right - left) / cols, (bottom - top) / rows
     x0, x1 = left + (c_idx.min() - margin) * pw, left + (c_idx.max() + 1 + margin) * pw
     y0, y1 = top + (r_idx.min() - margin) * ph, top + (r_idx.max() + 1 + margin) * ph
-    min_w, min_h = min_frac * (right - left), min_frac * (bottom - top)
+    min_w = min_frac * (min(right, w) - max(left, 0))  # of the part of the image the model saw
+    min_h = min_frac * (min(bottom, h) - max(top, 0))
     if x1 - x0 < min_w:
         x0, x1 = (x0 + x1 - min_w) / 2, (x0 + x1 + min_w) / 2
     if y1 - y0 < min_h:
@@ -173,7 +174,7 @@ def decode_side(size: tuple[int, int], acts_hw: np.ndarray, preprocess: Preproce
     """The shorter side an image of `size` must be decoded at for a `side`-pixel tile of it (zoomed or
     whole) to need no enlarging."""
     w, h = size
-    box = zoom_box(acts_hw, preprocess.crop_box(w, h), size) if zoom and acts_hw.size > 1 else (0, 0, w, h)
+    box = zoom_box(acts_hw, preprocess.canvas_box(w, h), size) if zoom and acts_hw.size > 1 else (0, 0, w, h)
     scale = side / max(1, box[2] - box[0], box[3] - box[1])
     return max(1, int(np.ceil(min(w, h) * scale)))
 

@@ -704,7 +704,7 @@ def unusable_reason(run: Run, dataset: Dataset) -> str | None:
 
 
 def all_runs_cached() -> list[Run]:
-    return get_runs(str(ARGS.runs))
+    return get_runs(str(ARGS.runs))[0]
 
 
 def heldout_table(run: Run, dataset: Dataset) -> pd.DataFrame | None:
