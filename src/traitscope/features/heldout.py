@@ -64,12 +64,15 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
     there (in the inference folder when the shard folder cannot be written).
 
     Defaults: PCA reconstructs with the SAE's k (or its mean L0 over the data set, for ReLU SAEs);
-    k-means has as many centroids as the SAE has latents.
+    k-means has as many centroids as the SAE has latents; both shrink to what the fitting tokens allow
+    (an image-level SAE on a few dozen images). A value given explicitly that does not fit is an error.
     """
     check_baseline_settings(fit_tokens, pca_k, n_clusters)
+    chosen = {"pca_k": pca_k is not None, "n_clusters": n_clusters is not None}  # defaults shrink to fit
     if pca_k is None:
         k = inputs.sae.cfg.k
         pca_k = int(k) if k else max(1, int(round(float(np.asarray(inf.array("feature_freq"), np.float64).sum()))))
+        pca_k = min(pca_k, inputs.acts.width)
     n_clusters = inputs.sae.d_sae if n_clusters is None else n_clusters
     train_rows, _ = split_rows(inputs)
     info = {"fit_tokens": int(fit_tokens), "pca_k": int(pca_k), "n_clusters": int(n_clusters),
@@ -91,10 +94,10 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
     idx = sample_tokens(inputs, train_rows, fit_tokens, seed=0)
     if progress:
         print(f"fitting the baselines on {len(idx):,} training tokens (once per shards, layer and split): "
-              f"PCA, k-means with {n_clusters} centroids", flush=True)
-    if pca_k > len(idx):
+              f"PCA, k-means with {min(n_clusters, len(idx))} centroids", flush=True)
+    if chosen["pca_k"] and pca_k > len(idx):
         raise TraitscopeError(f"--pca-k {pca_k} is more components than the {len(idx):,} fitting tokens allow")
-    if n_clusters > len(idx):
+    if chosen["n_clusters"] and n_clusters > len(idx):
         raise TraitscopeError(f"--kmeans-clusters {n_clusters} is more centroids than the {len(idx):,} fitting tokens; "
                               "use fewer centroids or a larger --fit-tokens")
     x_fit = inputs.acts[idx].astype(np.float32)
