@@ -1,8 +1,8 @@
 """docs/tutorial.md runs as written: both command blocks, on the small data beside the project.
 
-The fish block runs on ../shared/data/fishvista_demo; the labelled block on a stand-in built here (the
-32 CelebA faces sorted into class folders by their Smiling attribute). Each block's last command
-starts the app; it is started in the background and must answer on its port.
+The fish block runs on ../shared/data/fishvista_demo, the labelled block on ../shared/data/celeba_32
+with its attribute list. Each block's last command starts the app; it is started in the background and
+must answer on its port.
 """
 
 import os
@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,19 +64,17 @@ def test_fish_photos_block(tmp_path):
 
 
 @pytest.mark.skipif(not CELEBA.is_dir(), reason=f"{CELEBA} is absent")
-def test_labelled_species_block(tmp_path):
+def test_labelled_faces_block(tmp_path):
     block = _blocks()[1]
-    assert re.search(r"^SPECIES=inat_mini", block, flags=re.M)
-    attr_fpath = next(CELEBA.glob("list_attr_celeba_*.txt"))
-    lines = attr_fpath.read_text().splitlines()
-    smiling = lines[1].split().index("Smiling")
-    for line in lines[2:]:
-        name, *values = line.split()
-        folder = tmp_path / "inat_mini" / ("smiling" if values[smiling] == "1" else "not_smiling")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).symlink_to(CELEBA / name)
-    _run_block(block, tmp_path)
-    (run,) = (tmp_path / "inat" / "runs").glob("batchtopk-*")
+    assert re.search(r"^DATA=\.\./shared/data/celeba_32", block, flags=re.M)
+    (tmp_path / "shared").symlink_to(SHARED.parent)  # the block's ../shared, seen from a working folder
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    _run_block(block, cwd)
+    (run,) = (cwd / "celeba" / "runs").glob("batchtopk-*")
     (inference,) = (run / "inference").iterdir()
     table = (inference / "alignment.md").read_text()
-    assert "smiling" in table and "sae" in table and "probe" in table
+    assert "Smiling" in table and "sae" in table and "probe" in table
+    traits = pd.read_csv(cwd / "celeba" / "smiling.csv")
+    assert len(traits) == 32 and traits["feature"].nunique() == 1 and "label_Smiling" in traits
+    assert traits["max"].max() > 0
