@@ -196,16 +196,33 @@ TRAIN_ARGS = ["--k", "4", "--d-sae", "128", "--batch-size", "128", "--tokens", "
 
 
 class Pipeline:
+    """The reference run of each stage, and how long each command took (kills are timed against it)."""
+
     def __init__(self, root: Path):
         self.root = root
         self.photos = photo_folder(root / "photos")
-        proc = cli("shards", "--images", self.photos, "--out", root / "shards", *SHARDS_ARGS, check_rc=0)
+        self.seconds = {}
+        t0 = time.perf_counter()
+        proc = cli(*self.shards_args(root / "shards"), check_rc=0)
+        self.seconds["shards"] = time.perf_counter() - t0
         self.shards = Path(proc.stdout.strip().splitlines()[-1])
-        proc = cli("train", "--shards", self.shards, "--out", root / "runs", *TRAIN_ARGS, check_rc=0)
+        t0 = time.perf_counter()
+        cli(*self.train_args(root / "runs"), check_rc=0)
+        self.seconds["train"] = time.perf_counter() - t0
         (self.run,) = (root / "runs").iterdir()
-        cli("inference", "--run", self.run, "--shards", self.shards, "--quiet", "--no-metrics", "--device", "cpu",
-            check_rc=0)
+        t0 = time.perf_counter()
+        cli(*self.inference_args(self.run), check_rc=0)
+        self.seconds["inference"] = time.perf_counter() - t0
         (self.inference,) = (self.run / "inference").iterdir()
+
+    def shards_args(self, out: Path) -> list:
+        return ["shards", "--images", self.photos, "--out", out, *SHARDS_ARGS]
+
+    def train_args(self, out: Path) -> list:
+        return ["train", "--shards", getattr(self, "shards", None), "--out", out, *TRAIN_ARGS]
+
+    def inference_args(self, run: Path) -> list:
+        return ["inference", "--run", run, "--shards", self.shards, "--quiet", "--no-metrics", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +431,57 @@ def test_the_app_lists_unusable_runs_shows_damage_in_one_line_and_views_linked_i
     one_line_error(proc, f"--port {port}", "not free")
     assert "open http" not in proc.stdout
     assert "run bad-config cannot be used" in proc.stderr
+
+
+# --- random kills ---
+
+KILLS_PER_STAGE = int(os.environ.get("TRAITSCOPE_KILLS_PER_STAGE", "2"))
+
+
+def kill_at(args: list, delay_s: float) -> bool:
+    """Start `traitscope ARGS`, SIGKILL it after delay_s; True when it was still running then."""
+    proc = subprocess.Popen([sys.executable, "-m", "traitscope.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay_s)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+@pytest.mark.parametrize("stage", ["shards", "train", "inference"])
+def test_random_kills_resume_to_identical_results(pipeline, tmp_path, stage):
+    import random
+
+    seed = int(os.environ.get("TRAITSCOPE_KILL_SEED", time.time_ns() % 10**6))
+    rng = random.Random(seed)
+    for i in range(KILLS_PER_STAGE):
+        # a moment within the reference command's run time, start-up included
+        delay_s = rng.uniform(0.3, 0.95) * pipeline.seconds[stage]
+        if stage == "shards":
+            args, result, reference = pipeline.shards_args(tmp_path / f"s{i}"), tmp_path / f"s{i}", pipeline.shards.parent
+        elif stage == "train":
+            args, result, reference = pipeline.train_args(tmp_path / f"r{i}"), tmp_path / f"r{i}", pipeline.run.parent
+        else:
+            run = copy(pipeline.run, tmp_path / f"i{i}" / pipeline.run.name)
+            import shutil
+
+            shutil.rmtree(run / "inference")
+            args, result, reference = pipeline.inference_args(run), run / "inference", pipeline.run / "inference"
+        if not kill_at(args, delay_s):
+            continue  # it finished first: not a kill
+        FIGURES["kills"][0] += 1
+        cli(*args, check_rc=0)
+        wanted = {k: v for k, v in digests(reference).items() if not k.endswith((".png", "metrics.jsonl"))}
+        if stage == "train":  # what a run is used by: its SAE and config (a checkpoint holds RNG and timing state)
+            wanted = {k: v for k, v in wanted.items() if k.endswith(("/sae.safetensors", "/config.json"))}
+        if stage == "inference":  # its manifest names the run's folder, which is a copy here
+            wanted = {k: v for k, v in wanted.items() if k.endswith(".npy")}
+        got = {k: v for k, v in digests(result).items() if k in wanted}
+        assert got == wanted, f"{stage} killed after {delay_s:.1f} s (seed {seed}) did not resume to the same files"
+        for log in result.glob("*/metrics.jsonl"):
+            steps = [json.loads(ln)["step"] for ln in log.read_text().splitlines()]
+            assert steps == sorted(set(steps))
+        FIGURES["kills"][1] += 1

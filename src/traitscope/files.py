@@ -72,6 +72,22 @@ def unlink_quietly(fpath: Path) -> None:
         pass
 
 
+@contextlib.contextmanager
+def atomic_open(fpath: Path, mode: str = "w", **kwargs):
+    """`open` for writing, under a temporary name: the file takes its final name, fsynced, only when
+    the body ends without error (a CSV writer, `fig.savefig(f)`, `image.save(f, format=...)`)."""
+    tmp_fpath = tmp_name(Path(fpath))
+    try:
+        with open(tmp_fpath, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_fpath, fpath)
+    except BaseException:
+        unlink_quietly(tmp_fpath)
+        raise
+
+
 def atomic_write_bytes(fpath: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, then rename: a half-written file never has the final name."""
     tmp_fpath = tmp_name(fpath)

@@ -17,6 +17,7 @@ from traitscope.images.source import load_image
 from traitscope.shards import Shards
 from traitscope.train.config import TrainConfig
 from traitscope.viz.heatmap import image_grid, overlay_heatmap
+from traitscope.files import atomic_open, atomic_write_bytes
 
 N_GRID_IMAGES = 8
 STYLE = """
@@ -131,7 +132,8 @@ of {model['n_layers']} (patch tokens, d_model {shards.d_model(shards.layers[0])}
             continue
         feature = int(s.feature)
         fpath = figures_dpath / f"feature-{feature}.png"
-        feature_grid(shards, best.inference, feature).save(fpath)
+        with atomic_open(fpath, "wb") as f:
+            feature_grid(shards, best.inference, feature).save(f, format="PNG")
         tiles.append(f"""<div class="feature"><b>{html.escape(s.label)}</b>: feature {feature},
 held-out AP {s.ap:.3f}, purity@16 {s.purity:.2f}<br><img src="{fpath.relative_to(out)}"></div>""")
 
@@ -160,7 +162,8 @@ def _unlabelled(shards: Shards, best, out: Path) -> str:
     tiles = []
     for feature in features_to_look_at(best.inference):
         fpath = figures_dpath / f"feature-{feature}.png"
-        feature_grid(shards, best.inference, int(feature)).save(fpath)
+        with atomic_open(fpath, "wb") as f:
+            feature_grid(shards, best.inference, int(feature)).save(f, format="PNG")
         tiles.append(f"""<div class="feature"><b>feature {feature}</b>: fires on {freq[feature]:.0%} of the
 images<br><img src="{fpath.relative_to(out)}"></div>""")
     return f"""<h2>Trait alignment: skipped</h2>
@@ -202,5 +205,5 @@ Baselines need no SAE: the dense dimensions themselves, PCA and k-means fitted o
 
 def _write(out: Path, page: str) -> Path:
     report_fpath = out / "report.html"
-    report_fpath.write_text(page)
+    atomic_write_bytes(report_fpath, page.encode())
     return report_fpath

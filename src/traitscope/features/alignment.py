@@ -40,6 +40,7 @@ from traitscope.features.baselines import Baseline
 from traitscope.features.heldout import FIT_TOKENS, sample_tokens, token_indices
 from traitscope.features.inference import Inference
 from traitscope.features.inputs import RunInputs, split_rows
+from traitscope.files import atomic_open, atomic_write_bytes
 
 PURITY_AT = 16
 COVERAGE_AP = 0.5
@@ -415,7 +416,7 @@ def _fmt(v: float, spec: str = ".3f") -> str:
 
 def write_report(rows: list[LabelScore], csv_fpath: Path, md_fpath: Path) -> str:
     """alignment.csv (one row per level, label and method) and alignment.md; returns the markdown."""
-    with open(csv_fpath, "w", newline="") as f:
+    with atomic_open(csv_fpath, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(LabelScore._fields)
         writer.writerows(rows)
@@ -448,5 +449,5 @@ def write_report(rows: list[LabelScore], csv_fpath: Path, md_fpath: Path) -> str
             lines.append(f"| {s.method} | {_fmt(s.mean_ap)} | {_fmt(s.coverage, '.0%')} | {s.n_labels} |")
         lines.append("")
     md = "\n".join(lines)
-    md_fpath.write_text(md)
+    atomic_write_bytes(md_fpath, md.encode())
     return md

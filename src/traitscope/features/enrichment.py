@@ -15,6 +15,7 @@ import scipy.stats
 
 from traitscope.features.inference import Inference
 from traitscope.shards import Shards
+from traitscope.files import atomic_open
 
 
 def hypergeom_p(counts, n_total, n_positive, n_drawn) -> np.ndarray:
@@ -62,7 +63,7 @@ def label_enrichment(inf: Inference, shards: Shards) -> list[Enrichment]:
 
 def write_enrichment(enrichments: list[Enrichment], csv_fpath: Path) -> None:
     """Long-format CSV: feature, level, label, count, n_top (non-zero counts only)."""
-    with open(csv_fpath, "w", newline="") as f:
+    with atomic_open(csv_fpath, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["feature", "level", "label", "count", "n_top"])
         for e in enrichments:

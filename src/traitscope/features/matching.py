@@ -20,6 +20,7 @@ import scipy.sparse
 
 from traitscope.errors import TraitscopeError
 from traitscope.features.inference import Inference
+from traitscope.files import atomic_open
 
 MIN_SCORE = 0.5
 """Default score (mean of decoder cosine and activation correlation) a pair needs to count as matched."""
@@ -135,7 +136,7 @@ def match_features(W_a_sd: np.ndarray, W_b_sd: np.ndarray, inf_a: Inference, inf
 def write_matching(matching: Matching, csv_fpath: str | Path) -> None:
     """The table as CSV: COLUMNS plus `partner` (an unmatched feature's best partner), -1 for none."""
     rows = matching.rows()
-    with open(csv_fpath, "w", newline="") as f:
+    with atomic_open(csv_fpath, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + ["partner"])
         writer.writeheader()
         for row in rows:

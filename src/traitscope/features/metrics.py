@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from traitscope.files import atomic_open, atomic_write_bytes
+
 DENSE_THRESHOLD = 0.1
 """A code is 'dense' when it is non-zero on more than this share of tokens."""
 
@@ -83,7 +85,7 @@ COLUMNS = ("method", "nmse", "explained_variance", "l0", "dead_frac", "dense_fra
 
 def write_table(rows: dict[str, Metrics], csv_fpath: Path, md_fpath: Path) -> str:
     """Write the metrics table (method -> metrics) as CSV and markdown; returns the markdown."""
-    with open(csv_fpath, "w", newline="") as f:
+    with atomic_open(csv_fpath, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for method, m in rows.items():
@@ -94,5 +96,5 @@ def write_table(rows: dict[str, Metrics], csv_fpath: Path, md_fpath: Path) -> st
         lines.append(f"| {method} | {m.nmse:.4f} | {m.explained_variance:.4f} | {m.l0:.1f} | "
                      f"{m.dead_frac:.1%} | {m.dense_frac:.1%} | {m.n_codes} | {m.n_tokens} |")
     md = "\n".join(lines) + "\n"
-    md_fpath.write_text(md)
+    atomic_write_bytes(md_fpath, md.encode())
     return md

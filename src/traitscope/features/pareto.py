@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from traitscope.errors import TraitscopeError
+from traitscope.files import atomic_open
 
 
 class RunPoint(NamedTuple):
@@ -82,7 +83,7 @@ def mark_frontier(points: list[RunPoint]) -> list[RunPoint]:
 
 
 def write_csv(points: list[RunPoint], fpath: Path) -> None:
-    with open(fpath, "w", newline="") as f:
+    with atomic_open(fpath, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "variant", "k", "l1_coeff", "d_sae", "l0", "nmse", "dead_frac", "dead_frac_train",
                          "on_frontier"])
@@ -118,7 +119,8 @@ def plot(points: list[RunPoint], fpath: Path, labels: bool = False) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Sparsity vs reconstruction error")
     fig.tight_layout()
-    fig.savefig(fpath)
+    with atomic_open(fpath, "wb") as f:
+        fig.savefig(f, format=Path(fpath).suffix.lstrip(".") or "png")
     plt.close(fig)
 
 

@@ -29,6 +29,7 @@ from traitscope.images import load_image, open_source
 from traitscope.sae import load_sae
 from traitscope.shards.store import Shards
 from traitscope.viz import image_grid
+from traitscope.files import atomic_open
 
 GRID_SIDE = 4
 N_TOP = GRID_SIDE * GRID_SIDE
@@ -189,7 +190,8 @@ def save_grids(top: TopImages, images: ShardImages, out_dpath: str | Path, units
         if top.rows_un[u, 0] < 0:
             continue
         fpath = dpath / f"{top.kind}_{u:05d}.png"
-        grid_image(images, top.rows_un[u]).save(fpath)
+        with atomic_open(fpath, "wb") as f:
+            grid_image(images, top.rows_un[u]).save(f, format="PNG")
         fpaths.append(fpath)
     return fpaths
 

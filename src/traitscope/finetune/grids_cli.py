@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from traitscope.errors import TraitscopeError
-from traitscope.files import atomic_write_json, check_out_dpath
+from traitscope.files import atomic_open, atomic_write_json, check_out_dpath
 from traitscope.finetune import grids
 from traitscope.shards.store import Shards
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for top in tops:
             rows += grids.enrichment_rows(top, grids.enrichment(top, labels_na), names)
-        with open(out_dpath / "enrichment.csv", "w", newline="") as f:
+        with atomic_open(out_dpath / "enrichment.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)

@@ -52,7 +52,7 @@ from traitscope.finetune.model import (
 )
 from traitscope.finetune.bases import build_base
 from traitscope.images import ImageError, ImageSource, open_source
-from traitscope.files import atomic_write_json, check_out_dpath, folder_lock, truncate_log
+from traitscope.files import atomic_write_json, check_out_dpath, folder_lock, read_json, truncate_log
 from traitscope.shards.store import content_hash
 
 
@@ -262,10 +262,11 @@ def save_checkpoint(out_dpath: Path, model: FinetunedBackbone, optimizer: torch.
     save_finetuned(model, tmp_dpath)
     torch.save(optimizer.state_dict(), tmp_dpath / "optimizer.pt")
     atomic_write_json(tmp_dpath / "state.json", state)
+    # the previous checkpoint stays (checkpoint.old) until this one is whole, as in `traitscope train`
+    shutil.rmtree(old_dpath, ignore_errors=True)
     if ckpt_dpath.exists():
         ckpt_dpath.rename(old_dpath)
     tmp_dpath.rename(ckpt_dpath)
-    shutil.rmtree(old_dpath, ignore_errors=True)
 
 
 def find_checkpoint(out_dpath: Path) -> Path | None:
@@ -313,7 +314,8 @@ def _finetune(cfg: FinetuneConfig, images: str | ImageSource, out_dpath: Path, v
     source = open_source(images) if isinstance(images, str) else images
     name = PREFIX + str(out_dpath)
     ckpt_dpath = find_checkpoint(out_dpath)
-    state = json.loads((ckpt_dpath / "state.json").read_text()) if ckpt_dpath else None
+    state = read_json(ckpt_dpath / "state.json", "delete that checkpoint folder to resume from the previous one, or "
+                      "use another --out") if ckpt_dpath else None
     if state is not None:
         if state["config"] != cfg.identity():
             changed = sorted(k for k in cfg.identity() if state["config"].get(k) != cfg.identity()[k])

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from traitscope.files import atomic_open
+
 
 def plot_curves(records: list[dict], fpath: Path, title: str = "") -> None:
     """Four panels against tokens from metrics.jsonl records (a bare Figure: no pyplot, no display)."""
@@ -33,4 +35,5 @@ def plot_curves(records: list[dict], fpath: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(fpath, dpi=100)
+    with atomic_open(fpath, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
