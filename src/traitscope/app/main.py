@@ -343,8 +343,8 @@ def feature_view(run: Run, dataset: Dataset, inference: InferenceView, feature: 
     image_level = not fd.has_patch_maps and inference.top_patch_acts is None
     n_fire = int(inference.fire_counts()[feature])
     c1, c2, c3, c4 = st.columns(4)
-    c1.metric(f"images where it fires ({fd.image_freq:.2%})", f"{n_fire}",
-              help=f"Images (of {inference.n_images}) where its activation is above zero"
+    c1.metric(f"images ({fd.image_freq:.1%})", f"{n_fire}",
+              help=f"Images (of {inference.n_images}) where it fires: its activation is above zero"
                    + ("." if image_level else " on at least one patch."))
     if image_level:
         c2.metric("largest code", f"{float(fd.values.max(initial=0.0)):.3g}",
