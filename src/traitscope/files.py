@@ -90,29 +90,13 @@ def atomic_open(fpath: Path, mode: str = "w", **kwargs):
 
 def atomic_write_bytes(fpath: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, then rename: a half-written file never has the final name."""
-    tmp_fpath = tmp_name(fpath)
-    try:
-        with open(tmp_fpath, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_fpath, fpath)
-    except BaseException:
-        unlink_quietly(tmp_fpath)  # a full disk leaves no half file behind
-        raise
+    with atomic_open(fpath, "wb") as f:
+        f.write(data)
 
 
 def atomic_save_npy(fpath: Path, array: np.ndarray) -> None:
-    tmp_fpath = tmp_name(fpath)
-    try:
-        with open(tmp_fpath, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_fpath, fpath)
-    except BaseException:
-        unlink_quietly(tmp_fpath)
-        raise
+    with atomic_open(fpath, "wb") as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def atomic_save_safetensors(fpath: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:

@@ -159,12 +159,17 @@ def open_regular(fpath: str | Path) -> Iterator[BinaryIO]:
 def read_file(fpath: str | Path) -> bytes:
     """The bytes of a regular file of at most MAX_FILE_BYTES (see `open_regular`), or ImageError."""
     with open_regular(fpath) as f:
-        try:
-            data = f.read(MAX_FILE_BYTES + 1)
-        except OSError as err:
-            raise ImageError(f"cannot read file: {err.strerror or err}") from err
+        return _read_bounded(f)
+
+
+def _read_bounded(f: BinaryIO) -> bytes:
+    """At most MAX_FILE_BYTES from an open file (one that grows past it while read is an ImageError)."""
+    try:
+        data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise ImageError(f"cannot read file: {err.strerror or err}") from err
     if len(data) > MAX_FILE_BYTES:
-        raise ImageError(f"file grew over the {MAX_FILE_BYTES >> 20} MiB limit for an image while being read")
+        raise ImageError(f"over the {MAX_FILE_BYTES >> 20} MiB limit for an image")
     return data
 
 
@@ -194,15 +199,7 @@ def decode_image(fp: str | Path | BinaryIO, min_size: MinSize | None = None) -> 
     """`load_image`, and with `min_size` a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale
     that is still at least `min_size(width, height)` of its upright size (libjpeg's reduced-size
     decoding, via Pillow's `draft`: the scaled DCT skips most of the work on large photos)."""
-    if isinstance(fp, (str, Path)):
-        data = read_file(fp)
-    else:
-        try:
-            data = fp.read(MAX_FILE_BYTES + 1)
-        except OSError as err:
-            raise ImageError(f"cannot read file: {err.strerror or err}") from err
-        if len(data) > MAX_FILE_BYTES:
-            raise ImageError(f"over the {MAX_FILE_BYTES >> 20} MiB limit for an image")
+    data = read_file(fp) if isinstance(fp, (str, Path)) else _read_bounded(fp)
     if not data:
         raise ImageError("empty file")
     try:
