@@ -77,6 +77,24 @@ def test_feature_page_shows_top_images_histogram_frequency_and_enrichment(world,
     assert table.iloc[0]["label"] == "species_a" and table.iloc[0]["lift"] == pytest.approx(3.0)
 
 
+def test_feature_page_shows_the_runs_alignment_table_scored_both_ways(world, monkeypatch):
+    # an alignment.csv as `traitscope align` wrote it before it scored every method both ways
+    fpath = world["root"] / "runs" / "topk-b" / "inference" / world["shards"].hash / "alignment.csv"
+    fpath.write_text("level,label,dominant,base_rate,n_pos,method,feature,train_ap,ap,purity\n"
+                     "patch,red,False,0.1,40,sae,12,0.7,0.65,0.5\npatch,red,False,0.1,40,dense,-3,0.6,0.55,0.4\n"
+                     "patch,red,False,0.1,40,kmeans,3,0.6,0.75,0.4\npatch,red,False,0.1,40,probe,,nan,0.9,1.0\n")
+    try:
+        at = ok(app(world, monkeypatch, page="Features", run="topk-b", feature="1"))
+        text = "\n".join(m.value for m in at.expander[0].markdown)
+        dense, sparse = text.split("sparse scores (SAE codes")
+        assert "| sae pre-act | dense | pca | kmeans −dist | probe |" in dense
+        assert "|  | 0.550 / 0.40 [-3] |  | 0.750 / 0.40 [3] | 0.900 / 1.00 |" in dense
+        assert "| red | 0.100 | 0.650 / 0.50 [12] |" in sparse  # the old SAE row: its codes, a sparse score
+        assert not ok(app(world, monkeypatch, page="Features", run="topk-a", feature="1")).expander
+    finally:
+        fpath.unlink()
+
+
 def test_dead_feature_says_so(world, monkeypatch):
     at = ok(app(world, monkeypatch, page="Features", run="topk-a", feature=str(D_SAE - 1)))
     assert any("never fires" in i.value for i in at.info)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from traitscope.cli import main
-from traitscope.demo.report import coverage_verdict
+from traitscope.demo.report import alignment_verdict
 from traitscope.features.alignment import MethodSummary
 
 
@@ -27,7 +27,9 @@ def test_demo_writes_an_honest_report_and_reuses_finished_steps(tmp_path, capsys
     for method in ("sae", "dense", "pca", "kmeans", "probe"):
         assert f"<td>{method}</td>" in page
     assert "traitscope app --runs" in first.out
-    assert "Here the SAE's coverage" in page
+    # the headline compares like with like, and says plainly whether the SAE beats each baseline
+    assert "Dense scores (SAE pre-activations" in page and "Sparse scores (SAE codes" in page
+    assert re.search(r"(beats|is beaten by|ties with|splits with) kmeans", page)
 
     assert main(args) == 0  # a rerun reuses the shards and the trained runs
     second = capsys.readouterr()
@@ -36,13 +38,19 @@ def test_demo_writes_an_honest_report_and_reuses_finished_steps(tmp_path, capsys
 
 
 def test_the_report_says_whether_the_sae_beats_every_baseline():
-    def by(**coverage):
-        return {m: MethodSummary("patch", m, 0.5, c, 14) for m, c in coverage.items()}
+    def by(scoring, **scores):
+        return [MethodSummary("patch", m, scoring, ap, cov, 14) for m, (ap, cov) in scores.items()]
 
-    assert "is above every baseline" in coverage_verdict(by(sae=0.57, dense=0.5, pca=0.14, kmeans=0.36, probe=1.0))
-    text = coverage_verdict(by(sae=0.29, dense=0.36, pca=0.07, kmeans=0.43, probe=1.0))
-    assert "<b>not</b> above every baseline (kmeans: 43%)" in text
-    assert "not" in coverage_verdict(by(sae=0.5, dense=0.5))  # a tie is not above
+    dense = by("dense", sae=(0.50, 0.43), dense=(0.41, 0.36), pca=(0.35, 0.14), kmeans=(0.45, 0.36),
+               probe=(0.9, 1.0))
+    sparse = by("sparse", sae=(0.42, 0.29), dense=(0.30, 0.2), pca=(0.42, 0.29), kmeans=(0.45, 0.21))
+    text = alignment_verdict(dense + sparse)
+    assert "beats every baseline" in text.split("Sparse scores")[0]  # dense: above all three
+    sparse_text = text.split("Sparse scores")[1]
+    assert "beats dense (0.300, 20%)" in sparse_text and "ties with pca" in sparse_text
+    assert "splits with kmeans" in sparse_text and "it beats 1 of 3 baselines" in sparse_text
+    assert "the levers" in sparse_text  # where it does not win, the report says what would help
+    assert "is beaten by kmeans" in alignment_verdict(by("dense", sae=(0.4, 0.3), kmeans=(0.5, 0.4)))
 
 
 FISH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fishvista_demo"

@@ -16,7 +16,8 @@ from traitscope.backbones import Preprocess
 from traitscope.cli import main
 from traitscope.errors import TraitscopeError
 from traitscope.features import Inference, open_inputs, run_inference, split_rows
-from traitscope.features.alignment import align, average_precision_matrix, sparse_average_precision, summarise
+from traitscope.features.alignment import (align, average_precision_matrix, read_alignment, sparse_average_precision,
+                                          summarise, write_report)
 from traitscope.features.baselines import DenseBaseline, fit_baselines
 from traitscope.features.enrichment import label_enrichment
 from traitscope.features.metrics import MetricsAccumulator
@@ -221,8 +222,8 @@ def test_cls_sae_writes_codes_and_tops(tmp_path):
     assert by_method(rows, "image", "i0")["dense"].feature == "0"  # the label is dimension 0 > 0
 
 
-def by_method(rows, level, label):
-    return {r.method: r for r in rows if r.level == level and r.label == label}
+def by_method(rows, level, label, scoring="dense"):
+    return {r.method: r for r in rows if r.level == level and r.label == label and r.scoring == scoring}
 
 
 def test_metrics_formulas_and_baselines():
@@ -299,16 +300,19 @@ def test_alignment_finds_the_planted_feature(tmp_path):
     inf, _ = run_inference(run, shards.dpath, progress=False, inputs=inputs)
     baselines = fit_baselines(inputs.acts[:].astype(np.float32), pca_k=2, n_clusters=24)
     rows = align(inputs, inf, baselines)
-    by = {(r.level, r.label, r.method): r for r in rows}
-    sae_trait = by["patch", "trait", "sae"]
-    assert sae_trait.feature == "0" and sae_trait.ap > 0.95
-    assert sae_trait.purity == min(16, sae_trait.n_pos) / 16  # every top patch is a trait patch
-    assert {m for (_, label, m) in by if label == "trait"} == {"sae", "dense", "pca", "kmeans", "probe"}
-    assert by["patch", "trait", "probe"].ap > 0.9
-    assert by["patch", "background", "sae"].dominant and not sae_trait.dominant
-    summary = {(s.level, s.method): s for s in summarise(rows)}
-    assert summary["patch", "sae"].n_labels == 1 and summary["patch", "sae"].coverage == 1.0
-    assert by["image", "many_traits", "sae"].feature == "0"
+    by = {(r.level, r.label, r.method, r.scoring): r for r in rows}
+    for scoring in ("sparse", "dense"):  # the planted latent wins as codes and as pre-activations
+        sae_trait = by["patch", "trait", "sae", scoring]
+        assert sae_trait.feature == "0" and sae_trait.ap > 0.95
+        assert sae_trait.purity == min(16, sae_trait.n_pos) / 16  # every top patch is a trait patch
+    assert {(m, s) for (_, label, m, s) in by if label == "trait"} == {
+        (m, s) for m in ("sae", "dense", "pca", "kmeans") for s in ("dense", "sparse")} | {("probe", "dense")}
+    assert by["patch", "trait", "probe", "dense"].ap > 0.9
+    assert by["patch", "background", "sae", "sparse"].dominant and not sae_trait.dominant
+    summary = {(s.level, s.method, s.scoring): s for s in summarise(rows)}
+    assert summary["patch", "sae", "sparse"].n_labels == 1 and summary["patch", "sae", "sparse"].coverage == 1.0
+    assert by["image", "many_traits", "sae", "sparse"].feature == "0"
+    assert by["image", "many_traits", "sae", "dense"].feature == "0"
     train, held = split_rows(inputs)
     assert len(held) == 6 and len(np.intersect1d(train, held)) == 0
 
@@ -444,3 +448,30 @@ def test_export_features_matches_brute_force(tmp_path, capsys):
     assert "not a feature of this SAE (0..11)" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "t.xlsx")]) == 2
     assert ".csv or .parquet" in capsys.readouterr().err
+
+
+def test_sparse_baseline_scores_keep_the_saes_l0():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    dense, pca, kmeans = fit_baselines(x, pca_k=2, n_clusters=5)
+    xt = torch.from_numpy(x[:50])
+    for b in (dense, pca):  # each token keeps its 3 largest of +s and -s: its 3 largest |s|, with their sign
+        s = b.sparse_scores(xt, 3)
+        assert s.shape == (50, 2 * b.n_features) and ((s > 0).sum(1) == 3).all() and (s >= 0).all()
+        top = b.scores(xt).abs().topk(3, dim=1).values
+        assert torch.allclose(s.topk(3, dim=1).values, top)
+    hard = kmeans.sparse_scores(xt, 3)  # k-means: the hard assignment, one 1 per token at its nearest centroid
+    assert (hard.sum(1) == 1).all() and (hard.argmax(1) == kmeans.scores(xt).argmax(1)).all()
+
+
+def test_alignment_csv_written_before_the_scoring_column_still_reads(tmp_path):
+    old = tmp_path / "alignment.csv"  # the columns of an alignment.csv written before dense/sparse scoring
+    old.write_text("level,label,dominant,base_rate,n_pos,method,feature,train_ap,ap,purity\n"
+                   "patch,stripes,False,0.1,40,sae,12,0.7,0.65,0.5\n"
+                   "patch,stripes,False,0.1,40,kmeans,3,0.6,0.55,0.4\n"
+                   "patch,stripes,False,0.1,40,probe,,nan,0.9,1.0\n")
+    rows = read_alignment(old)
+    assert [(r.method, r.scoring) for r in rows] == [("sae", "sparse"), ("kmeans", "dense"), ("probe", "dense")]
+    assert rows[0].ap == 0.65 and rows[0].feature == "12" and not rows[0].dominant and np.isnan(rows[2].train_ap)
+    write_report(rows, tmp_path / "new.csv", tmp_path / "new.md")
+    assert repr(read_alignment(tmp_path / "new.csv")) == repr(rows)  # (NaN != NaN: compare the text)

@@ -29,6 +29,7 @@ from traitscope.app import atlas, blind
 from traitscope.app.data import (MIN_SUPPORT, Dataset, Enrichment, FeatureData, InferenceView, Run, dense_top_images,
                                  find_run_folders, label_enrichment, open_image_file, parse_int, sae_top_rows)
 from traitscope.errors import TraitscopeError
+from traitscope.features.alignment import alignment_markdown, read_alignment
 from traitscope.viz import image_grid, overlay_heatmap
 
 PAGES = ("Atlas", "Feature", "Compare runs", "Run plots", "Image", "Blind test")
@@ -515,6 +516,14 @@ def need_inference(run: Run, dataset: Dataset, key: str) -> InferenceView | None
 # Pages
 
 
+def alignment_view(inference: InferenceView) -> None:
+    """The run's trait alignment on this dataset (`traitscope align`), when it has been computed."""
+    fpath = inference.dpath / "alignment.csv"
+    if fpath.is_file():
+        with st.expander("Trait alignment: each label's best feature against the baselines, scored like for like"):
+            st.markdown(alignment_markdown(read_alignment(fpath)))
+
+
 def pick_run(runs: list[Run], key: str) -> Run:
     names = [r.name for r in runs]
     q_run = st.query_params.get("run")
@@ -672,6 +681,7 @@ def page_features(runs: list[Run], dataset: Dataset) -> None:
     inference = need_inference(run, dataset, "feat")
     if inference is None:
         return
+    alignment_view(inference)
     initial = parse_int(st.query_params.get("feature"), 0, inference.d_sae)
     left, right = st.columns([1, 4])
     with left:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from traitscope.backbones import Preprocess
-from traitscope.features.alignment import summarise
+from traitscope.features.alignment import COLUMNS, compare, headline, summarise
 from traitscope.images.source import load_image
 from traitscope.shards import Shards
 from traitscope.train.config import TrainConfig
@@ -55,19 +55,18 @@ def feature_grid(shards: Shards, inf, feature: int, n_images: int = N_GRID_IMAGE
     return image_grid(tiles + [None] * (n_images - len(tiles)), n_cols=n_images // 2, cell=150)
 
 
-def coverage_verdict(by_method: dict) -> str:
-    """One honest sentence: is the SAE's patch-level coverage above every baseline here?"""
-    baselines = [by_method[m] for m in ("dense", "pca", "kmeans") if m in by_method]
-    if "sae" not in by_method or not baselines:
+def alignment_verdict(summaries: list) -> str:
+    """Plain sentences: does the SAE beat each baseline, scored the same way, in each scoring?"""
+    lines = headline(summaries, "patch")
+    if not lines:
         return ""
-    sae, best = by_method["sae"], max(baselines, key=lambda s: s.coverage)
-    if sae.coverage > best.coverage:
-        return f"<p>Here the SAE's coverage ({sae.coverage:.0%}) is above every baseline.</p>"
-    return (f"<p>Here the SAE's coverage ({sae.coverage:.0%}) is <b>not</b> above every baseline "
-            f"({best.method}: {best.coverage:.0%}). The demo trains small SAEs briefly on few images; longer "
-            "training on more images and Matryoshka SAEs are the levers. <code>python "
-            "benchmarks/study_alignment.py</code> runs a larger study (1000 images, about 16 epochs) and "
-            "prints the same comparison.</p>")
+    text = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    if any(c.outcome != "beats" for c in compare(summaries) if c.level == "patch"):
+        text += ("<li>Where the SAE does not beat a baseline: the demo trains small SAEs briefly on few images; "
+                 "longer training on more images, wider dictionaries and Matryoshka SAEs are the levers. "
+                 "<code>python benchmarks/study_alignment.py</code> runs a larger study (1000 images) and prints "
+                 "the same comparison.</li>")
+    return f"<ul>{text}</ul>"
 
 
 def features_to_look_at(inf, n: int = N_GRID_IMAGES) -> np.ndarray:
@@ -108,27 +107,35 @@ of {model['n_layers']} (patch tokens, d_model {shards.d_model(shards.layers[0])}
 
     if not best.alignment:
         return _write(out, _page(cfg, shards, best, out, facts, pareto, metrics, held, _unlabelled(shards, best, out)))
-    by = {s.method: s for s in summarise(best.alignment) if s.level == "patch"}
-    methods = [m for m in ("sae", "dense", "pca", "kmeans", "probe")
-               if any(s.method == m for s in best.alignment)]
-    summary = _table(["method", "mean AP", "coverage (AP ≥ 0.5)", "labels"],
-                     [[m, by[m].mean_ap, f"{by[m].coverage:.0%}", by[m].n_labels] for m in methods if m in by])
+    patch = [r for r in best.alignment if r.level == "patch"]
+    summaries = summarise(patch)
+    by = {(s.method, s.scoring): s for s in summaries}
+    summary_rows = []
+    for method in dict.fromkeys(s.method for s in summaries):
+        row = [method]
+        for scoring in ("dense", "sparse"):
+            s = by.get((method, scoring))
+            row += [s.mean_ap, "n/a" if np.isnan(s.coverage) else f"{s.coverage:.0%}"] if s else ["", ""]
+        summary_rows.append(row + [next(s.n_labels for s in summaries if s.method == method)])
+    summary = _table(["method", "dense: mean AP", "dense: coverage", "sparse: mean AP", "sparse: coverage", "labels"],
+                     summary_rows)
+    verdict = alignment_verdict(summaries)
 
-    verdict = coverage_verdict(by)
-
+    columns = [(scoring, m, title) for scoring, cols in COLUMNS.items() for m, title in cols
+               if any((r.method, r.scoring) == (m, scoring) for r in patch)]
     label_rows = []
-    for label in dict.fromkeys(s.label for s in best.alignment if s.level == "patch"):
-        cells = {s.method: s for s in best.alignment if s.label == label and s.level == "patch"}
+    for label in dict.fromkeys(r.label for r in patch):
+        cells = {(r.method, r.scoring): r for r in patch if r.label == label}
         any_row = next(iter(cells.values()))
         label_rows.append([label + (" (dominant)" if any_row.dominant else ""), any_row.base_rate]
-                          + [cells[m].ap if m in cells else float("nan") for m in methods])
-    per_label = _table(["label", "base rate"] + [f"{m} AP" for m in methods], label_rows)
+                          + [cells[m, s].ap if (m, s) in cells else float("nan") for s, m, _ in columns])
+    per_label = _table(["label", "base rate"] + [f"{title} AP" for _, _, title in columns], label_rows)
 
     figures_dpath = out / "figures"
     figures_dpath.mkdir(exist_ok=True)
     tiles = []
     for s in best.alignment:
-        if s.method != "sae" or s.dominant or not s.feature or s.feature.startswith("-") or s.level != "patch":
+        if (s.method, s.scoring) != ("sae", "sparse") or s.dominant or not s.feature or s.level != "patch":
             continue
         feature = int(s.feature)
         fpath = figures_dpath / f"feature-{feature}.png"
@@ -140,6 +147,11 @@ held-out AP {s.ap:.3f}, purity@16 {s.purity:.2f}<br><img src="{fpath.relative_to
     alignment = f"""<h2>Trait alignment</h2>
 <p>For each trait label, the single feature with the best average precision on training patches;
 its AP on the {held} is reported. Coverage is the share of labels whose held-out AP is at least 0.5.
+Every method is scored two ways, and only like is compared with like. <b>Dense scores</b> rank every
+patch: the SAE's pre-activations, the dense dimensions, PCA projections and k-means negative distance.
+<b>Sparse scores</b> rank only the patches where a feature fires and tie the rest at zero: the SAE's
+codes, the dense dimensions and PCA projections keeping each patch's L0 largest signed values (L0 = the
+SAE's mean active latents per patch), and the k-means hard assignment.
 The probe (logistic regression on the dense activations) is a ceiling, not a competitor. Dominant labels
 (background) are left out of the means: their AP is high by base rate alone.</p>
 {summary}

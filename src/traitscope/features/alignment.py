@@ -2,14 +2,23 @@
 
 For every label (per patch: synthetic traits, segmentation masks; per image: class folders, a CSV,
 CelebA attributes) and every method — the SAE, the dense dimensions, PCA components, k-means
-centroids (negative distance) — the feature with the highest average precision on *training* images
-is chosen, and its AP and purity@16 (share of positives among its 16 highest-scoring items) are
-reported on *held-out* images. A logistic-regression probe per label on the dense activations gives
-the ceiling. Coverage is the share of labels whose chosen feature reaches held-out AP >= 0.5.
+centroids — the feature with the highest average precision on *training* images is chosen, and its
+AP and purity@16 (share of positives among its 16 highest-scoring items) are reported on *held-out*
+images. A logistic-regression probe per label on the dense activations gives the ceiling. Coverage
+is the share of labels whose chosen feature reaches held-out AP >= 0.5.
+
+Every method is scored two ways, and only like is compared with like:
+- dense scores rank every item: the SAE's pre-activations, the dense dimensions, PCA projections,
+  k-means negative distance;
+- sparse scores rank only the items where a feature fires and tie every other item at zero: the
+  SAE's codes; the dense dimensions and PCA projections keeping each token's L0 largest signed
+  values (L0 = the SAE's mean active latents per token); the k-means hard assignment.
+A sparse feature cannot rank the patches where it is silent, so a dense baseline against SAE codes
+is not a fair comparison (k-means −distance looked better than the SAE for that reason alone).
 
 Levels: patch labels are scored per patch token (patch-level SAEs only); image labels per image,
-where a patch-level method's image score is its maximum over the image's patches (the SAE's exact
-per-image maxima come from the inference folder) and the probe reads mean-pooled activations.
+where a patch-level score's image score is its maximum over the image's patches (the SAE codes'
+exact per-image maxima come from the inference folder) and the probe reads mean-pooled activations.
 
 Sampling (fixed seed, so reruns agree): features are chosen on at most `select_tokens` training
 patches (default 50,000) or `select_images` training images (default 8,192); held-out scores use every
@@ -37,7 +46,7 @@ from tqdm import tqdm
 
 from traitscope.errors import TraitscopeError
 from traitscope.features.baselines import Baseline
-from traitscope.features.heldout import FIT_TOKENS, sample_tokens, token_indices
+from traitscope.features.heldout import FIT_TOKENS, mean_l0, sample_tokens, token_indices
 from traitscope.features.inference import Inference
 from traitscope.features.inputs import RunInputs, split_rows
 from traitscope.files import atomic_open, atomic_write_bytes
@@ -64,6 +73,10 @@ class LabelScore(NamedTuple):
     """Held-out positives."""
     method: str
     """'sae', 'dense', 'pca', 'kmeans' or 'probe'."""
+    scoring: str
+    """'dense' (every item ranked: SAE pre-activations, dimensions, projections, k-means −distance, the
+    probe) or 'sparse' (only where a feature fires: SAE codes, top-L0 dimensions / projections,
+    k-means hard assignment)."""
     feature: str
     """Chosen feature index ('-i': negated dimension / component); '' for the probe."""
     train_ap: float
@@ -77,6 +90,8 @@ class LabelScore(NamedTuple):
 class MethodSummary(NamedTuple):
     level: str
     method: str
+    scoring: str
+    """'dense' or 'sparse' (see `LabelScore.scoring`)."""
     mean_ap: float
     coverage: float
     """Share of (non-dominant, scorable) labels whose held-out AP >= 0.5."""
@@ -175,7 +190,7 @@ def _argmax_ap(ap_fl: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def best_sparse_features(items: torch.Tensor, features: torch.Tensor, values: torch.Tensor, n_features: int,
                          y_nl: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """`best_features` for non-negative sparse scores (an SAE's codes)."""
+    """`best_features` for non-negative sparse scores (an SAE's codes, a baseline's top-L0 codes)."""
     idx, ap = _argmax_ap(sparse_average_precision(items, features, values, n_features, y_nl))
     return np.where(ap < 0, -1, idx), np.where(ap < 0, np.nan, ap)
 
@@ -190,8 +205,30 @@ def heldout_scores(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
 
 # --- score providers -----------------------------------------------------------------------------
 
+class SAEScores(Baseline):
+    """The SAE seen through the baselines' interface: `scores` are its pre-activations (dense
+    scoring), `sparse_scores` its codes (sparse scoring)."""
+
+    name = "sae"
+
+    def __init__(self, sae):
+        self.sae = sae
+
+    @property
+    def n_features(self) -> int:
+        return self.sae.d_sae
+
+    def scores(self, x_bd, features=slice(None)):
+        sae = self.sae
+        x = x_bd.to(sae.W_enc.device) - sae.b_dec
+        return (x @ sae.W_enc[:, features] + sae.b_enc[features]).cpu()
+
+    def sparse_scores(self, x_bd, l0):
+        return self.sae.encode(x_bd.to(self.sae.W_enc.device)).cpu()
+
+
 class _Method(NamedTuple):
-    """A method's candidate features at one level."""
+    """A method's candidate features at one level, in one scoring."""
 
     n_features: int
     """Base features; with `signed`, candidate n_features + i is the negation of feature i."""
@@ -205,10 +242,9 @@ class _Method(NamedTuple):
         return f"-{idx - self.n_features}" if idx >= self.n_features else str(idx)
 
 
-def _dense_method(n_features: int, signed: bool, block: Callable[[int, int], torch.Tensor],
+def _dense_method(b: Baseline, block: Callable[[int, int], torch.Tensor],
                   held: Callable[[np.ndarray], np.ndarray]) -> _Method:
-    n_candidates = n_features * (2 if signed else 1)
-    return _Method(n_features, signed, lambda y: best_features(block, n_candidates, y), held)
+    return _Method(b.n_features, b.signed, lambda y: best_features(block, b.n_candidates, y), held)
 
 
 def _with_negations(scores: Callable[[slice], torch.Tensor], n_features: int) -> Callable[[int, int], torch.Tensor]:
@@ -223,20 +259,22 @@ def _with_negations(scores: Callable[[slice], torch.Tensor], n_features: int) ->
     return block
 
 
-def _take(scores_nf: torch.Tensor, idx: np.ndarray, n_features: int) -> torch.Tensor:
-    """Candidate columns `idx` (signed: >= n_features are negated) of base scores."""
-    base = torch.as_tensor(idx % n_features)
-    sign = torch.as_tensor(np.where(idx >= n_features, -1.0, 1.0), dtype=scores_nf.dtype)
-    return scores_nf[:, base] * sign
+def _take(b: Baseline, x_bd: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """(batch, len(idx)) scores of candidates `idx` (signed: >= n_features are negated), computing only those."""
+    scores = b.scores(x_bd, torch.as_tensor(idx % b.n_features))
+    return scores * torch.as_tensor(np.where(idx >= b.n_features, -1.0, 1.0), dtype=scores.dtype)
 
 
-@torch.no_grad()
-def _sae_triplets(sae, x_nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The positive codes of x as (token, feature, value), encoded in chunks."""
+def _triplets(sparse_scores: Callable[[torch.Tensor], torch.Tensor],
+              x_nd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zero sparse scores of x as (token, feature, value), computed in chunks."""
     parts = []
     for start in range(0, x_nd.shape[0], CHUNK_TOKENS):
-        tok, feat, vals = sae.encode_sparse(x_nd[start:start + CHUNK_TOKENS].to(sae.W_enc.device))
-        parts.append((tok.cpu() + start, feat.cpu(), vals.cpu()))
+        s = sparse_scores(x_nd[start:start + CHUNK_TOKENS])
+        tok, feat = s.nonzero(as_tuple=True)
+        parts.append((tok + start, feat, s[tok, feat].float()))
+    if not parts:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
     return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
 
@@ -287,12 +325,13 @@ class _Level(NamedTuple):
     labels: list[str]
     y_train: np.ndarray
     y_held: np.ndarray
-    methods: dict[str, _Method]
+    methods: dict[tuple[str, str], _Method]
+    """(method, scoring) -> its candidates."""
     probe_x: tuple[np.ndarray, np.ndarray]
     """(training, held-out) dense inputs of the probe, aligned with y_train / y_held."""
 
 
-def _patch_level(inputs: RunInputs, baselines: list[Baseline], select_tokens: int, eval_tokens: int) -> _Level:
+def _patch_level(inputs: RunInputs, scorers: list[Baseline], l0: int, select_tokens: int, eval_tokens: int) -> _Level:
     labels = inputs.shards.patch_label_names
     label_arr = inputs.shards.patch_labels()
     if label_arr.n_rows != inputs.acts.n_rows or label_arr.width != len(labels):
@@ -303,24 +342,26 @@ def _patch_level(inputs: RunInputs, baselines: list[Baseline], select_tokens: in
     idx_held = sample_tokens(inputs, held_rows, eval_tokens, seed=2)
     x_train = torch.from_numpy(inputs.acts[idx_train].astype(np.float32))
     x_held = torch.from_numpy(inputs.acts[idx_held].astype(np.float32))
-    sae, device = inputs.sae, inputs.sae.W_enc.device
 
     def chunked(fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
         return torch.cat([fn(x_held[s:s + CHUNK_TOKENS]) for s in range(0, len(x_held), CHUNK_TOKENS)]).numpy()
 
-    triplets = _sae_triplets(sae, x_train)
-    methods = {"sae": _Method(sae.d_sae, False, lambda y: best_sparse_features(*triplets, sae.d_sae, y),
-                              lambda idx: chunked(lambda x: sae.encode(x.to(device)).cpu()[:, torch.as_tensor(idx)]))}
-    for b in baselines:
+    methods = {}
+    for b in scorers:
         base = lambda cols, b=b: b.scores(x_train, cols)  # noqa: E731
         block = _with_negations(base, b.n_features) if b.signed else (lambda s0, s1, base=base: base(slice(s0, s1)))
-        methods[b.name] = _dense_method(b.n_features, b.signed, block,
-                                        lambda idx, b=b: chunked(lambda x: _take(b.scores(x), idx, b.n_features)))
+        methods[b.name, "dense"] = _dense_method(
+            b, block, lambda idx, b=b: chunked(lambda x: _take(b, x, idx)))
+        sparse = lambda x, b=b: b.sparse_scores(x, l0)  # noqa: E731
+        triplets = _triplets(sparse, x_train)
+        methods[b.name, "sparse"] = _Method(
+            b.n_features, b.signed, lambda y, b=b, t=triplets: best_sparse_features(*t, b.n_candidates, y),
+            lambda idx, sparse=sparse: chunked(lambda x: sparse(x)[:, torch.as_tensor(idx)]))
     return _Level("patch", labels, label_arr[idx_train], label_arr[idx_held], methods,
                   (x_train.numpy(), x_held.numpy()))
 
 
-def _image_level(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_images: int) -> _Level:
+def _image_level(inputs: RunInputs, inf: Inference, scorers: list[Baseline], l0: int, select_images: int) -> _Level:
     labels = inputs.shards.image_label_names
     y_all = inputs.shards.image_labels()
     if y_all.shape != (inputs.n_images, len(labels)):
@@ -329,19 +370,25 @@ def _image_level(inputs: RunInputs, inf: Inference, baselines: list[Baseline], s
     train_rows, held_rows = split_rows(inputs)
     if len(train_rows) > select_images:
         train_rows = np.sort(np.random.default_rng(3).choice(train_rows, size=select_images, replace=False))
-    image_max = inf.image_max()  # the SAE's exact per-image maxima
-    sae_train, sae_held = image_max[train_rows].tocoo(), image_max[held_rows]
-    triplets = (torch.from_numpy(sae_train.row.astype(np.int64)), torch.from_numpy(sae_train.col.astype(np.int64)),
-                torch.from_numpy(sae_train.data.astype(np.float32)))
-    methods = {"sae": _Method(inputs.sae.d_sae, False, lambda y: best_sparse_features(*triplets, inputs.sae.d_sae, y),
-                              lambda idx: sae_held[:, idx].toarray())}
-    for b in baselines:
+    methods = {}
+    for b in scorers:
         # pooled per image, a negated feature is max(-s) = -min(s): pool the candidates themselves
-        cand = (lambda x, b=b: torch.cat([b.scores(x), -b.scores(x)], 1)) if b.signed else b.scores
-        train_pooled = _pooled(inputs, train_rows, cand, "max")
-        methods[b.name] = _dense_method(
-            b.n_features, b.signed, lambda s0, s1, t=train_pooled: t[:, s0:s1],
-            lambda idx, cand=cand: _pooled(inputs, held_rows, lambda x: cand(x)[:, torch.as_tensor(idx)], "max").numpy())
+        for scoring, cand in (("dense", b.candidate_scores), ("sparse", lambda x, b=b: b.sparse_scores(x, l0))):
+            if b.name == "sae" and scoring == "sparse":
+                image_max = inf.image_max()  # the SAE codes' exact per-image maxima
+                sae_train, sae_held = image_max[train_rows].tocoo(), image_max[held_rows]
+                triplets = (torch.from_numpy(sae_train.row.astype(np.int64)),
+                            torch.from_numpy(sae_train.col.astype(np.int64)),
+                            torch.from_numpy(sae_train.data.astype(np.float32)))
+                methods[b.name, scoring] = _Method(
+                    b.n_features, False, lambda y, t=triplets, n=b.n_features: best_sparse_features(*t, n, y),
+                    lambda idx, h=sae_held: h[:, idx].toarray())
+                continue
+            train_pooled = _pooled(inputs, train_rows, cand, "max")
+            methods[b.name, scoring] = _dense_method(
+                b, lambda s0, s1, t=train_pooled: t[:, s0:s1],
+                lambda idx, cand=cand: _pooled(inputs, held_rows, lambda x: cand(x)[:, torch.as_tensor(idx)],
+                                               "max").numpy())
     probe_x = (_pooled(inputs, train_rows, lambda x: x, "mean").numpy(),
                _pooled(inputs, held_rows, lambda x: x, "mean").numpy())
     return _Level("image", labels, y_all[train_rows], y_all[held_rows], methods, probe_x)
@@ -351,18 +398,21 @@ def _image_level(inputs: RunInputs, inf: Inference, baselines: list[Baseline], s
 def align(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_tokens: int = FIT_TOKENS,
           select_images: int = SELECT_IMAGES, eval_tokens: int = EVAL_TOKENS,
           progress: bool = False) -> list[LabelScore]:
-    """Score every label of the shards against the SAE, the baselines and the probe."""
+    """Score every label of the shards against the SAE, the baselines and the probe, in dense and in
+    sparse scoring (the sparse baselines keep the SAE's mean L0 over the data set)."""
     shards = inputs.shards
+    scorers = [SAEScores(inputs.sae), *baselines]
+    l0 = mean_l0(inf)
     builders = []
     if shards.patch_label_names and inputs.token_kind == "patches":
-        builders.append(lambda: _patch_level(inputs, baselines, select_tokens, eval_tokens))
+        builders.append(lambda: _patch_level(inputs, scorers, l0, select_tokens, eval_tokens))
     if shards.image_label_names:
-        builders.append(lambda: _image_level(inputs, inf, baselines, select_images))
+        builders.append(lambda: _image_level(inputs, inf, scorers, l0, select_images))
     if not builders:
         why = "its patch labels need a patch-level SAE" if shards.patch_label_names else "it has no labels"
         raise TraitscopeError(f"nothing to align in {shards.dpath}: {why} (make shards with --labels, "
                               "segmentation masks or a synthetic trait set)")
-    bar = tqdm(total=len(builders) * (len(baselines) + 3), desc="align", unit="step", disable=not progress)
+    bar = tqdm(total=len(builders) * (2 * len(scorers) + 2), desc="align", unit="step", disable=not progress)
     rows: list[LabelScore] = []
     for build in builders:
         level = build()
@@ -371,23 +421,24 @@ def align(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_t
         base_train = y_train.mean(0) if len(y_train) else np.zeros(len(level.labels))
         base_held = y_held.mean(0) if len(y_held) else np.full(len(level.labels), np.nan)
 
-        def row(j: int, method: str, feature: str, train_ap: float, held_scores: np.ndarray | None) -> LabelScore:
+        def row(j: int, method: str, scoring: str, feature: str, train_ap: float,
+                held_scores: np.ndarray | None) -> LabelScore:
             ap, purity = heldout_scores(y_held[:, j], held_scores) if held_scores is not None else (np.nan, np.nan)
             name = level.labels[j]
             return LabelScore(level.name, name, _is_dominant(name, float(base_train[j])), float(base_held[j]),
-                              int(y_held[:, j].sum()), method, feature, float(train_ap), ap, purity)
+                              int(y_held[:, j].sum()), method, scoring, feature, float(train_ap), ap, purity)
 
-        for method, m in level.methods.items():
+        for (method, scoring), m in level.methods.items():
             idx, train_ap = m.select(torch.from_numpy(y_train))
             valid = idx >= 0
             held = np.full((len(y_held), len(level.labels)), np.nan)
             if valid.any():
                 held[:, valid] = m.held(idx[valid])
-            rows += [row(j, method, m.name(int(idx[j])) if valid[j] else "", train_ap[j],
+            rows += [row(j, method, scoring, m.name(int(idx[j])) if valid[j] else "", train_ap[j],
                          held[:, j] if valid[j] else None) for j in range(len(level.labels))]
             bar.update(1)
         probe = _probe(level.probe_x[0], y_train, level.probe_x[1])
-        rows += [row(j, "probe", "", np.nan, None if np.isnan(probe[:, j]).any() else probe[:, j])
+        rows += [row(j, "probe", "dense", "", np.nan, None if np.isnan(probe[:, j]).any() else probe[:, j])
                  for j in range(len(level.labels))]
         bar.update(1)
     bar.close()
@@ -395,59 +446,143 @@ def align(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_t
 
 
 def summarise(rows: list[LabelScore]) -> list[MethodSummary]:
-    """Mean held-out AP and coverage per (level, method), over non-dominant labels with an AP."""
+    """Mean held-out AP and coverage per (level, method, scoring), over non-dominant labels with an AP."""
     out = []
-    keys = dict.fromkeys((r.level, r.method) for r in rows)
-    for level, method in keys:
-        aps = [r.ap for r in rows if r.level == level and r.method == method and not r.dominant and not np.isnan(r.ap)]
-        out.append(MethodSummary(level, method, float(np.mean(aps)) if aps else float("nan"),
+    for level, method, scoring in dict.fromkeys((r.level, r.method, r.scoring) for r in rows):
+        aps = [r.ap for r in rows if (r.level, r.method, r.scoring) == (level, method, scoring)
+               and not r.dominant and not np.isnan(r.ap)]
+        out.append(MethodSummary(level, method, scoring, float(np.mean(aps)) if aps else float("nan"),
                                  float(np.mean([a >= COVERAGE_AP for a in aps])) if aps else float("nan"), len(aps)))
     return out
 
 
+class Comparison(NamedTuple):
+    """The SAE against one baseline, in one scoring, at one level."""
+
+    level: str
+    scoring: str
+    sae: MethodSummary
+    baseline: MethodSummary
+    outcome: str
+    """'beats' (mean AP and coverage at least as high, one higher), 'is beaten by' (the reverse),
+    'ties with', or 'splits with' (one higher, the other lower)."""
+
+
+def compare(summaries: list[MethodSummary]) -> list[Comparison]:
+    """The SAE against each baseline scored the same way (dense with dense, sparse with sparse)."""
+    by = {(s.level, s.method, s.scoring): s for s in summaries}
+    out = []
+    for (level, method, scoring), other in by.items():
+        sae = by.get((level, "sae", scoring))
+        if sae is None or method in ("sae", "probe"):
+            continue
+        d = np.nan_to_num([sae.mean_ap - other.mean_ap, sae.coverage - other.coverage])
+        outcome = ("ties with" if not d.any() else "beats" if (d >= 0).all() else
+                   "is beaten by" if (d <= 0).all() else "splits with")
+        out.append(Comparison(level, scoring, sae, other, outcome))
+    return out
+
+
+SCORING_TEXT = {"dense": "Dense scores (SAE pre-activations; dense dimensions, PCA projections, k-means −distance)",
+                "sparse": "Sparse scores (SAE codes; dense dimensions and PCA projections kept at the SAE's L0 per "
+                          "token, k-means hard assignment)"}
+
+
+def headline(summaries: list[MethodSummary], level: str) -> list[str]:
+    """One plain sentence per scoring: does the SAE beat each baseline scored the same way?"""
+    lines = []
+    for scoring, text in SCORING_TEXT.items():
+        comps = [c for c in compare(summaries) if c.level == level and c.scoring == scoring]
+        if not comps or not comps[0].sae.n_labels:
+            continue
+        sae = comps[0].sae
+        verdicts = ", ".join(f"{c.outcome} {c.baseline.method} ({_fmt(c.baseline.mean_ap)}, "
+                             f"{_fmt(c.baseline.coverage, '.0%')})" for c in comps)
+        wins = sum(c.outcome == "beats" for c in comps)
+        lines.append(f"{text}: the SAE (mean AP {_fmt(sae.mean_ap)}, coverage {_fmt(sae.coverage, '.0%')}) "
+                     f"{verdicts}; it beats {'every' if wins == len(comps) else f'{wins} of {len(comps)}'} "
+                     f"baseline{'s' if len(comps) > 1 else ''}.")
+    return lines
+
+
 # --- output --------------------------------------------------------------------------------------
 
-METHOD_ORDER = ("sae", "dense", "pca", "kmeans", "probe")
+COLUMNS = {"dense": (("sae", "sae pre-act"), ("dense", "dense"), ("pca", "pca"), ("kmeans", "kmeans −dist"),
+                     ("probe", "probe")),
+           "sparse": (("sae", "sae codes"), ("dense", "dense top-L0"), ("pca", "pca top-L0"),
+                      ("kmeans", "kmeans hard"))}
+"""Per scoring: (method, column title) of the per-label tables, in order."""
 
 
 def _fmt(v: float, spec: str = ".3f") -> str:
     return "n/a" if v is None or np.isnan(v) else format(v, spec)
 
 
+def read_alignment(csv_fpath: Path) -> list[LabelScore]:
+    """The rows of an alignment.csv; files written before the `scoring` column scored the SAE by its
+    codes (sparse) and every other method densely."""
+    rows = []
+    with open(csv_fpath, newline="") as f:
+        for r in csv.DictReader(f):
+            scoring = r.get("scoring") or ("sparse" if r["method"] == "sae" else "dense")
+            rows.append(LabelScore(r["level"], r["label"], r["dominant"] == "True", float(r["base_rate"]),
+                                   int(r["n_pos"]), r["method"], scoring, r["feature"], float(r["train_ap"]),
+                                   float(r["ap"]), float(r["purity"])))
+    return rows
+
+
 def write_report(rows: list[LabelScore], csv_fpath: Path, md_fpath: Path) -> str:
-    """alignment.csv (one row per level, label and method) and alignment.md; returns the markdown."""
+    """alignment.csv (one row per level, label, method and scoring) and alignment.md; returns the markdown."""
     with atomic_open(csv_fpath, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(LabelScore._fields)
         writer.writerows(rows)
-    methods = [m for m in METHOD_ORDER if any(r.method == m for r in rows)]
+    md = alignment_markdown(rows)
+    atomic_write_bytes(md_fpath, md.encode())
+    return md
+
+
+def alignment_markdown(rows: list[LabelScore]) -> str:
+    """Per level: the like-for-like headline, the summary per method and scoring, the per-label tables."""
     lines = []
     for level in dict.fromkeys(r.level for r in rows):
         at = [r for r in rows if r.level == level]
-        lines += [f"## {level}-level labels", "",
-                  "Held-out AP / purity@16 of each label's best single feature (chosen on training images; "
-                  "feature index in brackets); the probe is a logistic regression on the dense activations.", ""]
-        for dominant in (False, True):
-            labels = list(dict.fromkeys(r.label for r in at if r.dominant == dominant))
-            if not labels:
-                continue
-            if dominant:
-                lines += ["Dominant labels (base rate > 0.5 or 'background': high AP by base rate alone; "
-                          "not in the summary):", ""]
-            lines += ["| label | base rate | " + " | ".join(methods) + " |",
-                      "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |"]
-            for label in labels:
-                cells = {r.method: r for r in at if r.label == label}
-                any_row = next(iter(cells.values()))
-                text = [f"{_fmt(cells[m].ap)} / {_fmt(cells[m].purity, '.2f')}" +
-                        (f" [{cells[m].feature}]" if cells[m].feature else "") for m in methods]
-                lines.append(f"| {label} | {_fmt(any_row.base_rate, '.3f')} | " + " | ".join(text) + " |")
-            lines.append("")
-        lines += [f"Summary over {level}-level labels (not dominant, with held-out positives):", "",
-                  "| method | mean AP | coverage (AP >= 0.5) | labels |", "| --- | ---: | ---: | ---: |"]
-        for s in summarise(at):
-            lines.append(f"| {s.method} | {_fmt(s.mean_ap)} | {_fmt(s.coverage, '.0%')} | {s.n_labels} |")
+        summaries = summarise(at)
+        by = {(s.method, s.scoring): s for s in summaries}
+        lines += [f"## {level}-level labels", "", *[f"- {h}" for h in headline(summaries, level)], "",
+                  f"Summary over {level}-level labels (not dominant, with held-out positives); coverage is the share "
+                  "with AP >= 0.5:", "",
+                  "| method | dense: mean AP | dense: coverage | sparse: mean AP | sparse: coverage | labels |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for method in dict.fromkeys(s.method for s in summaries):
+            d, sp = by.get((method, "dense")), by.get((method, "sparse"))
+            cells = [_fmt(x.mean_ap) if x else "" for x in (d, sp)], [_fmt(x.coverage, ".0%") if x else "" for x in (d, sp)]
+            n = (d or sp).n_labels
+            lines.append(f"| {method} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | {cells[1][1]} | {n} |")
         lines.append("")
-    md = "\n".join(lines)
-    atomic_write_bytes(md_fpath, md.encode())
-    return md
+        for scoring, columns in COLUMNS.items():
+            cols = [(m, title) for m, title in columns if (m, scoring) in {(r.method, r.scoring) for r in at}]
+            if not cols:
+                continue
+            lines += [f"### {level}-level, {SCORING_TEXT[scoring][0].lower() + SCORING_TEXT[scoring][1:]}", "",
+                      "Held-out AP / purity@16 of each label's best single feature (chosen on training images; "
+                      "feature index in brackets, `-i`: negated)"
+                      + ("; the probe is a logistic regression on the dense activations (the ceiling)."
+                         if any(m == "probe" for m, _ in cols) else "."), ""]
+            for dominant in (False, True):
+                labels = list(dict.fromkeys(r.label for r in at if r.dominant == dominant))
+                if not labels:
+                    continue
+                if dominant:
+                    lines += ["Dominant labels (base rate > 0.5 or 'background': high AP by base rate alone; "
+                              "not in the summary):", ""]
+                lines += ["| label | base rate | " + " | ".join(t for _, t in cols) + " |",
+                          "| --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
+                for label in labels:
+                    cells = {r.method: r for r in at if r.label == label and (r.scoring == scoring or r.method == "probe")}
+                    any_row = next(iter(cells.values()))
+                    text = [f"{_fmt(cells[m].ap)} / {_fmt(cells[m].purity, '.2f')}" +
+                            (f" [{cells[m].feature}]" if cells[m].feature else "") if m in cells else "" for m, _ in cols]
+                    lines.append(f"| {label} | {_fmt(any_row.base_rate, '.3f')} | " + " | ".join(text) + " |")
+                lines.append("")
+    return "\n".join(lines)

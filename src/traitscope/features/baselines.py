@@ -10,6 +10,12 @@ trait?) and a reconstruction with its codes (for the metrics table):
   reconstruction is the nearest centroid (codes: one-hot).
 
 Dense and PCA directions have no preferred sign, so alignment scores both signs (`signed`).
+
+Alignment also scores each baseline the way an SAE's codes score: sparsely (`sparse_scores`), where
+a token has at most a few non-zero features and ties every other feature at zero. Dense and PCA keep
+each token's `l0` largest signed scores (feature i and its negation are separate candidates, so a
+token's code is its l0 largest of the 2n values +s, −s), with l0 the SAE's own mean L0; k-means is
+the hard assignment (1 at the nearest centroid).
 Fitted baselines are saved as safetensors (pickle-free), once per shards, layer and training split
 (`traitscope.features.heldout.baselines_for`).
 """
@@ -48,9 +54,27 @@ class Baseline:
         """Row name in the tables."""
         return self.name
 
-    def scores(self, x_bd: torch.Tensor, features: slice = slice(None)) -> torch.Tensor:
-        """(batch, n_selected) scores of features[features]: higher means more of the feature."""
+    def scores(self, x_bd: torch.Tensor, features: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """(batch, n_selected) scores of the features selected by `features` (a slice or an index
+        tensor): higher means more of the feature."""
         raise NotImplementedError
+
+    @property
+    def n_candidates(self) -> int:
+        """Features alignment chooses from: with `signed`, candidate n_features + i is feature i negated."""
+        return self.n_features * (2 if self.signed else 1)
+
+    def candidate_scores(self, x_bd: torch.Tensor) -> torch.Tensor:
+        """(batch, n_candidates) scores of every candidate (signed: the negations after the features)."""
+        s = self.scores(x_bd)
+        return torch.cat([s, -s], 1) if self.signed else s
+
+    def sparse_scores(self, x_bd: torch.Tensor, l0: int) -> torch.Tensor:
+        """(batch, n_candidates) non-negative scores with at most `l0` non-zero per token: each token's
+        `l0` largest candidate scores (signed: of +s and −s), every other candidate 0."""
+        cand = self.candidate_scores(x_bd)
+        values, idx = cand.topk(min(l0, cand.shape[1]), dim=1)
+        return torch.zeros_like(cand).scatter_(1, idx, values.clamp_(min=0))
 
     def reconstruct(self, x_bd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂ (batch, d_model), codes (batch, n_codes)) for the metrics table."""
@@ -122,6 +146,10 @@ class KMeansBaseline(Baseline):
 
     def scores(self, x_bd, features=slice(None)):
         return -self.sq_dist(x_bd, features).sqrt_()
+
+    def sparse_scores(self, x_bd, l0):
+        """The hard assignment: 1 at each token's nearest centroid (whatever `l0`)."""
+        return self.reconstruct(x_bd)[1]
 
     def reconstruct(self, x_bd):
         nearest = self.sq_dist(x_bd).argmin(1)

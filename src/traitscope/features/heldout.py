@@ -55,6 +55,9 @@ def baselines_fpath(inputs: RunInputs, fit: dict) -> Path:
     layer and split reuses them."""
     key = content_hash(fit)
     return inputs.shards.dpath / "baselines" / f"L{inputs.layer}-{inputs.token_kind}-{key}.safetensors"
+def mean_l0(inf: Inference) -> int:
+    """The SAE's mean active latents per token over the inference data set, rounded (at least 1)."""
+    return max(1, int(round(float(np.asarray(inf.array("feature_freq"), np.float64).sum()))))
 
 
 def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKENS, pca_k: int | None = None,
@@ -71,7 +74,7 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
     chosen = {"pca_k": pca_k is not None, "n_clusters": n_clusters is not None}  # defaults shrink to fit
     if pca_k is None:
         k = inputs.sae.cfg.k
-        pca_k = int(k) if k else max(1, int(round(float(np.asarray(inf.array("feature_freq"), np.float64).sum()))))
+        pca_k = int(k) if k else mean_l0(inf)
         pca_k = min(pca_k, inputs.acts.width)
     n_clusters = inputs.sae.d_sae if n_clusters is None else n_clusters
     train_rows, _ = split_rows(inputs)
