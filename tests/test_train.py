@@ -21,7 +21,7 @@ from traitscope.sae import SAEConfig, build_sae, load_sae
 from traitscope.shards.store import Shards, write_arrays
 from traitscope.train import RunSettings, TrainConfig, train
 from traitscope.train.config import parse_count
-from traitscope.train.loader import LoaderState, ShuffledLoader, TokenSplit
+from traitscope.train.loader import LoaderState, ShuffledLoader, TokenSplit, contiguous_rows
 
 LAYER = 2
 GRID = (4, 4)
@@ -193,10 +193,13 @@ def tagged(tmp_path_factory) -> Shards:
                                     model="tagged", tag_images=True)
 
 
-@pytest.mark.parametrize("token_kind", ["patches", "all"])
-def test_no_token_of_a_validation_image_is_trained_on(tagged, token_kind):
-    split = TokenSplit(tagged, LAYER, token_kind, val_frac=0.2, seed=3)
+@pytest.mark.parametrize("token_kind,val_split", [("patches", "random"), ("all", "random"), ("patches", "contiguous")])
+def test_no_token_of_a_validation_image_is_trained_on(tagged, token_kind, val_split):
+    split = TokenSplit(tagged, LAYER, token_kind, val_frac=0.2, seed=3, val_split=val_split)
     assert len(split.val_rows) == round(0.2 * 96)
+    if val_split == "contiguous":  # 5 runs of neighbouring images, spread over the data set
+        runs = np.split(split.val_rows, np.flatnonzero(np.diff(split.val_rows) > 1) + 1)
+        assert [len(r) for r in runs] == [4, 4, 4, 4, 3] and runs[0][0] > 0 and runs[-1][-1] < 95
     per_image = 17 if token_kind == "all" else 16
     with ShuffledLoader(split, 100, seed=3, chunk_rows=24, buffer_mb=1) as loader:
         rows = torch.cat([next(loader) for _ in range(-(-split.n_train_tokens // 100))])[:split.n_train_tokens]
@@ -207,6 +210,16 @@ def test_no_token_of_a_validation_image_is_trained_on(tagged, token_kind):
     assert (counts[split.val_rows] == 0).all()
     assert (np.delete(counts, split.val_rows) == per_image).all()
     assert not np.all(np.diff(images) >= 0)
+
+
+def test_contiguous_rows_are_exact_runs_of_neighbours():
+    for n_images in range(2, 60):
+        for n_val in range(1, n_images):
+            rows = contiguous_rows(n_images, n_val)
+            assert len(np.unique(rows)) == n_val and 0 <= rows.min() and rows.max() < n_images
+            assert (np.diff(rows) > 1).sum() < 5  # at most 5 runs
+    rows = contiguous_rows(367, 73)  # CamVid's 367 frames, 20% held out: 5 runs of 14-15 frames, evenly spread
+    assert np.flatnonzero(np.diff(rows) > 1).tolist() == [14, 29, 44, 58] and rows[0] == 49 and rows[-1] == 317
 
 
 def test_loader_is_deterministic_and_resumes_from_its_state(tagged):

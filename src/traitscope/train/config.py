@@ -39,6 +39,10 @@ class TrainConfig:
     """Seed of the validation split, the data order and the initialisation."""
     val_frac: float = 0.05
     """Share of images held out for validation (every token of a held-out image)."""
+    val_split: str = "random"
+    """Which images are held out: 'random' (a seeded draw) or 'contiguous' (5 runs of neighbouring rows,
+    spread evenly over the data set, rows in file-name order: video frames or near-duplicate neighbours
+    stay on one side)."""
     val_tokens: int = 262_144
     """At most this many validation tokens are evaluated at the end."""
     dtype: str = "float32"
@@ -187,6 +191,8 @@ DATA_FIELDS = ("layer", "token_kind", "tokens", "batch_size", "seed", "val_frac"
 def run_identity(cfg: TrainConfig, settings: RunSettings, shards_hash: str, layer: int) -> dict:
     """Everything that decides a run's result: its folder name hashes this."""
     shared = {f: getattr(cfg, f) for f in DATA_FIELDS} | {"layer": layer}
+    if cfg.val_split != "random":  # runs made before the option keep their identity
+        shared["val_split"] = cfg.val_split
     return {"shards": shards_hash, **shared, **dataclasses.asdict(settings)}
 
 

@@ -35,10 +35,28 @@ class Chunk(NamedTuple):
     stop: int
 
 
+VAL_RUNS = 5
+"""A contiguous split holds out this many runs of neighbouring images (fewer when there are fewer)."""
+
+
+def _even_parts(total: int, n: int) -> np.ndarray:
+    return np.full(n, total // n) + (np.arange(n) < total % n)
+
+
+def contiguous_rows(n_images: int, n_val: int, n_runs: int = VAL_RUNS) -> np.ndarray:
+    """`n_val` sorted rows in `n_runs` runs of neighbours, spread evenly: the other rows are cut into
+    n_runs + 1 even gaps, and the runs sit between them (gap, run, gap, ..., run, gap)."""
+    n_runs = max(1, min(n_runs, n_val))
+    runs, gaps = _even_parts(n_val, n_runs), _even_parts(n_images - n_val, n_runs + 1)
+    starts = np.cumsum(gaps[:-1]) + np.concatenate([[0], np.cumsum(runs[:-1])])
+    return np.concatenate([np.arange(a, a + r) for a, r in zip(starts, runs)])
+
+
 class TokenSplit:
     """Training and validation tokens of one layer and token kind, split by image."""
 
-    def __init__(self, shards: Shards, layer: int, token_kind: str, val_frac: float, seed: int):
+    def __init__(self, shards: Shards, layer: int, token_kind: str, val_frac: float, seed: int,
+                 val_split: str = "random"):
         kinds = ["patches", "cls"] if token_kind == "all" else [token_kind]
         for kind in kinds:
             if kind not in shards.token_kinds:
@@ -55,11 +73,13 @@ class TokenSplit:
         n_val = min(max(1, round(val_frac * n_images)), n_images - 1) if val_frac > 0 else 0
         if n_images < 1 or n_images - n_val < 1:
             raise TraitscopeError(f"{shards.dpath} has {n_images} image(s): too few to train on")
+        if val_split not in ("random", "contiguous"):
+            raise TraitscopeError(f"val_split must be 'random' or 'contiguous', not {val_split!r}")
         order = np.random.default_rng([seed, 1]).permutation(n_images)
-        self.val_rows = np.sort(order[:n_val])
-        self.val_order = order[:n_val]  # evaluation visits validation images in this order
         self.is_val = np.zeros(n_images, dtype=bool)
-        self.is_val[self.val_rows] = True
+        self.is_val[contiguous_rows(n_images, n_val) if val_split == "contiguous" else order[:n_val]] = True
+        self.val_rows = np.flatnonzero(self.is_val)
+        self.val_order = order[self.is_val[order]]  # evaluation visits validation images in this order
         self.validity = shards.patch_validity(self.layer) if "patches" in kinds else None
         """Which patch tokens hold image pixels (None: all); padding patches are never trained or evaluated on."""
         self.n_train_tokens = int(sum(self._tokens_per_image(a)[~self.is_val].sum() for a in self.arrays))

@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo, locks: contextli
     echo = echo if world.is_main or sweep else _quiet  # a run's lines: the process that trains it
     shards = Shards(cfg.shards)
     layer = cfg.layer if cfg.layer is not None else shards.layers[-1]
-    split = TokenSplit(shards, layer, cfg.token_kind, cfg.val_frac, cfg.seed)
+    split = TokenSplit(shards, layer, cfg.token_kind, cfg.val_frac, cfg.seed, cfg.val_split)
     resolved = [s.resolved(split.d_model) for s in settings]  # refuses impossible settings up front
     identities = [run_identity(cfg, s, shards.hash, split.layer) for s in resolved]
     dpaths = [Path(cfg.out) / (cfg.name or f"{s.label()}-{identity_hash(i)}") for s, i in zip(resolved, identities)]
@@ -417,7 +417,7 @@ def run_config(cfg: TrainConfig, run: Run, shards: Shards, split: TokenSplit) ->
     return {
         "format": FORMAT,
         "sae": run.sae.cfg.to_dict(),
-        "train": {**{f: getattr(cfg, f) for f in ("tokens", "batch_size", "seed", "val_frac", "dtype",
+        "train": {**{f: getattr(cfg, f) for f in ("tokens", "batch_size", "seed", "val_frac", "val_split", "dtype",
                                                   "chunk_rows", "buffer_mb")},
                   **{k: v for k, v in dataclasses.asdict(run.settings).items() if k not in run.sae.cfg.to_dict()},
                   "input_scale": run.scale, "identity": identity_hash(run.identity),
