@@ -101,25 +101,28 @@ class MethodSummary(NamedTuple):
 # --- average precision for many features at once ---------------------------------------------------
 
 def average_precision_matrix(scores_nf: torch.Tensor, y_nl: torch.Tensor) -> torch.Tensor:
-    """(n_features, n_labels) AP of every feature column against every label column.
+    """(n_features, n_labels) AP of every feature column against every (0/1) label column.
 
     The same value as `sklearn.metrics.average_precision_score` (tied scores form one threshold):
-    AP = Σ_i y_i · precision(end of i's tie group) / n_pos, with items sorted by score, descending.
-    NaN for labels without positives.
+    AP = Σ_{positives i} precision(end of i's tie group) / n_pos, with items sorted by score, descending.
+    The positives before the end of i's tie group are those whose tie group ends no later, so each
+    label needs only its positives' group ends (sorted): the work per label is n_pos, not n, per
+    feature. NaN for labels without positives.
     """
     n_feat, n = scores_nf.shape[1], scores_nf.shape[0]
     s_sorted, order = torch.sort(scores_nf.T.contiguous(), dim=1, descending=True)  # (n_features, n)
     is_end = torch.ones_like(s_sorted, dtype=torch.bool)
     is_end[:, :-1] = s_sorted[:, :-1] != s_sorted[:, 1:]
     del s_sorted
-    group_end = _group_ends(is_end)
-    rank = torch.arange(1, n + 1, dtype=torch.float64)
-    y = y_nl.double()
-    out = torch.empty(n_feat, y.shape[1], dtype=torch.float64)
-    for j in range(y.shape[1]):
-        y_sorted = y[:, j][order]
-        precision = y_sorted.cumsum(1) / rank
-        out[:, j] = (y_sorted * precision.gather(1, group_end)).sum(1) / y[:, j].sum()
+    end_fn = torch.empty_like(order).scatter_(1, order, _group_ends(is_end))  # per item: where its group ends
+    del order, is_end
+    out = torch.full((n_feat, y_nl.shape[1]), float("nan"), dtype=torch.float64)
+    for j in range(y_nl.shape[1]):
+        pos = (y_nl[:, j] > 0).nonzero().squeeze(1)
+        if len(pos):
+            end = end_fn[:, pos].contiguous()  # (n_features, n_pos) 0-based group ends of the positives
+            tp = torch.searchsorted(end.sort(1).values, end, right=True)  # positives up to each one's group end
+            out[:, j] = (tp.double() / (end.double() + 1)).sum(1) / len(pos)
     return out
 
 
@@ -219,9 +222,7 @@ class SAEScores(Baseline):
         return self.sae.d_sae
 
     def scores(self, x_bd, features=slice(None)):
-        sae = self.sae
-        x = x_bd.to(sae.W_enc.device) - sae.b_dec
-        return (x @ sae.W_enc[:, features] + sae.b_enc[features]).cpu()
+        return self.sae.pre_acts(x_bd.to(self.sae.W_enc.device), features).cpu()
 
     def sparse_scores(self, x_bd, l0):
         return self.sae.encode(x_bd.to(self.sae.W_enc.device)).cpu()

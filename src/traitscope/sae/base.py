@@ -83,8 +83,9 @@ class SAE(torch.nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
-    def pre_acts(self, x_bd: torch.Tensor) -> torch.Tensor:
-        return (x_bd - self.b_dec) @ self.W_enc + self.b_enc
+    def pre_acts(self, x_bd: torch.Tensor, latents: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """(batch, n_selected) pre-activations W_enc x̄ + b_enc of the latents selected (a slice or indices)."""
+        return (x_bd - self.b_dec) @ self.W_enc[:, latents] + self.b_enc[latents]
 
     def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
         """Inference codes (batch, d_sae): a token's codes never depend on the rest of the batch."""
