@@ -85,12 +85,14 @@ def test_feature_page_shows_the_runs_alignment_table_scored_both_ways(world, mon
                      "patch,red,False,0.1,40,kmeans,3,0.6,0.75,0.4\npatch,red,False,0.1,40,probe,,nan,0.9,1.0\n")
     try:
         at = ok(app(world, monkeypatch, page="Features", run="topk-b", feature="1"))
-        text = "\n".join(m.value for m in at.expander[0].markdown)
+        (expander,) = [e for e in at.expander if e.label.startswith("Trait alignment")]
+        text = "\n".join(m.value for m in expander.markdown)
         dense, sparse = text.split("sparse scores (SAE codes")
-        assert "| sae pre-act | dense | pca | kmeans −dist | probe |" in dense
-        assert "|  | 0.550 / 0.40 [-3] |  | 0.750 / 0.40 [3] | 0.900 / 1.00 |" in dense
+        assert "| label | base rate | dense | kmeans −dist | probe |" in dense  # the old file's methods, as they were
+        assert "| red | 0.100 | 0.550 / 0.40 [-3] | 0.750 / 0.40 [3] | 0.900 / 1.00 |" in dense
         assert "| red | 0.100 | 0.650 / 0.50 [12] |" in sparse  # the old SAE row: its codes, a sparse score
-        assert not ok(app(world, monkeypatch, page="Features", run="topk-a", feature="1")).expander
+        other = ok(app(world, monkeypatch, page="Features", run="topk-a", feature="1"))  # no alignment.csv: no table
+        assert not [e for e in other.expander if e.label.startswith("Trait alignment")]
     finally:
         fpath.unlink()
 

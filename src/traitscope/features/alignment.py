@@ -550,7 +550,8 @@ def alignment_markdown(rows: list[LabelScore]) -> str:
         at = [r for r in rows if r.level == level]
         summaries = summarise(at)
         by = {(s.method, s.scoring): s for s in summaries}
-        lines += [f"## {level}-level labels", "", *[f"- {h}" for h in headline(summaries, level)], "",
+        verdicts = [f"- {h}" for h in headline(summaries, level)]
+        lines += [f"## {level}-level labels", "", *verdicts, *([""] if verdicts else []),
                   f"Summary over {level}-level labels (not dominant, with held-out positives); coverage is the share "
                   "with AP >= 0.5:", "",
                   "| method | dense: mean AP | dense: coverage | sparse: mean AP | sparse: coverage | labels |",
