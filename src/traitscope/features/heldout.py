@@ -55,6 +55,8 @@ def baselines_fpath(inputs: RunInputs, fit: dict) -> Path:
     layer and split reuses them."""
     key = content_hash(fit)
     return inputs.shards.dpath / "baselines" / f"L{inputs.layer}-{inputs.token_kind}-{key}.safetensors"
+
+
 def mean_l0(inf: Inference) -> int:
     """The SAE's mean active latents per token over the inference data set, rounded (at least 1)."""
     return max(1, int(round(float(np.asarray(inf.array("feature_freq"), np.float64).sum()))))
