@@ -403,17 +403,22 @@ def test_the_app_lists_unusable_runs_shows_damage_in_one_line_and_views_linked_i
     at = AppTest.from_file(str(Path(__file__).parents[1] / "src" / "traitscope" / "app" / "main.py"),
                            default_timeout=120)
     at.query_params["run"] = "good"
+    at.query_params["page"] = "Feature"
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     captions = " ".join(c.value for c in at.sidebar.caption)
     assert "bad-config" in captions and "config.json is damaged" in captions  # listed, with the reason
-    tiles = " ".join(m.value for m in at.markdown if "ts-grid" in m.value)
-    assert "data:image/jpeg;base64" in tiles and "refusing" not in tiles  # linked images are shown
+    page = " ".join(m.value for m in at.markdown)
+    assert "refusing" not in page and "outside" not in page
+    from traitscope.app.data import Dataset
+
+    assert Dataset(shards).open_image(0).size == (120, 90)  # linked images are shown
 
     at = AppTest.from_file(str(Path(__file__).parents[1] / "src" / "traitscope" / "app" / "main.py"),
                            default_timeout=120)
     at.query_params["run"] = "broken"
+    at.query_params["page"] = "Feature"
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert len(at.error) == 1 and str(top_rows) in at.error[0].value, [e.value for e in at.error]
