@@ -30,8 +30,14 @@ LAYER = 2
 def figures(request):
     yield
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is None or not FIGURES["runs"]:
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is None or capture is None or not FIGURES["runs"]:
         return
+    with capture.global_and_fixture_disabled():  # printed on the terminal, passed or failed
+        print_figures(reporter)
+
+
+def print_figures(reporter) -> None:
     reporter.write_line("")
     reporter.write_line("reliability figures:")
     labels = {"hostile": ("hostile inputs", "skipped and listed"), "kills": ("random kills", "identical resumptions"),
