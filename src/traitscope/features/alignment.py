@@ -501,9 +501,15 @@ def headline(summaries: list[MethodSummary], level: str) -> list[str]:
                              f"{_fmt(c.baseline.coverage, '.0%')})" for c in comps)
         wins = sum(c.outcome == "beats" for c in comps)
         lines.append(f"{text}: the SAE (mean AP {_fmt(sae.mean_ap)}, coverage {_fmt(sae.coverage, '.0%')}) "
-                     f"{verdicts}; it beats {'every' if wins == len(comps) else f'{wins} of {len(comps)}'} "
-                     f"baseline{'s' if len(comps) > 1 else ''}.")
+                     f"{verdicts}; it beats {_count_of(wins, len(comps), 'baseline')}.")
     return lines
+
+
+def _count_of(n: int, total: int, noun: str) -> str:
+    """'every baseline', 'the one baseline', '2 of 3 baselines', 'none of the 3 baselines'."""
+    if n == total:
+        return f"every {noun}" if total > 1 else f"the one {noun}"
+    return f"{n} of {total} {noun}s" if n else f"none of the {total} {noun}s" if total > 1 else f"not the one {noun}"
 
 
 # --- output --------------------------------------------------------------------------------------
