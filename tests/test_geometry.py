@@ -307,7 +307,7 @@ def test_a_trait_at_the_edge_is_found_by_the_default_and_missed_by_the_centre_cr
         inputs = open_inputs(run, shards_dpath)
         inf, _ = run_inference(run, shards_dpath, progress=False, inputs=inputs)
         rows = align(inputs, inf, [], select_tokens=5000, eval_tokens=5000)
-        (score,) = [r for r in rows if r.label == "red_at_edge" and r.method == "sae"]
+        (score,) = [r for r in rows if r.label == "red_at_edge" and r.method == "sae" and r.scoring == "sparse"]
         ap[geometry] = (score.ap, score.base_rate)
     with capsys.disabled():
         print(f"\nred object at the edge, SAE alignment AP (base rate): grid {ap['grid'][0]:.3f} "
@@ -326,4 +326,6 @@ def test_the_atlas_zooms_onto_the_patches_that_fire_under_letterbox():
     acts_hw = np.zeros((16, 16), dtype=np.float32)
     acts_hw[(row0 + row1) // 2, col0] = 1.0  # the head end, in the middle row of the photo
     left, top, right, bottom = zoom_box(acts_hw, pre.canvas_box(width, height), (width, height), margin=0)
-    assert left == 0 and right < width / 2 and bottom == height  # the head end; 35% of the view is taller
+    _, canvas_top, _, canvas_bottom = pre.canvas_box(width, height)
+    y_fire = canvas_top + ((row0 + row1) // 2 + 0.5) * (canvas_bottom - canvas_top) / 16
+    assert left == 0 and right < width / 2 and top < y_fire < bottom  # the head end, around the patch that fires
