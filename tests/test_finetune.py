@@ -237,9 +237,11 @@ def test_finetuned_resnet_loads_as_a_backbone_and_produces_shards(tmp_path):
     result = finetune(cfg, images, tmp_path / "ft", verbose=False)
     backbone = load_backbone(f"finetuned:{result.dpath}")
     assert backbone.embed_layer == backbone.n_layers - 1 and backbone.d_model_at(backbone.embed_layer) == 32
-    # through the command line, as a user would
+    # through the command line, as a user would; centre crop: the view the model was trained on
+    # (load_training_images), which the default grid geometry (the whole image) is not
     assert main(["shards", "--images", images, "--model", f"finetuned:{result.dpath}", "--layers", "-1",
-                 "--tokens", "cls", "--dtype", "float32", "--out", str(tmp_path / "shards")]) == 0
+                 "--tokens", "cls", "--dtype", "float32", "--geometry", "center-crop",
+                 "--out", str(tmp_path / "shards")]) == 0
     (dpath,) = [p for p in (tmp_path / "shards").iterdir() if (p / "manifest.json").is_file()]
     stored = Shards(dpath).acts(-1, "cls")[:]
     # the stored rows are e(x) of the trained model: compare with a fresh forward pass
