@@ -329,3 +329,16 @@ def test_the_atlas_zooms_onto_the_patches_that_fire_under_letterbox():
     _, canvas_top, _, canvas_bottom = pre.canvas_box(width, height)
     y_fire = canvas_top + ((row0 + row1) // 2 + 0.5) * (canvas_bottom - canvas_top) / 16
     assert left == 0 and right < width / 2 and top < y_fire < bottom  # the head end, around the patch that fires
+
+
+def test_images_without_a_size_count_as_all_image_pixels():
+    """saev shards read in place record no image size: every patch of such an image is valid, even under a
+    padding preprocess; images that do have a size keep their padding left out."""
+    from traitscope.shards.store import patch_validity
+
+    pre = Preprocess(crop=112, resize=112, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear",
+                     mode="letterbox").to_dict()
+    assert patch_validity(pre, [None, None], (8, 8)) is None
+    validity = patch_validity(pre, [None, (300, 100)], (8, 8))
+    valid = validity.of_images(0, 2)
+    assert valid[0].all() and not valid[1].all()

@@ -217,16 +217,30 @@ class PatchValidity(NamedTuple):
         return self.of_rows(rows).reshape(stop - start, self.n_patches)
 
 
-def patch_validity(preprocess: dict | None, sizes: list[tuple[int, int]], grid: tuple[int, int]) -> PatchValidity | None:
+def patch_validity(preprocess: dict | None, sizes: list[tuple[int, int] | None], grid: tuple[int, int]) -> PatchValidity | None:
     """The validity of images of these (width, height) under a manifest's `preprocess`, or None when every
-    patch of every image holds image pixels (centre crop, squash, shards made before geometries)."""
+    patch of every image holds image pixels (centre crop, squash, shards made before geometries).
+
+    An image whose size is not known (None: saev shards read in place record none) counts as all image
+    pixels: nothing says where padding would be, so no patch of it is left out."""
     if not preprocess:
         return None
     pre = Preprocess.from_dict(preprocess)
-    if not pre.pads:
+    if not pre.pads or all(size is None for size in sizes):
         return None
-    boxes = np.array([pre.valid_box(w, h, grid) for w, h in sizes], dtype=np.int64).reshape(-1, 4)
+    full = (0, 0, int(grid[0]), int(grid[1]))
+    boxes = np.array([full if size is None else pre.valid_box(*size, grid) for size in sizes],
+                     dtype=np.int64).reshape(-1, 4)
     return PatchValidity(boxes, (int(grid[0]), int(grid[1])))
+
+
+def _image_size(rec: dict) -> tuple[int, int] | None:
+    """An image record's (width, height), or None when it records none (or not a usable one)."""
+    try:
+        width, height = int(rec["width"]), int(rec["height"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (width, height) if width > 0 and height > 0 else None
 
 
 class Shards:
@@ -347,8 +361,9 @@ class Shards:
         layer = self.resolve(layer)
         cache = self.__dict__.setdefault("_validity", {})
         if layer not in cache:
-            sizes = [(int(rec["width"]), int(rec["height"])) for rec in self.images]
-            cache[layer] = patch_validity(self.manifest.get("preprocess"), sizes, self.grid(layer))
+            preprocess = self.manifest.get("preprocess")
+            sizes = [_image_size(rec) for rec in self.images] if preprocess else []
+            cache[layer] = patch_validity(preprocess, sizes, self.grid(layer))
         return cache[layer]
 
     @property
