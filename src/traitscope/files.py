@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,24 @@ def atomic_open(fpath: Path, mode: str = "w", **kwargs):
         os.replace(tmp_fpath, fpath)
     except BaseException:
         unlink_quietly(tmp_fpath)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(dpath: Path):
+    """Build a folder under `<dpath>.partial` (yielded) and rename it to `dpath` when the body ends
+    without error: a failed or killed build never leaves a half-made `dpath`. `dpath` may exist only
+    as an empty folder (the caller refuses anything else)."""
+    part_dpath = dpath.with_name(dpath.name + ".partial")
+    shutil.rmtree(part_dpath, ignore_errors=True)
+    try:
+        yield part_dpath
+        dpath.parent.mkdir(parents=True, exist_ok=True)
+        if dpath.exists():
+            dpath.rmdir()
+        part_dpath.rename(dpath)
+    except BaseException:
+        shutil.rmtree(part_dpath, ignore_errors=True)
         raise
 
 

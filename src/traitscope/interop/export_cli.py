@@ -3,10 +3,10 @@ which those libraries' own loaders read (SAELens `SAE.load_from_disk`, sparsify
 `SparseCoder.load_from_disk`) and which `traitscope import` reads back exactly."""
 
 import argparse
-import shutil
 from pathlib import Path
 
 from traitscope.errors import TraitscopeError
+from traitscope.files import atomic_folder
 from traitscope.interop.tensors import read_json_file
 from traitscope.sae import load_sae
 
@@ -36,20 +36,8 @@ def export_run(run_dpath: Path, to: str, out_dpath: Path) -> Path:
     meta = provenance(read_json_file(run_dpath / "config.json"))
     if out_dpath.exists() and (not out_dpath.is_dir() or any(out_dpath.iterdir())):
         raise TraitscopeError(f"{out_dpath} exists and is not an empty folder; choose another or remove it")
-    part = out_dpath.with_name(out_dpath.name + ".partial")
-    shutil.rmtree(part, ignore_errors=True)
-    try:
-        if to == "saelens":
-            write_saelens(sae, part, meta)
-        else:
-            write_sparsify(sae, part, meta)
-        out_dpath.parent.mkdir(parents=True, exist_ok=True)
-        if out_dpath.exists():
-            out_dpath.rmdir()
-        part.rename(out_dpath)
-    except BaseException:
-        shutil.rmtree(part, ignore_errors=True)
-        raise
+    with atomic_folder(out_dpath) as part:
+        (write_saelens if to == "saelens" else write_sparsify)(sae, part, meta)
     return out_dpath
 
 

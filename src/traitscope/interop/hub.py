@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from traitscope.errors import TraitscopeError
+from traitscope.files import atomic_folder
 from traitscope.interop.tensors import read_json_file
 
 PREFIX = "hf:"
@@ -111,9 +112,7 @@ def copy_run(src: Path, out: Path, note: dict) -> None:
     """A pulled traitscope run folder into `out` (built as `<out>.partial`, renamed when complete)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TraitscopeError(f"{out} exists and is not an empty folder; choose another --out or remove it")
-    part = out.with_name(out.name + ".partial")
-    shutil.rmtree(part, ignore_errors=True)
-    try:
+    with atomic_folder(out) as part:
         part.mkdir(parents=True)
         for name in (*RUN_FILES, "README.md"):
             if (src / name).is_file():
@@ -121,12 +120,6 @@ def copy_run(src: Path, out: Path, note: dict) -> None:
         config = read_json_file(part / "config.json")
         config["pulled_from"] = note
         (part / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        part.rename(out)
-    except BaseException:
-        shutil.rmtree(part, ignore_errors=True)
-        raise
 
 
 # --- push ---

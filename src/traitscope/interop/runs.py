@@ -5,7 +5,6 @@ docs/formats.md), so `inference`, `align`, `pareto` and the app use it unchanged
 `<out>.partial/` and renamed into place when complete: bad input writes nothing.
 """
 
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,7 +16,7 @@ from traitscope.errors import TraitscopeError
 from traitscope.features.heldout import iter_tokens, sample_tokens
 from traitscope.features.inputs import open_inputs, split_rows
 from traitscope.features.metrics import MetricsAccumulator
-from traitscope.files import atomic_write_json
+from traitscope.files import atomic_folder, atomic_write_json
 from traitscope.interop import ForeignSAE
 from traitscope.shards import Shards
 
@@ -76,19 +75,10 @@ def import_run(foreign: ForeignSAE, shards_dpath: str | Path, out_dpath: str | P
                    "d_model": d_model, "model": shards.model.get("name"),
                    "weights_sha256": shards.model.get("weights_sha256")},
     }
-    part_dpath = out_dpath.with_name(out_dpath.name + ".partial")
-    shutil.rmtree(part_dpath, ignore_errors=True)
-    try:
+    with atomic_folder(out_dpath) as part_dpath:  # out_dpath is absent or empty (anything else was refused above)
         foreign.sae.save(part_dpath, extra_config=config)
         metrics = heldout_metrics(part_dpath, shards.dpath, metric_tokens, device)
         atomic_write_json(part_dpath / "metrics.json", metrics)
-        out_dpath.parent.mkdir(parents=True, exist_ok=True)
-        if out_dpath.exists():
-            out_dpath.rmdir()  # an empty folder (anything else was refused above)
-        part_dpath.rename(out_dpath)
-    except BaseException:
-        shutil.rmtree(part_dpath, ignore_errors=True)
-        raise
     return ImportedRun(out_dpath, layer, kind, metrics, dict(shards.model))
 
 
