@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from traitscope.shards.store import Shards, write_arrays
+from locations import APP_MAIN
 
 FIGURES = {"hostile": [0, 0], "kills": [0, 0], "damaged": [0, 0], "bad values": [0, 0], "runs": 0, "tracebacks": 0}
 """name -> [cases, cases handled as promised]; 'runs' and 'tracebacks' count every command run."""
@@ -406,7 +407,7 @@ def test_the_app_lists_unusable_runs_shows_damage_in_one_line_and_views_linked_i
     args = ["--runs", str(runs), "--shards", str(shards), "--ratings", str(tmp_path / "ratings"),
             "--cache", str(tmp_path / "cache")]
     monkeypatch.setenv("TRAITSCOPE_APP_ARGS", json.dumps(args))
-    at = AppTest.from_file(str(Path(__file__).parents[1] / "src" / "traitscope" / "app" / "main.py"),
+    at = AppTest.from_file(str(APP_MAIN),
                            default_timeout=120)
     at.query_params["run"] = "good"
     at.query_params["page"] = "Feature"
@@ -421,7 +422,7 @@ def test_the_app_lists_unusable_runs_shows_damage_in_one_line_and_views_linked_i
 
     assert Dataset(shards).open_image(0).size == (120, 90)  # linked images are shown
 
-    at = AppTest.from_file(str(Path(__file__).parents[1] / "src" / "traitscope" / "app" / "main.py"),
+    at = AppTest.from_file(str(APP_MAIN),
                            default_timeout=120)
     at.query_params["run"] = "broken"
     at.query_params["page"] = "Feature"

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from locations import CELEBA, FISH, REPO, SHARED_DATA as SHARED
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-FISH, CELEBA = SHARED / "fishvista_demo", SHARED / "celeba_32"
 
 
 def _blocks() -> list[str]:

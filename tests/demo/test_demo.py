@@ -1,13 +1,13 @@
 """`traitscope demo` end to end on a small synthetic set with the offline DINOv2-S, and its rerun."""
 
 import re
-from pathlib import Path
 
 import pytest
 
 from traitscope.cli import main
 from traitscope.demo.report import alignment_verdict
 from traitscope.features.alignment import MethodSummary
+from locations import FISH
 
 
 def test_demo_writes_an_honest_report_and_reuses_finished_steps(tmp_path, capsys):
@@ -53,7 +53,6 @@ def test_the_report_says_whether_the_sae_beats_every_baseline():
     assert "is beaten by kmeans" in alignment_verdict(by("dense", sae=(0.4, 0.3), kmeans=(0.5, 0.4)))
 
 
-FISH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fishvista_demo"
 
 
 @pytest.mark.skipif(not FISH.is_dir(), reason=f"{FISH} is absent")

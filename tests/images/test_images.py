@@ -28,9 +28,8 @@ from traitscope.images import (
 )
 from traitscope.images.hf_dataset import parse_spec
 from traitscope.images.synthetic import COLOURS, IMAGE_LABELS, PATCH_LABELS
+from locations import CELEBA
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CELEBA = SHARED_DATA / "celeba_32"
 VIT = Preprocess(crop=224, resize=256)
 """The usual ViT geometry: shorter side to 256, centre crop 224, 16x16 patches of 14 px."""
 

@@ -29,9 +29,8 @@ from traitscope.finetune.trainer import FinetuneConfig, finetune, load_training_
 from traitscope.images import open_source
 from traitscope.shards import Shards
 from traitscope.shards.store import write_arrays
+from locations import CELEBA, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-CELEBA = REPO.parent / "shared" / "data" / "celeba_32"
 CELEBA_ATTRS = CELEBA / "list_attr_celeba_000001-000032.txt"
 needs_celeba = pytest.mark.skipif(not CELEBA.is_dir(), reason=f"{CELEBA} is absent")
 

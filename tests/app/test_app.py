@@ -21,8 +21,9 @@ from traitscope.app import blind
 from traitscope.app.data import Dataset, InferenceView, find_runs, load_npy, open_image_file, parse_int, safe_child
 from traitscope.cli import main as traitscope_main
 from traitscope.errors import TraitscopeError
+from locations import APP_MAIN
 
-MAIN = Path(__file__).parents[1] / "src" / "traitscope" / "app" / "main.py"
+MAIN = APP_MAIN
 N_IMAGES, D_SAE = 48, 128
 
 

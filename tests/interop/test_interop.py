@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_features import LAYER, make_shards
+from shard_fixtures import LAYER, make_shards
 from traitscope.cli import main
 from traitscope.errors import TraitscopeError
 from traitscope.interop import read_foreign_sae
@@ -447,7 +447,7 @@ def test_push_card_and_pull_from_a_local_hub_cache(tmp_path):
 
 # --- folders written by the peers' own code (benchmarks/check_interop.py --write-fixtures) ---
 
-FIXTURES = __import__("pathlib").Path(__file__).parent / "data" / "interop"
+FIXTURES = __import__("pathlib").Path(__file__).parent / "data"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*") if p.is_dir()) if FIXTURES.is_dir() else [])

@@ -19,9 +19,8 @@ from traitscope.cli import main
 from traitscope.images import FolderSource, median_aspect
 from traitscope.shards import Shards
 from traitscope.shards.store import content_hash
+from locations import FISH
 
-REPO = Path(__file__).resolve().parents[1]
-FISH = REPO.parent / "shared" / "data" / "fishvista_demo"
 MODEL = "random-dinov2"  # patch 14, 16x16 patches at 224
 
 

