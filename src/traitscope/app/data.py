@@ -18,17 +18,16 @@ import scipy.sparse
 import scipy.stats
 from PIL import Image
 
+from traitscope import runs
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.features import Inference
 from traitscope.features.enrichment import hypergeom_p
-from traitscope.files import atomic_save_npy, read_json
+from traitscope.files import atomic_save_npy
 from traitscope.finetune.grids import row_batches, top_images
 from traitscope.images import ImageError, decode_image, load_image, open_source
 from traitscope.shards.store import Shards, content_hash
 
-MAX_RUN_DEPTH = 3
-"""How deep under --runs to look for run folders."""
 
 Progress = Callable[[float, str], None]
 """progress(fraction_done, message): how long computations report where they are."""
@@ -209,37 +208,20 @@ class Dataset:
 # Runs and their inference outputs
 
 
-class Run:
-    """An SAE run folder: config.json, metrics.json, sae.safetensors, inference/<shards-hash>/."""
+class Run(runs.RunFolder):
+    """An SAE run folder as the app shows it (the folder itself: `traitscope.runs`)."""
 
     def __init__(self, dpath: Path, name: str):
-        self.dpath = dpath.resolve()
-        self.name = name
-        self.config = read_json(self.dpath / "config.json")
-        if not isinstance(self.config.get("sae"), dict):
-            raise TraitscopeError(f"{self.dpath / 'config.json'} is damaged (no 'sae' entry)")
-        metrics_fpath = self.dpath / "metrics.json"
-        self.metrics = read_json(metrics_fpath) if metrics_fpath.is_file() else {}
-
-    @property
-    def sae_config(self) -> dict:
-        return self.config.get("sae", {})
-
-    @property
-    def shards_info(self) -> dict:
-        return self.config.get("shards", {})
+        super().__init__(Path(dpath).resolve(), name)
+        _ = self.config, self.metrics  # read now: a damaged folder is refused here, not on a page
 
     @property
     def layer(self) -> int | None:
-        return self.shards_info.get("layer")
+        return self.shards.layer
 
     @property
     def token_kind(self) -> str:
-        return self.shards_info.get("token_kind", "patches")
-
-    @property
-    def has_weights(self) -> bool:
-        return (self.dpath / "sae.safetensors").is_file()
+        return self.shards.token_kind
 
     def title(self) -> str:
         sae = self.sae_config
@@ -251,14 +233,6 @@ class Run:
         if values:  # metrics.json: held out from the shards it was trained on, not the dataset on screen
             parts.append(" ".join(values) + " on its training data")
         return " · ".join(parts)
-
-    def inference_dpath(self, shards_hash: str) -> Path:
-        if not re.fullmatch(r"[0-9A-Za-z_-]{1,128}", shards_hash):
-            raise TraitscopeError(f"invalid shards hash {shards_hash!r}")
-        return self.dpath / "inference" / shards_hash
-
-    def has_inference(self, shards_hash: str) -> bool:
-        return (self.inference_dpath(shards_hash) / "manifest.json").is_file()
 
     def can_encode(self, dataset: Dataset) -> bool:
         """Whether this SAE reads the dataset's activations (same layer, token kind and width)."""
@@ -273,34 +247,20 @@ class Run:
 
 
 def find_runs(runs_dpath: str | Path) -> list[Run]:
-    """Run folders (holding config.json) at or under `runs_dpath`, up to MAX_RUN_DEPTH levels deep."""
+    """Run folders at or under `runs_dpath`, as `traitscope.runs.find_runs` finds them."""
     return find_run_folders(runs_dpath)[0]
 
 
 def find_run_folders(runs_dpath: str | Path) -> tuple[list[Run], list[tuple[str, str]]]:
     """(the usable runs at or under `runs_dpath`, (name, why) for each run folder that cannot be used)."""
-    root = Path(runs_dpath).resolve()
-    if not root.is_dir():
-        raise TraitscopeError(f"--runs {runs_dpath}: not a folder")
-    runs: list[Run] = []
-    unusable: list[tuple[str, str]] = []
-
-    def visit(dpath: Path, depth: int) -> None:
-        if (dpath / "config.json").is_file():
-            name = str(dpath.relative_to(root)) if dpath != root else root.name
-            try:
-                runs.append(Run(dpath, name))
-            except TraitscopeError as err:
-                unusable.append((name, str(err)))
-            return
-        if depth >= MAX_RUN_DEPTH:
-            return
-        for child in sorted(dpath.iterdir()):
-            if child.is_dir() and not child.name.startswith(".") and child.resolve().is_relative_to(root):
-                visit(child, depth + 1)
-
-    visit(root, 0)
-    return runs, unusable
+    found = runs.find_runs(runs_dpath)
+    usable, unusable = [], list(found.unusable)
+    for run in found.runs:
+        try:
+            usable.append(Run(run.dpath, run.name))
+        except TraitscopeError as err:
+            unusable.append((run.name, str(err)))
+    return usable, sorted(unusable)
 
 
 class FeatureData(NamedTuple):

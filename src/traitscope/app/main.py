@@ -702,7 +702,7 @@ def unusable_reason(run: Run, dataset: Dataset) -> str | None:
     """Why a run cannot be shown on this dataset (None: it can, or its inference can be computed)."""
     if run.has_inference(dataset.hash):
         return None
-    model = run.shards_info.get("model")
+    model = run.shards.model
     if model and model != dataset.model_name:
         return f"trained on {model} activations; this dataset holds {dataset.model_name}'s"
     if not run.has_weights:
@@ -850,15 +850,9 @@ def page_compare(runs: list[Run], dataset: Dataset) -> None:
 
 def read_curves(run: Run) -> pd.DataFrame:
     """A run's training log (metrics.jsonl) as a long frame: run, tokens, metric, value."""
-    fpath = run.dpath / "metrics.jsonl"
-    if not fpath.is_file():
+    records = run.read_log()
+    if not records:
         return pd.DataFrame(columns=["run", "tokens", "metric", "value"])
-    records = []
-    for line in fpath.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line torn by a kill
     frame = pd.DataFrame(records)
     keep = [c for c in ("nmse", "l0", "dead_frac", "dense_frac", "loss") if c in frame]
     if "tokens" not in frame or not keep:

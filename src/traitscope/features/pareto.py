@@ -6,11 +6,11 @@ network.
 """
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import NamedTuple
 
+from traitscope import runs
 from traitscope.errors import TraitscopeError
 from traitscope.files import atomic_open
 
@@ -36,39 +36,29 @@ class RunPoint(NamedTuple):
 
 
 def find_runs(runs_dpath: str | Path) -> tuple[list[RunPoint], list[str]]:
-    """Every run folder under `runs_dpath` (itself included) with config.json and metrics.json.
+    """Every finished run folder at any depth under `runs_dpath` (itself included; see `traitscope.runs.find_runs`).
 
     Returns the points and a note for each folder skipped (a run without final metrics yet).
     """
-    root = Path(runs_dpath)
-    if not root.is_dir():
-        raise TraitscopeError(f"--runs {root}: no such folder")
-    points, skipped = [], []
-    for config_fpath in sorted(root.rglob("config.json")):
-        dpath = config_fpath.parent
-        if "checkpoint" in dpath.relative_to(root).parts or "inference" in dpath.relative_to(root).parts:
-            continue
+    found = runs.find_runs(runs_dpath, max_depth=None)
+    points, skipped = [], [why for _, why in found.unusable]
+    for run in found.runs:
         try:
-            config = json.loads(config_fpath.read_text())
-        except json.JSONDecodeError as err:
-            skipped.append(f"{dpath}: config.json is not JSON ({err})")
+            metrics = run.read_metrics()
+        except TraitscopeError as err:
+            skipped.append(str(err))
             continue
-        if "sae" not in config:
-            continue  # not an SAE run folder
-        metrics_fpath = dpath / "metrics.json"
-        if not metrics_fpath.is_file():
-            skipped.append(f"{dpath}: no metrics.json (unfinished run?)")
+        if metrics is None:
+            skipped.append(f"{run.dpath}: no {runs.METRICS_FNAME} (unfinished run?)")
             continue
-        metrics = json.loads(metrics_fpath.read_text())
         missing = [key for key in ("l0", "nmse") if key not in metrics]
         if missing:
-            skipped.append(f"{dpath}: metrics.json lacks {', '.join(missing)}")
+            skipped.append(f"{run.dpath}: {runs.METRICS_FNAME} lacks {', '.join(missing)}")
             continue
-        sae = config["sae"]
-        points.append(RunPoint(run=str(dpath.relative_to(root)) if dpath != root else dpath.name,
-                               variant=str(sae.get("variant", "?")), k=sae.get("k"), l1_coeff=sae.get("l1_coeff"),
-                               d_sae=sae.get("d_sae"), l0=float(metrics["l0"]), nmse=float(metrics["nmse"]),
-                               dead_frac=float(metrics.get("dead_frac", math.nan)),
+        sae = run.sae_config
+        points.append(RunPoint(run=run.name, variant=str(sae.get("variant", "?")), k=sae.get("k"),
+                               l1_coeff=sae.get("l1_coeff"), d_sae=sae.get("d_sae"), l0=float(metrics["l0"]),
+                               nmse=float(metrics["nmse"]), dead_frac=float(metrics.get("dead_frac", math.nan)),
                                dead_frac_train=float(metrics.get("dead_frac_train", math.nan))))
     return points, skipped
 

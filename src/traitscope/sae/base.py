@@ -14,7 +14,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from traitscope.errors import TraitscopeError
-from traitscope.files import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from traitscope.runs import CONFIG_FNAME, WEIGHTS_FNAME, RunFolder
 
 
 @dataclasses.dataclass
@@ -154,12 +154,11 @@ class SAE(torch.nn.Module):
 
     # --- persistence: sae.safetensors + config.json ---
     def save(self, dpath: str | Path, extra_config: dict | None = None) -> None:
-        dpath = Path(dpath)
-        dpath.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        """Write a run folder (`traitscope.runs`): the weights, then config.json with `extra_config`."""
+        run = RunFolder(dpath)
         # each file is renamed into place whole: a run killed mid-save keeps the previous SAE
-        atomic_save_safetensors(dpath / "sae.safetensors", tensors)
-        atomic_write_json(dpath / "config.json", {"sae": self.cfg.to_dict(), **(extra_config or {})})
+        run.write_weights({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()})
+        run.write_config({"sae": self.cfg.to_dict(), **(extra_config or {})})
 
 
 _VARIANTS: dict[str, type[SAE]] = {}
@@ -186,21 +185,21 @@ def build_sae(cfg: SAEConfig) -> SAE:
 
 def load_sae(run_dpath: str | Path, device: str = "cpu") -> SAE:
     """Load a saved SAE from its run folder, without the command line that made it."""
-    run_dpath = Path(run_dpath)
-    config_fpath, weights_fpath = run_dpath / "config.json", run_dpath / "sae.safetensors"
-    if not (config_fpath.is_file() and weights_fpath.is_file()):
-        raise TraitscopeError(f"{run_dpath} is not an SAE run folder (needs config.json and sae.safetensors)")
+    run = RunFolder(run_dpath)
+    if not (run.is_run and run.has_weights):
+        raise TraitscopeError(f"{run.dpath} is not an SAE run folder (needs {CONFIG_FNAME} and {WEIGHTS_FNAME})")
     fix = "retrain it (traitscope train with the same settings resumes from its checkpoint) or delete the folder"
-    config = read_json(config_fpath, fix)
+    config = run.read_config(fix)
     try:
         sae = build_sae(SAEConfig(**config["sae"]))
     except (KeyError, TypeError, ValueError) as err:
-        raise TraitscopeError(f"{config_fpath} is damaged (its 'sae' entry does not describe an SAE: {err}); {fix}") from None
+        raise TraitscopeError(f"{run.config_fpath} is damaged (its 'sae' entry does not describe an SAE: {err}); "
+                              f"{fix}") from None
     expected = sae.state_dict()
-    tensors = load_safetensors(weights_fpath, expected, fix)
+    tensors = run.read_weights(expected, fix)
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise TraitscopeError(f"{weights_fpath} is damaged (tensors {', '.join(extra)} are not in a "
+        raise TraitscopeError(f"{run.weights_fpath} is damaged (tensors {', '.join(extra)} are not in a "
                               f"{sae.cfg.variant} SAE); {fix}")
     sae.load_state_dict(tensors)
     return sae.to(device).eval()
