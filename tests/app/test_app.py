@@ -454,6 +454,10 @@ def test_app_cli_validates_its_inputs_and_binds_to_localhost(world, tmp_path, ca
     assert traitscope_main(["app", "--runs", str(tmp_path / "none"), "--shards", str(world["shards"].dpath)]) == 2
     assert traitscope_main(["app", "--runs", str(world["root"] / "runs"), "--shards", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err
+    # --images-root: where the photos lie now, checked against the first image before anything starts
+    assert traitscope_main(["app", "--runs", str(world["root"] / "runs"), "--shards", str(world["shards"].dpath),
+                            "--images-root", str(tmp_path)]) == 2
+    assert f"no {world['shards'].images[0]['path']} there" in capsys.readouterr().err
     from traitscope.app.cli import is_loopback, streamlit_command
 
     cmd = streamlit_command("127.0.0.1", 8600, ["--runs", "r"])

@@ -321,7 +321,7 @@ def test_saev_shards_read_in_place(tmp_path):
     assert shards.patch_label_names == ["class_0", "class_1", "class_2"]
     np.testing.assert_array_equal(labels[:].argmax(1), classes.reshape(-1))
     assert labels[:].sum(1).max() == 1
-    with pytest.raises(TraitscopeError, match="do not record image files"):
+    with pytest.raises(TraitscopeError, match="the image files are unknown"):
         shards.image_fpath(0)
     with pytest.raises(TraitscopeError, match="layer 3"):
         shards.acts(3)
@@ -502,6 +502,78 @@ def test_saev_shards_in_the_app_with_their_image_folder(tmp_path):
     (dpath / "metadata.json").write_text(json.dumps(meta | {"family": "clip"}))
     with pytest.raises(TraitscopeError, match="do not record it"):
         Dataset(dpath)
+
+
+def photo_tree(dpath, counts=(("cod", 12), ("eel", 10), ("pike", 8))):
+    """A class-per-folder tree of PNGs, as saev's image-folder data set reads one."""
+    from PIL import Image
+
+    for c, n in counts:
+        (dpath / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (60 + i, 40), (8 * i, 100, 200)).save(dpath / c / f"{i:02d}.png")
+    return dpath
+
+
+def test_saev_shards_without_their_images_need_images_root(tmp_path, monkeypatch, capsys):
+    """Shards whose metadata names no usable image folder: the app says what is unknown and what to give,
+    shows the numbers without pictures; `--images-root` names the tree; an imported run says so."""
+    import html
+    import re
+
+    from streamlit.testing.v1 import AppTest
+
+    from locations import APP_MAIN
+    from traitscope.app.data import Dataset
+    from traitscope.shards import Shards
+
+    # saev 0.1.0's own shards (the fixture): the folder it read is gone, so the files are unknown
+    fixture = Shards(FIXTURES / "saev-0.1.0-shards" / "shards")
+    assert "the image files are unknown" in fixture.images_unknown() and "traitscope app --images-root DIR" in fixture.images_unknown()
+    with pytest.raises(TraitscopeError, match="--images-root DIR"):
+        fixture.image_fpath(0)
+    fixture.use_images_root(photo_tree(tmp_path / "five", (("cod", 3), ("eel", 2))))
+    assert fixture.images_unknown() is None and fixture.image_fpath(3).name == "00.png"
+    with pytest.raises(TraitscopeError, match="0 images in class folders, but the saev shards"):
+        Dataset(FIXTURES / "saev-0.1.0-shards" / "shards", tmp_path / "five" / "cod")  # not the tree itself
+
+    dpath, _, _ = saev_shards(tmp_path / "shards" / "abc", layers=(10,))
+    photos = photo_tree(tmp_path / "photos")
+    runs = tmp_path / "runs"
+    ckpt = saev_dump(tmp_path / "sae.pt", saev_header({"cls": "Relu", "params": {}}), weights())
+    assert main(["import", f"saev:{ckpt}", "--shards", str(dpath), "--out", str(runs / "fish-saev")]) == 0
+    assert "note: " + str(dpath) + ": the image files are unknown" in capsys.readouterr().out
+    assert main(["inference", "--run", str(runs / "fish-saev"), "--shards", str(dpath)]) == 0
+    assert main(["app", "--runs", str(runs), "--shards", str(dpath), "--images-root", "a", "b"]) == 2
+    assert "give one per shards folder" in capsys.readouterr().err
+
+    def app(*extra):
+        monkeypatch.setenv("TRAITSCOPE_APP_ARGS", json.dumps(["--runs", str(runs), "--shards", str(dpath),
+                                                              "--cache", str(tmp_path / "cache"), *extra]))
+        at = AppTest.from_file(str(APP_MAIN), default_timeout=120)
+        at.query_params.update({"page": "Feature", "run": "fish-saev", "feature": "2"})
+        at.run()
+        assert not at.exception and not at.error, [e.value for e in at.exception or at.error]
+        return at
+
+    at = app()
+    (warning,) = at.warning
+    assert "image files are unknown" in warning.value and "--images-root DIR" in warning.value
+    grid = "".join(m.value for m in at.markdown if "ts-grid" in m.value)
+    assert grid.count(">image file unknown<") == 16 and "image row " in grid  # numbers without pictures
+    assert "<img" not in grid
+    title = at.caption[0].value
+    assert "imported from saev" in title and "held out on this dataset" in title
+    assert "training data" not in "".join(c.value for c in at.caption)
+
+    import streamlit as st
+
+    st.cache_data.clear()  # a server's tiles are cached for its own --images-root; this is a second server
+    at = app("--images-root", str(photos))
+    assert not at.warning
+    grid = "".join(m.value for m in at.markdown if "ts-grid" in m.value)
+    assert grid.count("<img") == 16 and "image file unknown" not in grid
+    assert {html.unescape(t).split("/")[0] for t in re.findall(r'<img [^>]*title="([^"]*)"', grid)} <= {"cod", "eel", "pike"}
 
 
 def test_import_checks_recorded_backbone_weights(tmp_path, capsys):

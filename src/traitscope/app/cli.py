@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder of SAE run folders (or one run folder)")
     parser.add_argument("--shards", type=Path, nargs="+", required=True, metavar="DIR",
                         help="one or more shard folders (shards/<hash>): the datasets to browse")
+    parser.add_argument("--images-root", nargs="+", metavar="DIR", default=None,
+                        help="where each --shards folder's images lie, in the same order ('-' keeps the recorded "
+                             "folder): saev shards do not record their image files, so their tiles and heatmaps "
+                             "need the class-per-folder image tree saev read; also for photos that moved")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8501, help="port (default 8501; 0 picks a free one)")
@@ -41,6 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-on-the-fly", type=int, default=5000, metavar="N",
                         help="compute inference on the fly for datasets of at most N images (default 5000)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
+
+def images_roots(shards: list[Path], images_root: list[str] | None) -> list[Path | None]:
+    """Each shards folder's `--images-root` (None: as recorded), paired in order."""
+    if images_root is None:
+        return [None] * len(shards)
+    if len(images_root) != len(shards):
+        raise TraitscopeError(f"--images-root gives {len(images_root)} folders for {len(shards)} --shards folders: "
+                              "give one per shards folder, in the same order ('-' keeps a folder's recorded images)")
+    return [None if root == "-" else Path(root) for root in images_root]
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -76,6 +90,9 @@ def app_arguments(args: argparse.Namespace) -> list[str]:
     out = ["--runs", str(args.runs.resolve()), "--shards", *[str(p.resolve()) for p in args.shards],
            "--ratings", str(args.ratings.resolve()), "--cache", str((args.cache or default_cache_dpath()).resolve()),
            "--max-on-the-fly", str(args.max_on_the_fly)]
+    roots = images_roots(args.shards, args.images_root)
+    if any(roots):
+        out += ["--images-root", *["-" if root is None else str(root.resolve()) for root in roots]]
     return out
 
 
@@ -108,7 +125,10 @@ def run(args: argparse.Namespace) -> int:
     runs, unusable = find_run_folders(args.runs)
     for name, why in unusable:
         print(f"traitscope app: warning: run {name} cannot be used: {why}", file=sys.stderr)
-    datasets = [Dataset(p) for p in args.shards]
+    datasets = [Dataset(p, root) for p, root in zip(args.shards, images_roots(args.shards, args.images_root))]
+    for dataset in datasets:
+        if dataset.images_unknown:
+            print(f"traitscope app: warning: {dataset.images_unknown}", file=sys.stderr)
     if args.max_on_the_fly < 0:
         raise TraitscopeError("--max-on-the-fly must be >= 0")
     if not 0 <= args.port < 65536:

@@ -23,7 +23,7 @@ from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.features import Inference
 from traitscope.features.enrichment import hypergeom_p
-from traitscope.files import atomic_save_npy
+from traitscope.files import atomic_save_npy, read_json
 from traitscope.finetune.grids import row_batches, top_images
 from traitscope.images import ImageError, decode_image, load_image, open_source
 from traitscope.shards.store import Shards, content_hash
@@ -96,8 +96,11 @@ def parse_int(value, lo: int, hi: int) -> int | None:
 class Dataset:
     """A shard folder as the app sees it: images (under a checked root), preprocessing, labels."""
 
-    def __init__(self, dpath: str | Path):
+    def __init__(self, dpath: str | Path, images_root: str | Path | None = None):
+        """`images_root`: where the images lie, when the shards do not record it (saev shards) or it moved."""
         self.shards = Shards(dpath)
+        if images_root is not None:
+            self.shards.use_images_root(images_root)
         self.dpath = self.shards.dpath.resolve()
         self.manifest = self.shards.manifest
         self.root = Path(self.manifest["images_root"]).resolve()
@@ -107,6 +110,8 @@ class Dataset:
                                   "inference and align work on them")
         self.preprocess = Preprocess.from_dict(self.manifest["preprocess"])
         self.images = self.shards.images
+        self.images_unknown = self.shards.images_unknown()
+        """Why the image files are unknown (saev shards without --images-root), or None."""
         self._labels: tuple[list[str], scipy.sparse.csr_matrix] | None = None
         self._source = None
 
@@ -130,6 +135,8 @@ class Dataset:
         row = int(row)
         if not 0 <= row < self.n_images:
             raise TraitscopeError(f"image row {row} is out of range (0..{self.n_images - 1})")
+        if self.images_unknown:
+            raise TraitscopeError(self.images_unknown)
         return safe_child(self.root, self.images[row]["path"])
 
     @property
@@ -223,16 +230,37 @@ class Run(runs.RunFolder):
     def token_kind(self) -> str:
         return self.shards.token_kind
 
-    def title(self) -> str:
+    @property
+    def imported_from(self) -> str | None:
+        """The library an imported SAE was trained with (saev, saelens, sparsify), or None."""
+        imported = self.config.get("train", {}).get("imported")
+        return str(imported.get("format", "another library")) if isinstance(imported, dict) else None
+
+    def title(self, shards_hash: str | None = None) -> str:
+        """Name, SAE and its held-out metrics: on the dataset `shards_hash` when its inference has them,
+        else from metrics.json (held out from the shards it was trained on, or imported onto)."""
         sae = self.sae_config
         parts = [self.name, str(sae.get("variant", "?")), f"d_sae={sae.get('d_sae', '?')}"]
         if sae.get("k"):
             parts.append(f"k={sae['k']}")
-        values = [f"{key}={self.metrics[key]:.3g}" for key in ("l0", "nmse")
-                  if isinstance(self.metrics.get(key), (int, float))]
-        if values:  # metrics.json: held out from the shards it was trained on, not the dataset on screen
-            parts.append(" ".join(values) + " on its training data")
+        if self.imported_from:
+            parts.append(f"imported from {self.imported_from}")
+        heldout = (self.heldout_rows(shards_hash) or {}).get("sae") if shards_hash else None
+        metrics, where = (heldout, "held out on this dataset") if heldout else (self.metrics, (
+            "held out on the shards it was imported onto" if self.imported_from else "held out on its training data"))
+        values = [f"{key}={metrics[key]:.3g}" for key in ("l0", "nmse") if isinstance(metrics.get(key), (int, float))]
+        if values:
+            parts.append(" ".join(values) + f" {where}")
         return " · ".join(parts)
+
+    def heldout_rows(self, shards_hash: str) -> dict[str, dict] | None:
+        """Held-out metrics on a dataset (`traitscope inference`'s metrics.json): method -> metric -> value."""
+        fpath = self.inference_dpath(shards_hash) / "metrics.json"
+        try:
+            rows = read_json(fpath)["rows"] if fpath.is_file() else None
+        except (TraitscopeError, KeyError, TypeError):
+            return None
+        return rows if isinstance(rows, dict) else None
 
     def can_encode(self, dataset: Dataset) -> bool:
         """Whether this SAE reads the dataset's activations (same layer, token kind and width)."""

@@ -26,6 +26,7 @@ import pandas as pd
 import streamlit as st
 
 from traitscope.app import atlas, blind
+from traitscope.app.cli import images_roots
 from traitscope.app.data import (MIN_SUPPORT, Dataset, Enrichment, FeatureData, InferenceView, Run, dense_top_images,
                                  find_run_folders, label_enrichment, open_image_file, parse_int, sae_top_rows)
 from traitscope.errors import TraitscopeError
@@ -47,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ratings", type=Path, default=Path("ratings"))
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--max-on-the-fly", type=int, default=5000)
+    parser.add_argument("--images-root", nargs="+", default=None)
     env = os.environ.get("TRAITSCOPE_APP_ARGS")
     return parser.parse_args(json.loads(env) if env else sys.argv[1:])
 
@@ -55,9 +57,15 @@ def parse_args() -> argparse.Namespace:
 # Cached access: opened once per server process, memory-mapped
 
 
-@st.cache_resource(show_spinner=False)
 def get_dataset(dpath: str) -> Dataset:
-    return Dataset(dpath)
+    roots = dict(zip([p.resolve() for p in ARGS.shards], images_roots(ARGS.shards, ARGS.images_root)))
+    root = roots.get(Path(dpath).resolve())
+    return open_dataset(dpath, None if root is None else str(root))
+
+
+@st.cache_resource(show_spinner=False)
+def open_dataset(dpath: str, images_root: str | None) -> Dataset:
+    return Dataset(dpath, images_root)
 
 
 @st.cache_resource(show_spinner=False, ttl=30)
@@ -162,6 +170,11 @@ class TileView(NamedTuple):
                 "zoom": "1" if self.zoom else "0", "beside": "1" if self.beside else "0", "cols": str(self.cols)}
 
 
+def image_name(dataset: Dataset, row: int) -> str:
+    """An image's path, or its row where the files are unknown (saev shards without --images-root)."""
+    return dataset.images[row]["path"] or f"image row {int(row)}"
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
 def feature_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, feature: int,
                   view: TileView = TileView()) -> list[dict]:
@@ -174,7 +187,7 @@ def feature_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, featur
     tiles = []
     for row, value, acts_hw in zip(fd.rows, fd.values, fd.maps_nhw):
         vmax = shared_vmax if view.shared else (float(acts_hw.max(initial=0.0)) or None)
-        tile = {"row": int(row), "value": float(value), "path": dataset.images[row]["path"],
+        tile = {"row": int(row), "value": float(value), "path": image_name(dataset, row),
                 "label": dataset.images[row].get("label"), "vmax": vmax}
         try:
             tile["b64"] = jpeg_b64(atlas.tile_images(dataset, [row], [acts_hw], vmax, side, view.zoom,
@@ -183,7 +196,7 @@ def feature_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, featur
                 tile["b64_bare"] = jpeg_b64(atlas.tile_images(dataset, [row], [acts_hw], vmax, side, view.zoom,
                                                               view.alpha, heat=False)[0])
         except TraitscopeError as err:
-            tile["error"] = str(err)
+            tile["error"] = "image file unknown" if dataset.images_unknown else str(err)
         tiles.append(tile)
     return tiles
 
@@ -227,11 +240,11 @@ def strip_tiles(inference_dpath: str, mtime: float, dataset_dpath: str, feature:
     vmax = float(fd.values.max(initial=0.0)) or None
     tiles = []
     for row, value, acts_hw in zip(rows, fd.values, maps):
-        tile = {"row": int(row), "value": float(value), "path": dataset.images[row]["path"]}
+        tile = {"row": int(row), "value": float(value), "path": image_name(dataset, row)}
         try:
             tile["b64"] = jpeg_b64(atlas.tile_images(dataset, [row], [acts_hw], vmax, side, zoom=True, alpha=0.6)[0])
         except TraitscopeError as err:
-            tile["error"] = str(err)
+            tile["error"] = "image file unknown" if dataset.images_unknown else str(err)
         tiles.append(tile)
     return tiles
 
@@ -340,7 +353,7 @@ def feature_view(run: Run, dataset: Dataset, inference: InferenceView, feature: 
                  enlarge: dict | None = None) -> None:
     fd = inference.feature(feature)
     st.subheader(f"Feature {feature}")
-    st.caption(run.title())
+    st.caption(run.title(dataset.hash))
     image_level = not fd.has_patch_maps and inference.top_patch_acts is None
     n_fire = int(inference.fire_counts()[feature])
     c1, c2, c3, c4 = st.columns(4)
@@ -719,12 +732,8 @@ def all_runs_cached() -> list[Run]:
 
 def heldout_table(run: Run, dataset: Dataset) -> pd.DataFrame | None:
     """The run's held-out metrics on this dataset, next to the baselines (written by `traitscope inference`)."""
-    fpath = run.inference_dpath(dataset.hash) / "metrics.json"
-    if not fpath.is_file():
-        return None
-    try:
-        rows = json.loads(fpath.read_text())["rows"]
-    except (ValueError, KeyError, TypeError):
+    rows = run.heldout_rows(dataset.hash)
+    if rows is None:
         return None
     table = pd.DataFrame(rows).T
     return table[[c for c in ("nmse", "explained_variance", "l0", "dead_frac", "dense_frac") if c in table]]
@@ -1151,13 +1160,15 @@ def main() -> None:
         runs = [r for r in all_runs if r.name in picked]
         for run in runs:
             mark = "✓" if run.has_inference(dataset.hash) else "·"
-            st.caption(f"{mark} {run.title()}")
+            st.caption(f"{mark} {run.title(dataset.hash)}")
         if unusable:
             with st.expander(f"{len(unusable)} run folder(s) cannot be used"):
                 for name, why in unusable:
                     st.caption(f"✗ {name}: {why}")
     if st.query_params.get("page") != page:
         st.query_params["page"] = page
+    if dataset.images_unknown:
+        st.warning(dataset.images_unknown + ". Restart the app with it to see them; everything else works.")
     if not runs:
         st.info(f"Pick a run in the sidebar ({len(all_runs)} found under {ARGS.runs}).")
         return

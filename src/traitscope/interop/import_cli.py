@@ -6,6 +6,7 @@ import argparse
 
 from traitscope.interop import FORMATS, read_foreign_sae
 from traitscope.interop.runs import METRIC_TOKENS, import_run
+from traitscope.shards import Shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
               "traitscope cannot check that these are the same weights (the widths match)")
     for note in foreign.notes:
         print(f"note: {note}")
+    unknown = Shards(args.shards).images_unknown()
+    if unknown:
+        print(f"note: {unknown}")
     m = result.metrics
     print(f"held-out: nmse {m['nmse']:.4f}, L0 {m['l0']:.1f}, dead {m['dead_frac']:.1%} ({m['n_tokens']:,} tokens)")
     print(f"wrote {result.dpath} (layer {result.layer}, {result.token_kind}); next: traitscope inference "

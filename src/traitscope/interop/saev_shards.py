@@ -18,7 +18,8 @@ said, not guessed: the model's weights hash and preprocessing, the number of mod
 are named as saev stored them), and the image files (their order is in a pickled dataset config,
 which traitscope never unpickles): images are listed from the metadata's `dataset` folder only when
 it is a class-per-folder tree (torchvision ImageFolder order, what saev's image-folder data set uses)
-holding exactly `n_examples` images. `labels.bin` classes become patch labels `class_<i>`.
+holding exactly `n_examples` images, or from the tree `--images-root` names (`use_images_root`); else
+`images_unknown` says so. `labels.bin` classes become patch labels `class_<i>`.
 """
 
 import hashlib
@@ -123,6 +124,17 @@ def _preprocess(meta: dict) -> dict | None:
                       mode=mode).to_dict()
 
 
+def image_folder_paths(root: Path) -> list[str]:
+    """Image files under `root` in torchvision ImageFolder's order (sorted class folders, then sorted
+    os.walk), relative to `root`: the order of saev's image-folder data set."""
+    paths = []
+    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+        for dirpath, _, fnames in sorted(os.walk(root / cls, followlinks=True)):
+            paths += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(fnames)
+                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return paths
+
+
 class SaevShards(Shards):
     """A saev shard folder behind the `Shards` interface (memory-mapped in place, nothing copied)."""
 
@@ -203,24 +215,44 @@ class SaevShards(Shards):
                  "row": i, "skipped": None} for i in range(self.n_images)]
 
     def _image_paths(self) -> list[str] | None:
-        """Image files in torchvision ImageFolder's order (sorted class folders, then sorted os.walk)."""
+        """The image files of the images root, when it is a class-per-folder tree of n_examples images."""
         root = Path(self.manifest["images_root"]) if self.manifest["images_root"] else None
         if root is None or not root.is_dir():
             return None
-        paths = []
-        for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
-            for dirpath, _, fnames in sorted(os.walk(root / cls, followlinks=True)):
-                paths += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(fnames)
-                          if f.lower().endswith(IMAGE_EXTENSIONS)]
+        paths = image_folder_paths(root)
         return paths if len(paths) == self.n_images else None
+
+    def use_images_root(self, images_root: str | Path) -> None:
+        """Read the images from `images_root` (`--images-root`): the class-per-folder tree saev read, for
+        shards whose metadata does not name it or names a folder that has moved. Refused (TraitscopeError)
+        unless it holds exactly n_examples images in class folders."""
+        root = Path(images_root)
+        if not root.is_dir():
+            raise TraitscopeError(f"--images-root {root}: not a folder")
+        n_found = len(image_folder_paths(root))
+        if n_found != self.n_images:
+            raise TraitscopeError(f"--images-root {root}: {n_found} images in class folders, but the saev shards "
+                                  f"{self.dpath} hold {self.n_images} examples; give the class-per-folder image "
+                                  "tree saev read (torchvision ImageFolder order: sorted class folders, sorted files)")
+        self.manifest["images_root"] = str(root.resolve())
+        self._images = None
+
+    def images_unknown(self) -> str | None:
+        """Why the image files are unknown (what the app and a heatmap need), or None when they are listed."""
+        if self._image_paths() is not None:
+            return None
+        recorded = self.manifest["images_root"]
+        where = (f"the metadata's dataset folder {recorded} is not a class-per-folder tree of {self.n_images} images"
+                 if recorded else "the metadata names no image folder")
+        return (f"{self.dpath}: the image files are unknown (saev shards do not record them, and {where}); "
+                f"the app's top-image tiles and heatmaps need `traitscope app --images-root DIR`, the class-per-folder "
+                f"image tree saev read "
+                f"({self.n_images} images)")
 
     def image_fpath(self, row: int) -> Path:
         path = self.images[row]["path"]
         if path is None:
-            raise TraitscopeError(f"{self.dpath}: saev shards do not record image files (their order is in a pickled "
-                                  f"dataset config); images are listed only from the metadata's dataset folder "
-                                  f"({self.manifest['images_root'] or 'none given'}) when it is a class-per-folder "
-                                  f"tree of exactly {self.n_images} images")
+            raise TraitscopeError(self.images_unknown())
         return Path(self.manifest["images_root"]) / path
 
     # --- arrays ---

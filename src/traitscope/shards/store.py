@@ -341,6 +341,19 @@ class Shards:
         """Absolute path of the image behind a cls row."""
         return Path(self.manifest["images_root"]) / self.images[row]["path"]
 
+    def use_images_root(self, images_root: str | Path) -> None:
+        """Read the images from `images_root` (`--images-root`: the photos moved since the shards were
+        made); TraitscopeError when the first kept image is not there."""
+        root = Path(images_root)
+        first = self.images[0]["path"] if self.images else None
+        if not root.is_dir() or (first is not None and not (root / first).is_file()):
+            raise TraitscopeError(f"--images-root {root}: no {first} there (the first image of {self.dpath})")
+        self.manifest["images_root"] = str(root.resolve())
+
+    def images_unknown(self) -> str | None:
+        """Why the image files are unknown, or None: a traitscope shard folder always lists them."""
+        return None
+
     # --- arrays ---
     def acts(self, layer: int, kind: str = "patches") -> TokenArray:
         """Activations of one layer and token kind, as a (n_rows, d_model) memory-mapped array."""
