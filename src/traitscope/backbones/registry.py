@@ -2,33 +2,29 @@
 
 Families register exact names (`register("dinov2-vits14-reg", loader)`) or a prefix
 (`register("timm:", loader)`, the rest of the string is passed on). `load_backbone` imports every
-family module once, so adding a family means adding a file and a line to FAMILY_MODULES.
+module of the `traitscope.backbones` entry-point group once, so adding a family means adding a file
+and a line to that group in pyproject.toml; a package of a higher stage (`finetune` registers
+`finetuned:<dir>`) or another distribution registers the same way, without this module naming it.
 """
 
-import importlib
+import functools
 import os
 import threading
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 from traitscope.backbones.base import Backbone
 from traitscope.errors import TraitscopeError
 
-FAMILY_MODULES = [
-    "traitscope.backbones.hf_vit",
-    "traitscope.backbones.openclip_vit",
-    "traitscope.backbones.timm_vit",
-    "traitscope.backbones.resnet",
-    "traitscope.backbones.efficientnet",
-    "traitscope.backbones.offline_dinov2",
-    "traitscope.finetune.model",
-]
+FAMILY_GROUP = "traitscope.backbones"
+"""The entry-point group whose modules register backbone families when imported."""
 
 Loader = Callable[[str], Backbone]
 _LOADERS: dict[str, Loader] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 _MISSING: dict[str, str] = {}
-"""Family module -> the library it needs that is not installed (its models are then unavailable)."""
+"""Family (entry-point name) -> the library it needs that is not installed (its models are then unavailable)."""
 
 
 def register(name: str, loader: Loader, description: str = "") -> None:
@@ -37,16 +33,25 @@ def register(name: str, loader: Loader, description: str = "") -> None:
     _DESCRIPTIONS[name] = description
 
 
+@functools.cache
+def _families() -> tuple[EntryPoint, ...]:
+    families = tuple(entry_points(group=FAMILY_GROUP))
+    if not families:
+        raise TraitscopeError(f"traitscope's installed metadata lists no backbone families (entry-point group "
+                              f"{FAMILY_GROUP}); reinstall it, e.g. `pip install -e .` in its source folder")
+    return families
+
+
 def _import_families() -> None:
     """Import every family; one whose library is not installed is left out (and named when a model is
     not found), so that the others still load."""
-    for module_name in FAMILY_MODULES:
+    for family in _families():
         try:
-            importlib.import_module(module_name)
+            family.load()
         except ModuleNotFoundError as err:
             if (err.name or "traitscope").split(".")[0] == "traitscope":
                 raise
-            _MISSING[module_name] = err.name
+            _MISSING[family.name] = err.name
 
 
 def available() -> dict[str, str]:
@@ -94,8 +99,8 @@ def load_backbone(name: str, device: str = "cpu") -> Backbone:
         else:
             known = ", ".join(k for k in sorted(_LOADERS) if not k.endswith(":"))
             prefixes = ", ".join(k + "..." for k in sorted(_LOADERS) if k.endswith(":"))
-            missing = "".join(f"; {module.rsplit('.', 1)[-1]} models need {library}, which is not installed"
-                              for module, library in sorted(_MISSING.items()))
+            missing = "".join(f"; {family} models need {library}, which is not installed"
+                              for family, library in sorted(_MISSING.items()))
             raise TraitscopeError(f"unknown model {name!r}; known names: {known}; or one of {prefixes}{missing}")
     backbone = loader(arg)
     return backbone.to(device).eval()

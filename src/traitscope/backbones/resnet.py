@@ -41,6 +41,20 @@ class ResNetBackbone(ConvStagesBackbone):
         return cls(model, name, description or f"torchvision {type(model).__name__} ({name})", preprocess)
 
 
+def new_resnet(arch: str, num_classes: int = 1000) -> torch.nn.Module:
+    """An untrained torchvision ResNet (initialised by torch's global generator)."""
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def wrap_resnet(module: torch.nn.Module, arch: str, name: str, preprocess: Preprocess = IMAGENET_PREPROCESS,
+                description: str = "") -> ResNetBackbone:
+    """A torchvision ResNet module as a backbone that remembers its architecture name (`arch`), so a
+    fine-tune's manifest can rebuild it offline."""
+    backbone = ResNetBackbone.from_module(module, name, preprocess, description)
+    backbone.arch = arch
+    return backbone
+
+
 def _check_arch(arch: str, name: str) -> None:
     archs = [a for a in torchvision.models.list_models(module=torchvision.models) if "res" in a]
     if arch not in archs:

@@ -5,13 +5,13 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torchvision
 
 from traitscope.backbones import efficientnet
-from traitscope.backbones.base import Backbone, Preprocess, load_weights
+from traitscope.backbones.base import Backbone, load_weights
 from traitscope.backbones.registry import load_backbone
-from traitscope.backbones.resnet import IMAGENET_PREPROCESS, ResNetBackbone
+from traitscope.backbones.resnet import ResNetBackbone, new_resnet
 from traitscope.errors import TraitscopeError
+from traitscope.finetune.model import load_finetuned, rewrap
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -19,19 +19,6 @@ RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 def _resnet_arch(model: str) -> str | None:
     arch = model.removeprefix("random-")
     return arch if arch in RESNET_ARCHS else None
-
-
-def new_resnet(arch: str, num_classes: int = 1000) -> torch.nn.Module:
-    """An untrained torchvision ResNet (initialised by torch's global generator)."""
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-
-
-def wrap_resnet(module: torch.nn.Module, arch: str, name: str, preprocess: Preprocess = IMAGENET_PREPROCESS,
-                description: str = "") -> ResNetBackbone:
-    """A torchvision ResNet module as a backbone that remembers its architecture name (`arch`)."""
-    backbone = ResNetBackbone.from_module(module, name, preprocess, description)
-    backbone.arch = arch
-    return backbone
 
 
 def _reinit(base: Backbone, seed: int) -> Backbone:
@@ -51,8 +38,6 @@ def _reinit(base: Backbone, seed: int) -> Backbone:
 
 def build_base(model: str, init: str, image_size: int | None, seed: int) -> tuple[Backbone, str]:
     """The base backbone to fine-tune and a note on its starting weights (for the description)."""
-    from traitscope.finetune.model import load_finetuned, rewrap
-
     arch = _resnet_arch(model)
     path = Path(init).expanduser() if init not in ("default", "imagenet", "random") else None
     if path is not None and not path.exists():

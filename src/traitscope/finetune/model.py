@@ -24,6 +24,7 @@ from safetensors.torch import load_model, save_model
 from traitscope.backbones.base import Backbone, LayerActs, Preprocess
 from traitscope.backbones.efficientnet import EfficientNetBackbone
 from traitscope.backbones.registry import load_backbone, register
+from traitscope.backbones.resnet import new_resnet, wrap_resnet
 from traitscope.errors import TraitscopeError
 
 FORMAT = "traitscope-finetuned/1"
@@ -118,8 +119,6 @@ def rewrap(base: Backbone, preprocess: Preprocess) -> Backbone:
             raise TraitscopeError(f"image size {preprocess.crop} is not a multiple of {base.name}'s patch size {base.patch_size}")
         return HFViTBackbone(base.model, base.name, base.description, preprocess)
     if getattr(base, "arch", None):
-        from traitscope.finetune.bases import wrap_resnet
-
         return wrap_resnet(base.model, base.arch, base.name, preprocess, base.description)
     if isinstance(base, EfficientNetBackbone):
         return EfficientNetBackbone(base.model, base.name, base.description, preprocess)
@@ -137,8 +136,6 @@ def build_from_spec(spec: dict, name: str, description: str, preprocess: Preproc
         model = model_class(model_class.config_class.from_dict(spec["config"])).eval()
         return HFViTBackbone(model, name, description, preprocess)
     if spec["kind"] == "torchvision":
-        from traitscope.finetune.bases import new_resnet, wrap_resnet
-
         return wrap_resnet(new_resnet(spec["arch"], spec["num_classes"]), spec["arch"], name, preprocess, description)
     return rewrap(load_backbone(spec["name"]), preprocess)
 
