@@ -20,7 +20,7 @@ from traitscope.features.alignment import (align, average_precision_matrix, read
                                           summarise, write_report)
 from traitscope.features.baselines import DenseBaseline, fit_baselines
 from traitscope.features.enrichment import label_enrichment
-from traitscope.features.metrics import MetricsAccumulator
+from traitscope.sae.metrics import MetricsAccumulator
 from traitscope.sae import SAEConfig, build_sae
 from shard_fixtures import LAYER, make_shards
 

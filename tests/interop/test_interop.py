@@ -304,7 +304,7 @@ def saev_shards(dpath, n_examples=30, layers=(6, 10), n_patches=16, d=D, cls=Tru
 
 
 def test_saev_shards_read_in_place(tmp_path):
-    from traitscope.interop.saev_shards import SaevShards
+    from traitscope.shards.saev import SaevShards
     from traitscope.shards import Shards
 
     dpath, acts, classes = saev_shards(tmp_path / "saev" / "shards" / "abc123")

@@ -18,9 +18,9 @@ from traitscope.errors import TraitscopeError
 from traitscope.features.heldout import baselines_for, heldout_metrics
 from traitscope.features.inference import Inference, run_inference
 from traitscope.features.inputs import open_inputs
-from traitscope.features.metrics import Metrics
 from traitscope.features.pareto import RunPoint, find_runs, mark_frontier, plot, write_csv
 from traitscope.images import open_source
+from traitscope.sae.metrics import Metrics
 from traitscope.shards.build import build_shards, use_geometry
 from traitscope.train.config import RunSettings, TrainConfig
 from traitscope.train.trainer import train

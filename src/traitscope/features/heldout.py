@@ -20,8 +20,9 @@ from traitscope.features.baselines import (BASELINES_FORMAT, KMEANS_EPOCHS, Base
                                            save_baselines, with_pca_k)
 from traitscope.features.inference import Inference
 from traitscope.features.inputs import RunInputs, split_rows
-from traitscope.features.metrics import Metrics, MetricsAccumulator, write_table
+from traitscope.features.metrics import write_table
 from traitscope.files import atomic_write_json
+from traitscope.sae.metrics import Metrics, MetricsAccumulator
 from traitscope.shards.store import content_hash
 
 FIT_TOKENS = 50_000

@@ -15,9 +15,9 @@ from tqdm import tqdm
 from traitscope.errors import TraitscopeError
 from traitscope.features.heldout import iter_tokens, sample_tokens
 from traitscope.features.inputs import open_inputs, split_rows
-from traitscope.features.metrics import MetricsAccumulator
 from traitscope.files import atomic_folder, atomic_write_json
-from traitscope.interop import ForeignSAE
+from traitscope.interop.foreign import ForeignSAE
+from traitscope.sae.metrics import MetricsAccumulator
 from traitscope.shards import Shards
 
 RUN_FORMAT = "traitscope-sae-run/1"

@@ -25,7 +25,7 @@ import torch
 
 from traitscope.errors import TraitscopeError
 from traitscope.files import atomic_save_safetensors, atomic_write_json
-from traitscope.interop import ForeignSAE
+from traitscope.interop.foreign import ForeignSAE
 from traitscope.interop.tensors import build_foreign, load_safetensors, need, read_json_file
 from traitscope.sae import SAE
 

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from traitscope.errors import TraitscopeError
-from traitscope.interop import ForeignSAE
+from traitscope.interop.foreign import ForeignSAE
 from traitscope.interop.tensors import build_foreign, load_torch_weights, need, read_json_file
 
 SCHEMAS = (1, 2, 3, 4, 5)

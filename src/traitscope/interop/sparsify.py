@@ -13,7 +13,7 @@ from pathlib import Path
 
 from traitscope.errors import TraitscopeError
 from traitscope.files import atomic_save_safetensors, atomic_write_json
-from traitscope.interop import ForeignSAE
+from traitscope.interop.foreign import ForeignSAE
 from traitscope.interop.tensors import build_foreign, load_safetensors, need, read_json_file
 from traitscope.sae import SAE
 

@@ -171,8 +171,8 @@ def register(cls: type[SAE]) -> type[SAE]:
 
 
 def variants() -> dict[str, type[SAE]]:
-    from traitscope.sae import VARIANT_MODULES  # noqa: F401  (importing registers every variant)
-
+    """Every registered variant by name (the package `traitscope.sae`, always imported before this
+    module, imports every variant module)."""
     return dict(_VARIANTS)
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -243,17 +243,27 @@ def _image_size(rec: dict) -> tuple[int, int] | None:
     return (width, height) if width > 0 and height > 0 else None
 
 
+_LAYOUTS: list[tuple[Callable[[Path], bool], type["Shards"]]] = []
+"""Other tools' shard layouts that `Shards(dpath)` opens: (recognises the folder, the class that reads it)."""
+
+
+def register_layout(recognises: Callable[[Path], bool], reader: type["Shards"]) -> None:
+    """Open a folder that `recognises(dpath)` as `reader`, a `Shards` subclass that reads it in place
+    (`traitscope.shards.saev` registers saev's layout)."""
+    _LAYOUTS.append((recognises, reader))
+
+
 class Shards:
     """A complete shard folder, opened for reading (memory-mapped; nothing is loaded up front).
 
-    A saev shard folder (metadata.json + acts*.bin) opens as `traitscope.interop.saev_shards.SaevShards`,
+    A saev shard folder (metadata.json + acts*.bin) opens as `traitscope.shards.saev.SaevShards`,
     which reads it in place behind this interface."""
 
     def __new__(cls, dpath: str | Path):
         if cls is Shards:
-            from traitscope.interop.saev_shards import SaevShards, is_saev_shards
-            if is_saev_shards(Path(dpath)):
-                return super().__new__(SaevShards)
+            for recognises, reader in _LAYOUTS:
+                if recognises(Path(dpath)):
+                    return super().__new__(reader)
         return super().__new__(cls)
 
     def __init__(self, dpath: str | Path):

@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 
 from traitscope import dist
 from traitscope.errors import TraitscopeError
-from traitscope.features.metrics import MetricsAccumulator
 from traitscope.sae import SAE, SAEConfig, build_sae
+from traitscope.sae.metrics import MetricsAccumulator
 from traitscope.files import (atomic_write_json, check_out_dpath, file_sha256, folder_lock, load_safetensors, read_json,
                               truncate_log)
 from traitscope.shards.store import Shards

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from traitscope.errors import TraitscopeError
-from traitscope.shards.store import Shards, TokenArray
+from traitscope.shards.store import Shards, TokenArray, register_layout
 
 FORMAT = "saev-shards"
 PROTOCOLS = ("1.0.0", "1.1", "2.1")
@@ -295,3 +295,6 @@ class SaevShards(Shards):
 
     def verify(self) -> None:
         """saev records no checksums; the sizes were checked on opening."""
+
+
+register_layout(is_saev_shards, SaevShards)
