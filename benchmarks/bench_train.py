@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bench_loader import GRID, N_IMAGES, loader_figures, make_shards, print_figures, sequential_tokens_per_s
-from traitscope.sae import SAEConfig, build_sae
+from traitscope.sae import build_sae
 from traitscope.train import RunSettings, TrainConfig, train
 from traitscope.train.loader import ShuffledLoader, TokenSplit
 from traitscope.train.trainer import Run, adam_impl, train_step
@@ -51,7 +51,7 @@ GPU_D_MODEL, GPU_D_SAE, GPU_IMAGES, GPU_FEED_TARGET = 768, 16_384, 600, 1.0
 def make_run(variant: str, device: torch.device, d_model: int = D_MODEL, d_sae: int = D_SAE) -> Run:
     settings = RunSettings(variant=variant, k=None if variant == "relu" else K, d_sae=d_sae).resolved(d_model)
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(**settings.sae_config(d_model))).to(device)
+    sae = build_sae(settings.sae_config(d_model)).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=settings.lr, **adam_impl(device))
     return Run(Path("."), settings, {}, sae, opt, torch.zeros(d_sae, dtype=torch.long, device=device))
 

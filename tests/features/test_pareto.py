@@ -43,11 +43,12 @@ def test_pareto_cli_writes_csv_and_png(tmp_path, capsys):
     make_runs(tmp_path / "runs")
     assert main(["pareto", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--labels"]) == 0
     out = capsys.readouterr().out
-    assert "4 on the frontier" in out and "| sweep/relu-1e-3 | relu | 0.001 |" in out
+    assert "4 on the frontier" in out and "| sweep/relu-1e-3 | relu | λ=0.001 |" in out
     with open(tmp_path / "out" / "pareto.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
     assert rows["sweep/topk-64"]["on_frontier"] == "False" and rows["sweep/topk-32"]["on_frontier"] == "True"
     assert rows["sweep/relu-1e-3"]["l1_coeff"] == "0.001" and rows["sweep/topk-16"]["k"] == "16"
+    assert rows["sweep/relu-1e-3"]["setting"] == "λ=0.001" and rows["sweep/topk-16"]["setting"] == "k=16"
     assert rows["sweep/topk-16"]["dead_frac"] == "0.01" and rows["sweep/topk-16"]["dead_frac_train"] == "0.002"
     assert Image.open(tmp_path / "out" / "pareto.png").size[0] > 300
     assert main(["pareto", "--runs", str(tmp_path / "empty")]) == 2

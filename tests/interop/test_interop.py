@@ -76,7 +76,7 @@ def test_saev_batchtopk_and_topk_match_saev_formula(tmp_path, schema):
     expected = torch.where(h > thr, h, torch.zeros_like(h))
     close(foreign.sae.encode(x), expected)
     close(foreign.sae.decode(foreign.sae.encode(x)), expected @ w["W_dec"] + w["b_dec"])
-    assert (foreign.sae.cfg.variant, foreign.sae.cfg.k, foreign.layer, foreign.token_kind) == ("batchtopk", K, -2, "patches")
+    assert (foreign.sae.cfg.variant, foreign.sae.params.k, foreign.layer, foreign.token_kind) == ("batchtopk", K, -2, "patches")
 
     act = {"cls": "TopK", "params": {"key": "top-k", "top_k": K}}
     saev_dump(tmp_path / "topk.pt", saev_header(act, schema), w)

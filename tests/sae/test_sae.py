@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from traitscope.errors import TraitscopeError
-from traitscope.sae import SAEConfig, build_sae, load_sae, variants
+from traitscope.sae import SAEConfig, build_sae, describe_params, load_sae, variants
 from traitscope.sae.sparse import batch_topk_flat
 
 TOPK_FAMILY = ["topk", "batchtopk", "matryoshka"]
@@ -32,11 +32,11 @@ def test_registry_has_every_variant():
 def test_sparse_gradients_equal_dense_autograd(variant):
     """The custom sparse backward (no dense decoder GEMM, no dense encoder-weight gradient) gives the
     gradients of the plain dense formulation, AuxK included."""
-    sae = make(variant)
+    sae = make(variant, k_aux=8)
     x = torch.randn(64, 16)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[::3] = True
-    out = sae(x, dead_s=dead, k_aux=8)
+    out = sae(x, dead_s=dead)
     out.loss.backward()
     sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
@@ -48,7 +48,7 @@ def test_sparse_gradients_equal_dense_autograd(variant):
     mask[sel.rows, sel.cols] = 1
     f = (pre * mask).relu()
     sst = ((x - x.mean(0)) ** 2).sum()
-    prefixes = sae.cfg.prefixes or [96]
+    prefixes = getattr(sae.params, "prefixes", None) or [96]
     recon = [f[:, :m] @ sae.W_dec[:m] + sae.b_dec for m in prefixes]
     loss = sum(((r - x) ** 2).sum() / sst for r in recon) / len(prefixes)
     e = (x - recon[-1]).detach()
@@ -63,9 +63,9 @@ def test_sparse_gradients_equal_dense_autograd(variant):
 
 
 def test_relu_loss_weights_l1_by_decoder_norms():
-    sae = make("relu", l1_coeff=2.0)
+    sae = make("relu", l1_coeff=2.0, l1_warmup=0.5)
     x = torch.randn(32, 16)
-    out = sae(x, l1_scale=0.5)
+    out = sae(x, progress=0.25)  # a quarter of training done: half-way through λ's warm-up
     f = sae.encode(x)
     expected = ((sae.decode(f) - x) ** 2).sum(1).mean() + 0.5 * 2.0 / math.sqrt(16) * (f * sae.W_dec.norm(dim=1)).sum(1).mean()
     assert torch.allclose(out.loss, expected, rtol=1e-5)
@@ -204,14 +204,36 @@ def test_encoder_starts_as_decoder_transpose():
     assert torch.equal(sae.W_enc, sae.W_dec.T)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (SAEConfig("topk", 16, 64), "needs k"),
-    (SAEConfig("batchtopk", 16, 64, k=65), "between 1 and d_sae"),
-    (SAEConfig("matryoshka", 16, 64, k=4, prefixes=[32, 16, 64]), "increase strictly"),
-    (SAEConfig("matryoshka", 16, 64, k=4, prefixes=[16, 32]), "end at d_sae"),
-    (SAEConfig("relu", 16, 64, l1_coeff=-1.0), ">= 0"),
-    (SAEConfig("gated", 16, 64), "unknown SAE variant"),
+@pytest.mark.parametrize("variant, params, message", [
+    ("topk", {"k": 0}, "topk SAE: k=0 must be between 1 and d_sae"),
+    ("batchtopk", {"k": 65}, "between 1 and d_sae"),
+    ("matryoshka", {"k": 4, "prefixes": [32, 16, 64]}, "increase strictly"),
+    ("matryoshka", {"k": 4, "prefixes": [16, 32]}, "end at d_sae"),
+    ("relu", {"l1_coeff": -1.0}, ">= 0"),
+    ("gated", {}, "unknown SAE variant"),
 ])
-def test_impossible_configs_are_refused(cfg, message):
+def test_impossible_configs_are_refused(variant, params, message):
     with pytest.raises(TraitscopeError, match=message):
-        build_sae(cfg)
+        build_sae(SAEConfig(variant, 16, 64, **params))
+
+
+def test_config_entries_written_before_variants_owned_their_parameters_load():
+    """A config.json 'sae' entry lists k, l1_coeff and prefixes for every variant (null where unused):
+    it reads back into the variant's own parameters, and is written with the same keys."""
+    old = {"variant": "topk", "d_model": 16, "d_sae": 64, "k": 4, "l1_coeff": None, "prefixes": None}
+    cfg = SAEConfig(**old)
+    assert cfg.params == variants()["topk"].Params(k=4)
+    entry = cfg.to_dict()
+    assert {key: entry[key] for key in old} == old and SAEConfig(**entry) == cfg
+    relu = SAEConfig(**{"variant": "relu", "d_model": 16, "d_sae": 64, "k": None, "l1_coeff": 2.0, "prefixes": None})
+    assert build_sae(relu).params.l1_coeff == 2.0 and describe_params(relu.to_dict()) == "λ=2"
+    with pytest.raises(TypeError, match="relu SAEs have no parameter k"):
+        SAEConfig("relu", 16, 64, k=4)
+    assert describe_params({"variant": "gated", "d_model": 16, "d_sae": 64}) == ""
+
+
+def test_defaults_live_in_the_variant():
+    assert build_sae(SAEConfig("relu", 16, 64)).params.l1_coeff == 5.0
+    assert build_sae(SAEConfig("topk", 16, 64)).params.k == 32
+    assert build_sae(SAEConfig("matryoshka", 16, 64, k=4)).params.prefixes == [4, 8, 16, 32, 64]
+    assert [cls.loss_per_token for cls in (variants()["relu"], variants()["topk"])] == [True, False]

@@ -20,7 +20,7 @@ from traitscope.errors import TraitscopeError
 from traitscope.sae import SAEConfig, build_sae, load_sae
 from traitscope.shards.store import Shards, write_arrays
 from traitscope.train import RunSettings, TrainConfig, train
-from traitscope.train.config import parse_count
+from traitscope.train.config import expand_grid, identity_hash, parse_count, run_identity
 from traitscope.train.loader import LoaderState, ShuffledLoader, TokenSplit, contiguous_rows
 
 LAYER = 2
@@ -382,7 +382,10 @@ def test_impossible_sweeps_are_refused_before_training(shards, tmp_path, capsys)
     assert "unknown setting 'kk'" in cli_error(base + ["--sweep", str(sweep)], capsys)
     assert "--k applies to" in cli_error(base + ["--sae", "relu", "--k", "4"], capsys)
     assert "not both" in cli_error(base + ["--k", "4", "--d-sae", "100", "--expansion", "2"], capsys)
-    assert "relu takes an L1" in cli_error(base + ["--sweep", str(_write(tmp_path, [{"sae": "relu", "k": 3}]))], capsys)
+    assert "relu SAEs have no parameter k" in cli_error(base + ["--sweep", str(_write(tmp_path, [{"sae": "relu", "k": 3}]))],
+                                                        capsys)
+    assert "--prefixes applies to matryoshka" in cli_error(base + ["--variant", "topk", "--prefixes", "8,16"], capsys)
+    assert "unknown SAE variant 'gated'" in cli_error(base + ["--sae", "gated", "--k", "4"], capsys)
     assert "identical" in cli_error(base + ["--sae", "topk,topk", "--k", "4"], capsys)
     assert "--token-kind cls" in cli_error(base[:-2] + ["--tokens", "cls"], capsys)
     assert not out.exists() or not any(out.iterdir())
@@ -438,3 +441,23 @@ def test_optional_loggers_are_asked_for_and_explain_a_missing_package(shards, tm
                      "--log-to", backend], capsys)
     assert f"--log-to {backend} needs the {module} package" in err
     assert not any(tmp_path.iterdir())  # refused before any run folder was made
+
+
+def test_run_identities_and_names_are_those_of_runs_made_before():
+    """Existing run folders keep their names (and resume): the hashes below were computed by the
+    code before variants owned their parameters."""
+    cfg = TrainConfig(shards="x", tokens=1_000_000)
+    cases = {"topk-k32-768-abce9e9991": RunSettings(),
+             "relu-l1_3-128-0a8d02d873": RunSettings(variant="relu", l1_coeff=3, d_sae=128, lr=2e-3),
+             "matryoshka-k3-64-12b516a89b": RunSettings(variant="matryoshka", k=3, d_sae=64, prefixes=[8, 32, 64],
+                                                        dead_tokens=3000),
+             "batchtopk-k4-96-7acf37d728": RunSettings(variant="batchtopk", k=4, expansion=2, k_aux=16, auxk_alpha=0.1)}
+    for name, settings in cases.items():
+        s = settings.resolved(48)
+        assert f"{s.label()}-{identity_hash(run_identity(cfg, s, 'abc', 3))}" == name
+
+
+def test_a_variant_parameter_applies_to_the_variants_that_have_it():
+    runs = expand_grid({"k_aux": 64}, {"variant": ["topk", "relu"], "k": [16, 32], "l1_coeff": [1.0]})
+    assert runs == [{"variant": "topk", "k_aux": 64, "k": 16}, {"variant": "topk", "k_aux": 64, "k": 32},
+                    {"variant": "relu", "l1_coeff": 1.0}]

@@ -26,6 +26,7 @@ from traitscope.features.enrichment import hypergeom_p
 from traitscope.files import atomic_save_npy, read_json
 from traitscope.finetune.grids import row_batches, top_images
 from traitscope.images import ImageError, decode_image, load_image, open_source
+from traitscope.sae import describe_params
 from traitscope.shards.store import Shards, content_hash
 
 
@@ -241,8 +242,9 @@ class Run(runs.RunFolder):
         else from metrics.json (held out from the shards it was trained on, or imported onto)."""
         sae = self.sae_config
         parts = [self.name, str(sae.get("variant", "?")), f"d_sae={sae.get('d_sae', '?')}"]
-        if sae.get("k"):
-            parts.append(f"k={sae['k']}")
+        setting = describe_params(sae)
+        if setting:
+            parts.append(setting)
         if self.imported_from:
             parts.append(f"imported from {self.imported_from}")
         heldout = (self.heldout_rows(shards_hash) or {}).get("sae") if shards_hash else None

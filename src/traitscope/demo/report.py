@@ -96,9 +96,9 @@ of {model['n_layers']} (patch tokens, d_model {shards.d_model(shards.layers[0])}
 <b>Held out:</b> {held}: every metric and AP below is measured on them.
 </div>"""
 
-    pareto_rows = [[p.run, p.variant, p.k if p.k is not None else f"λ={p.l1_coeff}", p.l0, p.nmse, p.dead_frac,
+    pareto_rows = [[p.run, p.variant, p.setting, p.l0, p.nmse, p.dead_frac,
                     p.dead_frac_train, "yes" if p.on_frontier else ""] for p in points]
-    pareto = _table(["run", "variant", "k or λ", "L0", "NMSE", "dead (held-out)", "dead (training)", "frontier"],
+    pareto = _table(["run", "variant", "sparsity", "L0", "NMSE", "dead (held-out)", "dead (training)", "frontier"],
                     pareto_rows)
 
     metric_rows = [[name, m.nmse, m.explained_variance, m.l0, m.dead_frac, m.dense_frac, m.n_codes]

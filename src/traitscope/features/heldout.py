@@ -76,7 +76,7 @@ def baselines_for(inputs: RunInputs, inf: Inference, fit_tokens: int = FIT_TOKEN
     check_baseline_settings(fit_tokens, pca_k, n_clusters)
     chosen = {"pca_k": pca_k is not None, "n_clusters": n_clusters is not None}  # defaults shrink to fit
     if pca_k is None:
-        k = inputs.sae.cfg.k
+        k = getattr(inputs.sae.params, "k", None)  # the TopK family's active latents per token
         pca_k = int(k) if k else mean_l0(inf)
         pca_k = min(pca_k, inputs.acts.width)
     n_clusters = inputs.sae.d_sae if n_clusters is None else n_clusters

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from traitscope import runs
 from traitscope.errors import TraitscopeError
 from traitscope.files import atomic_open
+from traitscope.sae import describe_params
 
 
 class RunPoint(NamedTuple):
@@ -33,6 +34,8 @@ class RunPoint(NamedTuple):
     dead_frac_train: float
     """Latents silent at the end of training (the last dead_tokens tokens, at most one pass over the data)."""
     on_frontier: bool = False
+    setting: str = ""
+    """The sparsity setting as the variant words it (k=32, λ=5, ...)."""
 
 
 def find_runs(runs_dpath: str | Path) -> tuple[list[RunPoint], list[str]]:
@@ -59,7 +62,8 @@ def find_runs(runs_dpath: str | Path) -> tuple[list[RunPoint], list[str]]:
         points.append(RunPoint(run=run.name, variant=str(sae.get("variant", "?")), k=sae.get("k"),
                                l1_coeff=sae.get("l1_coeff"), d_sae=sae.get("d_sae"), l0=float(metrics["l0"]),
                                nmse=float(metrics["nmse"]), dead_frac=float(metrics.get("dead_frac", math.nan)),
-                               dead_frac_train=float(metrics.get("dead_frac_train", math.nan))))
+                               dead_frac_train=float(metrics.get("dead_frac_train", math.nan)),
+                               setting=describe_params(sae)))
     return points, skipped
 
 
@@ -76,7 +80,7 @@ def write_csv(points: list[RunPoint], fpath: Path) -> None:
     with atomic_open(fpath, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "variant", "k", "l1_coeff", "d_sae", "l0", "nmse", "dead_frac", "dead_frac_train",
-                         "on_frontier"])
+                         "on_frontier", "setting"])
         for p in points:
             writer.writerow(["" if v is None else v for v in p])
 
@@ -116,10 +120,9 @@ def plot(points: list[RunPoint], fpath: Path, labels: bool = False) -> None:
 
 def frontier_table(points: list[RunPoint]) -> str:
     """Markdown table of the frontier runs, sparsest first."""
-    lines = ["| run | variant | k / λ | L0 | NMSE | dead (held-out) | dead (training) |",
+    lines = ["| run | variant | sparsity | L0 | NMSE | dead (held-out) | dead (training) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for p in sorted((p for p in points if p.on_frontier), key=lambda p: p.l0):
-        setting = p.k if p.k is not None else (p.l1_coeff if p.l1_coeff is not None else "")
-        lines.append(f"| {p.run} | {p.variant} | {setting} | {p.l0:.1f} | {p.nmse:.4f} | {p.dead_frac:.1%} | "
+        lines.append(f"| {p.run} | {p.variant} | {p.setting} | {p.l0:.1f} | {p.nmse:.4f} | {p.dead_frac:.1%} | "
                      f"{p.dead_frac_train:.1%} |")
     return "\n".join(lines) + "\n"

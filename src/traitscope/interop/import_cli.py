@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     foreign = read_foreign_sae(args.source)
     sae = foreign.sae
     print(f"read {foreign.source['format']} SAE: {sae.cfg.variant}, d_model={sae.d_model}, d_sae={sae.d_sae}"
-          + (f", k={sae.cfg.k}" if sae.cfg.k else ""))
+          + (f", {sae.params.describe()}" if sae.params.describe() else ""))
     result = import_run(foreign, args.shards, args.out, layer=args.layer, token_kind=args.token_kind,
                         metric_tokens=args.metric_tokens, device=args.device)
     if foreign.model_sha256 and foreign.model_sha256 == result.shards_model.get("weights_sha256"):

@@ -128,7 +128,7 @@ def write_saelens(sae: SAE, dpath: Path, metadata: dict) -> None:
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": metadata}
     if arch == "topk":
-        cfg |= {"k": int(sae.cfg.k), "rescale_acts_by_decoder_norm": False}
+        cfg |= {"k": int(sae.params.k), "rescale_acts_by_decoder_norm": False}
     dpath.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(dpath / WEIGHTS_FNAME, tensors)
     atomic_write_json(dpath / CFG_FNAME, cfg)

@@ -55,7 +55,7 @@ def write_sparsify(sae: SAE, dpath: Path, metadata: dict | None = None) -> None:
     tensors = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()}
     cfg = {"activation": "topk", "expansion_factor": max(1, sae.d_sae // sae.d_model), "normalize_decoder": True,
-           "num_latents": sae.d_sae, "k": int(sae.cfg.k), "multi_topk": False, "skip_connection": False,
+           "num_latents": sae.d_sae, "k": int(sae.params.k), "multi_topk": False, "skip_connection": False,
            "transcode": False, "d_in": sae.d_model}
     if metadata:
         cfg["traitscope"] = metadata

@@ -2,7 +2,8 @@
 
 import importlib
 
-from traitscope.sae.base import SAE, ForwardOutput, SAEConfig, build_sae, load_sae, register, variants
+from traitscope.sae.base import (SAE, ForwardOutput, SAEConfig, SAEParams, build_sae, describe_params, load_sae, register, variant_class,
+                                 variants)
 
 VARIANT_MODULES = ["relu", "topk", "batchtopk", "matryoshka", "jumprelu"]
 for _name in VARIANT_MODULES:
@@ -12,4 +13,5 @@ for _name in VARIANT_MODULES:
         if _err.name != f"traitscope.sae.{_name}":
             raise
 
-__all__ = ["SAE", "ForwardOutput", "SAEConfig", "build_sae", "load_sae", "register", "variants"]
+__all__ = ["SAE", "ForwardOutput", "SAEConfig", "SAEParams", "build_sae", "describe_params", "load_sae", "register", "variant_class",
+           "variants"]

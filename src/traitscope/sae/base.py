@@ -7,9 +7,9 @@ A saved SAE takes raw activations: any input scaling used in training is folded 
 """
 
 import dataclasses
-import json
+import math
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 
@@ -18,24 +18,67 @@ from traitscope.runs import CONFIG_FNAME, WEIGHTS_FNAME, RunFolder
 
 
 @dataclasses.dataclass
+class SAEParams:
+    """A variant's own hyper-parameters: each variant subclasses this as its `Params`, with a docstring
+    under each field (the command line's help) and its defaults, and says here how to check them, how
+    to name them and which learning rate suits them. The base has no fields."""
+
+    def resolved(self, d_model: int, d_sae: int) -> "SAEParams":
+        """A copy with the defaults that depend on the SAE's size filled in; impossible values refused
+        (TraitscopeError)."""
+        return dataclasses.replace(self)
+
+    def label(self) -> str:
+        """The sparsity part of a run folder's name, such as 'k32' or 'l1_5' (empty: none)."""
+        return ""
+
+    def describe(self) -> str:
+        """The sparsity setting as tables and titles show it, such as 'k=32' or 'λ=5' (empty: none)."""
+        return ""
+
+    def default_lr(self, d_sae: int) -> float:
+        """Adam's peak learning rate when none is given: 2e-4 / √(d_sae / 16384), the scaling of Gao et
+        al. 2024."""
+        return 2e-4 / math.sqrt(d_sae / 2 ** 14)
+
+    @property
+    def uses_dead_latents(self) -> bool:
+        """Whether the training loss is told which latents are dead (AuxK revives them)."""
+        return False
+
+
+FORMAT1_KEYS = ("k", "l1_coeff", "prefixes")
+"""Keys of a config.json 'sae' entry written before variants owned their parameters: every variant
+listed all three, null where unused. They are still written (null when the variant has no such
+parameter), and a null among them is read as not given."""
+
+
+@dataclasses.dataclass(init=False)
 class SAEConfig:
-    """Architecture of one SAE (training settings live in the trainer's config)."""
+    """Architecture of one SAE: what every variant has, and the variant's own parameters.
+
+    `SAEConfig("topk", 768, 16384, k=32)` gives the variant's parameters by name; `to_dict` is the flat
+    'sae' entry of config.json and `SAEConfig(**entry)` reads it back (older entries included).
+    """
 
     variant: str
-    """Registered variant name: 'relu', 'topk', 'batchtopk', 'matryoshka'."""
+    """Registered variant name (`traitscope.sae.variants()`: relu, topk, batchtopk, matryoshka, ...)."""
     d_model: int
     """Width of the activations it reads."""
     d_sae: int
     """Number of latents (dictionary size)."""
-    k: int | None = None
-    """Active latents per token (TopK family); None for ReLU/L1."""
-    l1_coeff: float | None = None
-    """λ of the L1 penalty (ReLU/L1 only)."""
-    prefixes: list[int] | None = None
-    """Matryoshka: nested dictionary sizes, the last equal to d_sae."""
+    params: SAEParams
+    """The variant's own hyper-parameters (its `Params`; defaults where not given)."""
+
+    def __init__(self, variant: str, d_model: int, d_sae: int, params: SAEParams | None = None, **own):
+        self.variant, self.d_model, self.d_sae = variant, d_model, d_sae
+        if params is not None and own:
+            raise TypeError(f"give the {variant} parameters as params or by name, not both")
+        self.params = params if params is not None else make_params(variant, own)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"variant": self.variant, "d_model": self.d_model, "d_sae": self.d_sae,
+                **dict.fromkeys(FORMAT1_KEYS), **dataclasses.asdict(self.params)}
 
 
 class ForwardOutput(NamedTuple):
@@ -52,9 +95,15 @@ class ForwardOutput(NamedTuple):
 
 
 class SAE(torch.nn.Module):
-    """Base class: subclasses set `variant` and implement `encode` and `forward` (training loss)."""
+    """Base class: subclasses set `variant` (and `Params`, their own hyper-parameters) and implement
+    `encode` and `forward` (training loss)."""
 
     variant: ClassVar[str]
+    Params: ClassVar[type[SAEParams]] = SAEParams
+    """The variant's own hyper-parameters (a dataclass subclassing `SAEParams`)."""
+    loss_per_token: ClassVar[bool] = False
+    """The training loss is a mean over the batch's tokens (else a sum divided by the batch's spread,
+    Σ‖x − mean(x)‖²): data-parallel training weighs each process's share of the batch accordingly."""
     unit_norm_decoder: ClassVar[bool] = True
     """Decoder rows are kept at unit norm during training (the ReLU/L1 variant weights its L1 instead)."""
     input_scaled: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
@@ -62,7 +111,13 @@ class SAE(torch.nn.Module):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.cfg = cfg
+        if not isinstance(cfg.params, self.Params):
+            raise TypeError(f"a {self.variant} SAE takes {self.Params.__name__}, not {type(cfg.params).__name__}")
+        try:
+            params = cfg.params.resolved(cfg.d_model, cfg.d_sae)
+        except TraitscopeError as err:
+            raise TraitscopeError(f"{self.variant} SAE: {err}") from None
+        self.cfg = dataclasses.replace(cfg, params=params)
         d, s = cfg.d_model, cfg.d_sae
         # W_enc is (d_model, d_sae) but stored latent-major (a transposed view of (d_sae, d_model)): a
         # sparse training step writes its gradient one latent row at a time, with no transposing copy.
@@ -83,6 +138,11 @@ class SAE(torch.nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    @property
+    def params(self) -> SAEParams:
+        """The variant's own hyper-parameters, defaults filled in."""
+        return self.cfg.params
+
     def pre_acts(self, x_bd: torch.Tensor, latents: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """(batch, n_selected) pre-activations W_enc x̄ + b_enc of the latents selected (a slice or indices)."""
         return (x_bd - self.b_dec) @ self.W_enc[:, latents] + self.b_enc[latents]
@@ -100,13 +160,12 @@ class SAE(torch.nn.Module):
     def decode(self, codes_bs: torch.Tensor) -> torch.Tensor:
         return codes_bs @ self.W_dec + self.b_dec
 
-    def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, l1_scale: float = 1.0,
-                k_aux: int | None = None, auxk_alpha: float = 1 / 32) -> ForwardOutput:
+    def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, progress: float = 1.0) -> ForwardOutput:
         """Training pass on (scaled) activations: reconstruction, loss and its parts.
 
-        `dead_s` (bool, d_sae) marks latents that have not fired for a while (AuxK revives them);
-        `l1_scale` is the warm-up factor of the L1 penalty (ReLU/L1); `k_aux` (default d_model / 2)
-        and `auxk_alpha` set the AuxK loss of the TopK family.
+        `dead_s` (bool, d_sae) marks latents that have not fired for a while (given when
+        `params.uses_dead_latents`); `progress` is the share of training done after this step, in
+        (0, 1] (for warm-ups of a penalty). Every other knob of the loss is one of `params`.
         """
         raise NotImplementedError
 
@@ -130,6 +189,11 @@ class SAE(torch.nn.Module):
         """Put decoder rows back on the unit sphere after an optimiser step (unit-norm variants)."""
         if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def data_parallel_(self, batch_size: int, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """From now on each training batch is this process's share of a global batch of `batch_size`
+        tokens; `all_gather(t)` stacks a tensor from every process. A variant whose training choices
+        span the whole batch (BatchTopK) makes them span the global batch; the others need nothing."""
 
     # --- making a saved SAE take raw activations ---
     @torch.no_grad()
@@ -176,11 +240,38 @@ def variants() -> dict[str, type[SAE]]:
     return dict(_VARIANTS)
 
 
-def build_sae(cfg: SAEConfig) -> SAE:
+def variant_class(name: str) -> type[SAE]:
+    """The registered class of a variant name; TraitscopeError naming the known ones otherwise."""
     registry = variants()
-    if cfg.variant not in registry:
-        raise TraitscopeError(f"unknown SAE variant {cfg.variant!r}; known: {', '.join(sorted(registry))}")
-    return registry[cfg.variant](cfg)
+    if name not in registry:
+        raise TraitscopeError(f"unknown SAE variant {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def make_params(variant: str, values: dict) -> SAEParams:
+    """A variant's `Params` from values by name (None: not given, the default); TypeError naming the
+    variant's parameters for one it does not have."""
+    cls = variant_class(variant).Params
+    known = [f.name for f in dataclasses.fields(cls)]
+    given = {key: value for key, value in values.items() if value is not None}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise TypeError(f"{variant} SAEs have no parameter {', '.join(unknown)} "
+                        f"(theirs: {', '.join(known) or 'none'})")
+    return cls(**given)
+
+
+def describe_params(entry: dict) -> str:
+    """The sparsity setting ('k=32', 'λ=5') of a config.json 'sae' entry, as its variant words it; ''
+    for a variant not known here or an entry that does not describe one."""
+    try:
+        return SAEConfig(**entry).params.describe()
+    except (TraitscopeError, TypeError, ValueError):
+        return ""
+
+
+def build_sae(cfg: SAEConfig) -> SAE:
+    return variant_class(cfg.variant)(cfg)
 
 
 def load_sae(run_dpath: str | Path, device: str = "cpu") -> SAE:

@@ -25,7 +25,6 @@ class JumpReLUSAE(SAE):
         pre_bs = self.pre_acts(x_bd)
         return pre_bs.relu() * (pre_bs > self.threshold)
 
-    def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, l1_scale: float = 1.0,
-                k_aux: int | None = None, auxk_alpha: float = 1 / 32) -> ForwardOutput:
+    def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, progress: float = 1.0) -> ForwardOutput:
         raise TraitscopeError("jumprelu SAEs are imported (e.g. from SAELens), not trained by traitscope; "
                               "train batchtopk for a JumpReLU at inference")

@@ -10,12 +10,15 @@ JumpReLU with a learned threshold at inference), as in the paper. In training th
 each token are decoded per prefix group in one sparse pass, and a cumulative sum gives every x̂_g.
 """
 
+import dataclasses
+
 import torch
 
 from traitscope.errors import TraitscopeError
 from traitscope.sae.base import SAEConfig, register
 from traitscope.sae.batchtopk import BatchTopKSAE
 from traitscope.sae.sparse import Selection, decode_sparse, make_selection
+from traitscope.sae.topk import TopKParams
 
 
 def default_prefixes(d_sae: int) -> list[int]:
@@ -23,24 +26,33 @@ def default_prefixes(d_sae: int) -> list[int]:
     return sorted({max(1, d_sae >> shift) for shift in (4, 3, 2, 1, 0)})
 
 
+@dataclasses.dataclass
+class MatryoshkaParams(TopKParams):
+    prefixes: list[int] | None = None
+    """Nested dictionary sizes, the last equal to d_sae (default d_sae/16, /8, /4, /2, 1)."""
+
+    def resolved(self, d_model: int, d_sae: int) -> "MatryoshkaParams":
+        params = super().resolved(d_model, d_sae)
+        prefixes = default_prefixes(d_sae) if self.prefixes is None else [int(v) for v in self.prefixes]
+        if (not prefixes or prefixes[-1] != d_sae or prefixes[0] < 1
+                or any(a >= b for a, b in zip(prefixes, prefixes[1:]))):
+            raise TraitscopeError(f"prefixes {prefixes} must increase strictly from at least 1 and end at "
+                                  f"d_sae={d_sae}")
+        return dataclasses.replace(params, prefixes=prefixes)
+
+
 @register
 class MatryoshkaSAE(BatchTopKSAE):
     variant = "matryoshka"
+    Params = MatryoshkaParams
 
     def __init__(self, cfg: SAEConfig):
-        if cfg.prefixes is None:
-            cfg.prefixes = default_prefixes(cfg.d_sae)
-        prefixes = list(cfg.prefixes)
-        if (not prefixes or prefixes[-1] != cfg.d_sae or prefixes[0] < 1
-                or any(a >= b for a, b in zip(prefixes, prefixes[1:]))):
-            raise TraitscopeError(f"matryoshka prefixes {prefixes} must increase strictly from at least 1 "
-                                  f"and end at d_sae={cfg.d_sae}")
         super().__init__(cfg)
-        self.register_buffer("_ends", torch.tensor(prefixes[:-1], dtype=torch.long), persistent=False)
+        self.register_buffer("_ends", torch.tensor(self.params.prefixes[:-1], dtype=torch.long), persistent=False)
 
     @property
     def n_groups(self) -> int:
-        return len(self.cfg.prefixes)
+        return len(self.params.prefixes)
 
     def selection(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> Selection:
         """One bag per (token, prefix group): entries sorted by (token, latent) are sorted by bag too."""

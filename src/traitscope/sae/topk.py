@@ -10,31 +10,62 @@ directions. This class also holds the sparse training pass the whole TopK family
 entries only.
 """
 
+import dataclasses
+
 import torch
 
 from traitscope.errors import TraitscopeError
-from traitscope.sae.base import SAE, ForwardOutput, SAEConfig, register
+from traitscope.sae.base import SAE, ForwardOutput, SAEConfig, SAEParams, register
 from traitscope.sae.sparse import Selection, decode_sparse, encode_at, one_thread, topk_rows, topk_selection
+
+
+@dataclasses.dataclass
+class TopKParams(SAEParams):
+    k: int = 32
+    """Active latents per token."""
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss per token (default d_model / 2)."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss (0 turns it off)."""
+
+    def resolved(self, d_model: int, d_sae: int) -> "TopKParams":
+        if not 1 <= self.k <= d_sae:
+            raise TraitscopeError(f"k={self.k} must be between 1 and d_sae={d_sae}")
+        if self.k_aux is not None and self.k_aux < 1:
+            raise TraitscopeError(f"k_aux must be >= 1, not {self.k_aux}")
+        if self.auxk_alpha < 0:
+            raise TraitscopeError(f"auxk_alpha must be >= 0, not {self.auxk_alpha}")
+        return dataclasses.replace(self)
+
+    def label(self) -> str:
+        return f"k{self.k}"
+
+    def describe(self) -> str:
+        return f"k={self.k}"
+
+    @property
+    def uses_dead_latents(self) -> bool:
+        return self.auxk_alpha > 0
 
 
 @register
 class TopKSAE(SAE):
     variant = "topk"
+    Params = TopKParams
 
     def __init__(self, cfg: SAEConfig):
-        check_k(cfg)
         super().__init__(cfg)
         self._pre_bs: torch.Tensor | None = None  # reused (batch, d_sae) buffer: no 100 MB allocation a step
 
     # --- inference ---
     def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
         pre_bs = self.pre_acts(x_bd)
-        values_bk, idx_bk = topk_rows(pre_bs, self.cfg.k)
+        values_bk, idx_bk = topk_rows(pre_bs, self.params.k)
         return torch.zeros_like(pre_bs).scatter_(1, idx_bk, values_bk.relu())
 
     def encode_sparse(self, x_bd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The k selected latents per token straight from the pre-activations: no dense code matrix."""
-        values_bk, feat_bk = topk_rows(self._pre_acts_into_buffer(x_bd - self.b_dec), self.cfg.k)
+        values_bk, feat_bk = topk_rows(self._pre_acts_into_buffer(x_bd - self.b_dec), self.params.k)
         tok_bk = torch.arange(x_bd.shape[0], device=x_bd.device)[:, None].expand_as(feat_bk)
         fired = values_bk > 0
         return tok_bk[fired], feat_bk[fired], values_bk[fired]
@@ -42,7 +73,7 @@ class TopKSAE(SAE):
     # --- training ---
     def select(self, pre_bs: torch.Tensor) -> tuple[torch.Tensor, Selection]:
         """Which pre-activations are active in training: values (nnz,) and where they are."""
-        return topk_selection(pre_bs, self.cfg.k)
+        return topk_selection(pre_bs, self.params.k)
 
     def reconstruction_loss(self, acts: torch.Tensor, sel: Selection, x_bd: torch.Tensor,
                             sst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +90,7 @@ class TopKSAE(SAE):
             buf = self._pre_bs = torch.empty(shape, dtype=dtype, device=xc_bd.device)
         return torch.addmm(self.b_enc.to(dtype), xc_bd.to(dtype), self.W_enc.to(dtype), out=buf)
 
-    def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, l1_scale: float = 1.0,
-                k_aux: int | None = None, auxk_alpha: float = 1 / 32) -> ForwardOutput:
+    def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, progress: float = 1.0) -> ForwardOutput:
         with torch.no_grad():
             xc_bd = x_bd - self.b_dec
             pre_bs = self._pre_acts_into_buffer(xc_bd)  # the one dense GEMM
@@ -70,10 +100,10 @@ class TopKSAE(SAE):
             acts = encode_at(values.float(), xc_bd, self.W_enc, self.b_enc, self.b_dec, sel).relu()
             loss, x_hat_bd = self.reconstruction_loss(acts, sel, x_bd, sst)
             parts = {"nmse": (((x_hat_bd - x_bd) ** 2).sum() / sst).detach()}
-            if dead_s is not None:
-                auxk = self.auxk_loss(pre_bs, xc_bd, x_bd - x_hat_bd.detach(), sst, dead_s, k_aux)
+            if dead_s is not None and self.params.auxk_alpha > 0:
+                auxk = self.auxk_loss(pre_bs, xc_bd, x_bd - x_hat_bd.detach(), sst, dead_s, self.params.k_aux)
                 if auxk is not None:
-                    loss = loss + auxk_alpha * auxk
+                    loss = loss + self.params.auxk_alpha * auxk
                     parts["auxk"] = auxk.detach()
             with one_thread(x_bd.device):
                 fired = sel.cols[acts.detach() > 0]
@@ -96,10 +126,3 @@ class TopKSAE(SAE):
         e_hat_bd = decode_sparse(acts, self.W_dec, sel)
         return min(n_dead / k_aux, 1.0) * ((e_hat_bd - e_bd) ** 2).sum() / sst
 
-
-def check_k(cfg: SAEConfig) -> None:
-    """The TopK family needs 1 <= k <= d_sae."""
-    if cfg.k is None:
-        raise TraitscopeError(f"{cfg.variant} SAE needs k (active latents per token), e.g. --k 32")
-    if not 1 <= cfg.k <= cfg.d_sae:
-        raise TraitscopeError(f"{cfg.variant} SAE: k={cfg.k} must be between 1 and d_sae={cfg.d_sae}")

@@ -31,7 +31,9 @@ import dataclasses
 import sys
 
 from traitscope.errors import TraitscopeError
-from traitscope.train.config import RunSettings, TrainConfig, coerce, field_docs, load_sweep, plan_runs
+from traitscope.sae import variants
+from traitscope.train.config import (RunSettings, TrainConfig, coerce, field_docs, load_sweep, plan_runs, setting_names,
+                                     variant_fields)
 
 # Per-run fields that take comma lists on the command line (a grid), with their flags.
 GRID_FLAGS = {"variant": "--sae", "k": "--k", "l1_coeff": "--l1", "d_sae": "--d-sae", "expansion": "--expansion",
@@ -42,14 +44,17 @@ TOKEN_KINDS = ("patches", "cls", "all")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
-    shared, per_run = field_docs(TrainConfig), field_docs(RunSettings)
+    own = variant_fields()  # every variant's parameters: (field, the variants that have it)
+    docs = {name: field_docs(variants()[names[0]].Params)[name].rstrip(".") + f" ({', '.join(names)}"
+            + ("" if f.default is None else f"; default {_show(f.default)}") + ")." for name, (f, names) in own.items()}
+    shared, per_run = field_docs(TrainConfig), field_docs(RunSettings) | docs
     defaults_t, defaults_r = TrainConfig(), RunSettings()
     data = parser.add_argument_group("data (shared by every SAE of the pass)")
     data.add_argument("--shards", required=True, metavar="DIR", help=shared["shards"])
     data.add_argument("--sweep", metavar="FILE", help="JSON or TOML file listing the runs (example above); "
                       "keys are the long option names with underscores ('sae' and 'l1' work too)")
     grid = parser.add_argument_group("SAEs (comma lists make a grid)")
-    grid.add_argument("--sae", action="append", metavar="VARIANT", help=per_run["variant"] + " (default: topk)")
+    grid.add_argument("--sae", "--variant", dest="sae", action="append", metavar="VARIANT", help=per_run["variant"] + " (default: topk)")
     grid.add_argument("--k", metavar="K[,K...]", help=per_run["k"])
     grid.add_argument("--l1", dest="l1_coeff", metavar="L1[,L1...]", help=per_run["l1_coeff"])
     grid.add_argument("--d-sae", metavar="N[,N...]", help=per_run["d_sae"])
@@ -57,10 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--lr", metavar="LR[,LR...]", help=per_run["lr"])
     grid.add_argument("--prefixes", metavar="N,N,...", help=per_run["prefixes"])
     optim = parser.add_argument_group("optimiser and losses (per SAE)")
-    for f in dataclasses.fields(RunSettings):
+    optional = [(f, getattr(defaults_r, f.name)) for f in dataclasses.fields(RunSettings) if f.name != "params"]
+    optional += [(f, None) for f, _ in own.values()]  # their defaults are in their help
+    for f, default in optional:
         if f.name in GRID_FLAGS or f.name == "prefixes":
             continue
-        default = getattr(defaults_r, f.name)
         optim.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(),
                            help=per_run[f.name] + ("" if default is None else f" (default: {_show(default)})"))
     for f in dataclasses.fields(TrainConfig):
@@ -87,7 +93,7 @@ def _split(text: str | None) -> list[str]:
 def config_from_args(args: argparse.Namespace):
     """(TrainConfig, [RunSettings]) from the command line and an optional sweep file."""
     shared_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    run_fields = {f.name for f in dataclasses.fields(RunSettings)}
+    run_fields = setting_names() - shared_fields
     if args.tokens is not None and str(args.tokens).strip().lower() in TOKEN_KINDS:
         raise TraitscopeError(f"--tokens is the token budget (e.g. 50M); for the token kind use --token-kind {args.tokens}")
     given = {name: coerce(name, getattr(args, name)) for name in shared_fields | run_fields

@@ -11,14 +11,14 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import math
 import re
 from pathlib import Path
 
 from traitscope.errors import TraitscopeError
+from traitscope.sae import SAEConfig, SAEParams, variants
+from traitscope.sae.base import make_params, variant_class
 
 TOKEN_KINDS = ("patches", "cls", "all")
-VARIANTS_WITH_K = ("topk", "batchtopk", "matryoshka")
 
 
 @dataclasses.dataclass
@@ -78,24 +78,23 @@ class TrainConfig:
     """No progress bar."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(init=False)
 class RunSettings:
-    """Settings of one SAE: architecture, sparsity, and optimiser."""
+    """Settings of one SAE: its variant and size, the variant's own parameters, and the optimiser.
+
+    The variant's parameters are its `Params` (`traitscope.sae.<variant>`); they may be given by name:
+    `RunSettings(variant="topk", k=32, d_sae=16384)`.
+    """
 
     variant: str = "topk"
-    """SAE variant: relu, topk, batchtopk or matryoshka."""
-    k: int | None = None
-    """Active latents per token (topk, batchtopk, matryoshka; default 32)."""
-    l1_coeff: float | None = None
-    """L1 coefficient λ (relu), in the convention of inputs scaled to E‖x‖² = d_model (default 5)."""
+    """SAE variant (a name registered in traitscope.sae: relu, topk, batchtopk, matryoshka, ...)."""
     d_sae: int | None = None
     """Number of latents; or give expansion."""
     expansion: float | None = None
     """d_sae as a multiple of d_model (default 16 when d_sae is not given)."""
-    prefixes: list[int] | None = None
-    """Matryoshka nested dictionary sizes, the last equal to d_sae (default d_sae/16, /8, /4, /2, 1)."""
     lr: float | None = None
-    """Peak learning rate of Adam (default: 2e-4 / sqrt(d_sae / 16384) for the TopK family, 5e-5 for relu)."""
+    """Peak learning rate of Adam (default: the variant's; 2e-4 / sqrt(d_sae / 16384) for the TopK family,
+    5e-5 for relu)."""
     lr_warmup: int = 1000
     """Steps of linear learning-rate warm-up (at most a tenth of the steps)."""
     lr_decay: str = "linear"
@@ -110,22 +109,25 @@ class RunSettings:
     """Clip the gradient norm to this (0: no clipping)."""
     b_dec_init: str = "mean"
     """Initial decoder bias: the data's mean or geometric median ('median')."""
-    l1_warmup: float = 0.05
-    """Fraction of training over which λ ramps up linearly from 0 (relu)."""
     dead_tokens: int = 10_000_000
     """A latent is dead after this many tokens without firing (AuxK then trains it). A run shorter than
     this trains without AuxK: in runs of ~100 steps, a window of a tenth of the budget left more latents
     dead, not fewer (docs/training.md)."""
-    k_aux: int | None = None
-    """Dead latents used by the AuxK loss per token (default d_model / 2)."""
-    auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss (0 turns it off)."""
+    params: SAEParams | None = None
+    """The variant's own parameters (its Params; defaults where not given)."""
+
+    def __init__(self, variant: str = "topk", params: SAEParams | None = None, **values):
+        common = [f for f in dataclasses.fields(self) if f.name not in ("variant", "params")]
+        for f in common:
+            setattr(self, f.name, values.pop(f.name, f.default))
+        self.variant = variant
+        if params is not None and values:
+            raise TypeError(f"give the {variant} parameters as params or by name, not both")
+        self.params = params if params is not None else make_params(variant, values)
 
     def resolved(self, d_model: int) -> "RunSettings":
         """A copy with every default filled in for inputs of width d_model; impossible values refused."""
         s = dataclasses.replace(self)
-        if s.variant not in ("relu", *VARIANTS_WITH_K):
-            raise TraitscopeError(f"unknown SAE variant {s.variant!r}; known: relu, topk, batchtopk, matryoshka")
         if s.d_sae is not None and s.expansion is not None and s.d_sae != round(s.expansion * d_model):
             raise TraitscopeError(f"give d_sae or expansion, not both (d_sae={s.d_sae}, expansion={s.expansion} "
                                   f"× d_model {d_model} = {s.expansion * d_model:g})")
@@ -134,53 +136,51 @@ class RunSettings:
         s.expansion = None
         if s.d_sae < 1:
             raise TraitscopeError(f"d_sae must be at least 1, not {s.d_sae}")
-        if s.variant in VARIANTS_WITH_K:
-            s.k = 32 if s.k is None else s.k
-            if not 1 <= s.k <= s.d_sae:
-                raise TraitscopeError(f"{s.variant}: k={s.k} must be between 1 and d_sae={s.d_sae}")
-            if s.l1_coeff is not None:
-                raise TraitscopeError(f"{s.variant} takes k, not an L1 coefficient (l1_coeff={s.l1_coeff})")
-        else:
-            if s.k is not None:
-                raise TraitscopeError(f"relu takes an L1 coefficient, not k (k={s.k})")
-            s.l1_coeff = 5.0 if s.l1_coeff is None else float(s.l1_coeff)
-            if s.l1_coeff < 0:
-                raise TraitscopeError(f"relu: the L1 coefficient must be >= 0, not {s.l1_coeff}")
-        if s.variant == "matryoshka":
-            if s.prefixes is None:
-                s.prefixes = sorted({max(1, s.d_sae >> shift) for shift in (4, 3, 2, 1, 0)})
-            p = [int(v) for v in s.prefixes]
-            if not p or p[-1] != s.d_sae or p[0] < 1 or any(a >= b for a, b in zip(p, p[1:])):
-                raise TraitscopeError(f"matryoshka prefixes {p} must increase strictly and end at d_sae={s.d_sae}")
-            s.prefixes = p
-        elif s.prefixes is not None:
-            raise TraitscopeError(f"prefixes apply to matryoshka SAEs only, not {s.variant}")
+        try:
+            s.params = s.params.resolved(d_model, s.d_sae)
+        except TraitscopeError as err:
+            raise TraitscopeError(f"{s.variant}: {err}") from None
         if s.lr is None:
-            s.lr = 5e-5 if s.variant == "relu" else 2e-4 / math.sqrt(s.d_sae / 2 ** 14)
+            s.lr = s.params.default_lr(s.d_sae)
         checks = [(s.lr > 0, f"lr must be > 0, not {s.lr}"), (s.lr_warmup >= 0, "lr_warmup must be >= 0"),
                   (s.lr_decay in ("linear", "cosine", "none"), f"lr_decay must be linear, cosine or none, not {s.lr_decay!r}"),
                   (0 <= s.decay_start <= 1, "decay_start must be between 0 and 1"),
                   (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1, "Adam betas must be in [0, 1)"),
                   (s.grad_clip >= 0, "grad_clip must be >= 0"),
                   (s.b_dec_init in ("mean", "median"), f"b_dec_init must be mean or median, not {s.b_dec_init!r}"),
-                  (0 <= s.l1_warmup <= 1, "l1_warmup must be between 0 and 1"),
-                  (s.dead_tokens >= 1, "dead_tokens must be >= 1"),
-                  (s.k_aux is None or s.k_aux >= 1, "k_aux must be >= 1"),
-                  (s.auxk_alpha >= 0, "auxk_alpha must be >= 0")]
+                  (s.dead_tokens >= 1, "dead_tokens must be >= 1")]
         for ok, message in checks:
             if not ok:
                 raise TraitscopeError(message)
         return s
 
-    def sae_config(self, d_model: int) -> dict:
-        """Fields of `traitscope.sae.SAEConfig` (call on a resolved copy)."""
-        return {"variant": self.variant, "d_model": d_model, "d_sae": self.d_sae, "k": self.k,
-                "l1_coeff": self.l1_coeff, "prefixes": self.prefixes}
+    def sae_config(self, d_model: int) -> SAEConfig:
+        """The SAE's architecture (call on a resolved copy)."""
+        return SAEConfig(self.variant, d_model, self.d_sae, params=self.params)
 
     def label(self) -> str:
         """Short human part of the run folder name: variant, sparsity, width."""
-        sparsity = f"k{self.k}" if self.k is not None else f"l1_{self.l1_coeff:g}"
-        return f"{self.variant}-{sparsity}-{self.d_sae}"
+        return "-".join(part for part in (self.variant, self.params.label(), str(self.d_sae)) if part)
+
+    def flat(self) -> dict:
+        """Every setting by name, the variant's parameters beside the common ones, as run identities
+        hash them: a run made before variants owned their parameters keeps its identity (and folder)."""
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
+        return {**common, **IDENTITY_V1, **dataclasses.asdict(self.params)}
+
+
+IDENTITY_V1 = {"k": None, "l1_coeff": None, "prefixes": None, "l1_warmup": 0.05, "k_aux": None, "auxk_alpha": 1 / 32}
+"""Per-variant settings every run identity held before variants owned their parameters, with the value
+it held where the variant did not use one; kept so that those runs' folders are found and resumed."""
+
+
+def variant_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every variant parameter's name: its field (type, default) and the variants that have it."""
+    found: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name, cls in variants().items():
+        for f in dataclasses.fields(cls.Params):
+            found.setdefault(f.name, (f, []))[1].append(name)
+    return found
 
 
 # Fields of TrainConfig that decide the data a pass sees: they are part of each run's identity.
@@ -193,7 +193,7 @@ def run_identity(cfg: TrainConfig, settings: RunSettings, shards_hash: str, laye
     shared = {f: getattr(cfg, f) for f in DATA_FIELDS} | {"layer": layer}
     if cfg.val_split != "random":  # runs made before the option keep their identity
         shared["val_split"] = cfg.val_split
-    return {"shards": shards_hash, **shared, **dataclasses.asdict(settings)}
+    return {"shards": shards_hash, **shared, **settings.flat()}
 
 
 def identity_hash(identity: dict) -> str:
@@ -221,11 +221,16 @@ def parse_count(text: str | int | float) -> int:
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the string literal after its annotation)."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {node.target.id: " ".join(nxt.value.value.split())
-            for node, nxt in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
+    """The docstring under each field of a dataclass (the string literal after its annotation), its
+    base classes' fields included."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        docs.update({node.target.id: " ".join(nxt.value.value.split())
+                     for node, nxt in zip(body, body[1:])
+                     if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                     and isinstance(nxt.value, ast.Constant)})
+    return docs
 
 
 ALIASES = {"sae": "variant", "l1": "l1_coeff"}
@@ -237,18 +242,25 @@ def _field_types(cls) -> dict[str, type]:
     return hints
 
 
+def setting_names() -> set[str]:
+    """Every name a sweep file or the command line may set: TrainConfig's, RunSettings' and every
+    variant's parameters."""
+    return ({f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(RunSettings)}
+            | set(variant_fields())) - {"params"}
+
+
 def coerce(name: str, value):
     """A sweep-file or command-line value as the field's type."""
     if value is None:
         return None
     if name in COUNT_FIELDS:
         return parse_count(value)
-    if name == "prefixes":
+    types = _field_types(TrainConfig) | _field_types(RunSettings) | {n: f.type for n, (f, _) in variant_fields().items()}
+    text = str(types[name])
+    if "list[int]" in text:  # e.g. prefixes: "128,512,2048" or a list
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         return [parse_count(v) for v in value]
-    tp = (_field_types(TrainConfig) | _field_types(RunSettings))[name]
-    text = str(tp)
     try:
         if "bool" in text:
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
@@ -265,8 +277,8 @@ def load_sweep(fpath: str | Path) -> tuple[dict, list[dict]]:
     """(shared settings, list of per-run settings) from a JSON or TOML sweep file.
 
     JSON: a list of objects, or an object with shared keys and a "runs" list. TOML: shared keys at the
-    top and one [[run]] table per SAE. Keys are field names of TrainConfig / RunSettings ('sae' and
-    'l1' are accepted for 'variant' and 'l1_coeff').
+    top and one [[run]] table per SAE. Keys are field names of TrainConfig / RunSettings and of the
+    variants' parameters ('sae' and 'l1' are accepted for 'variant' and 'l1_coeff').
     """
     fpath = Path(fpath)
     if not fpath.is_file():
@@ -290,7 +302,7 @@ def load_sweep(fpath: str | Path) -> tuple[dict, list[dict]]:
         raise TraitscopeError(f"sweep file {fpath}: expected a list of runs or an object with 'runs'")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise TraitscopeError(f"sweep file {fpath}: needs at least one run (a list of objects / [[run]] tables)")
-    known = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(RunSettings)}
+    known = setting_names()
     out_entries = []
     for i, entry in enumerate([shared, *entries]):
         clean = {}
@@ -308,14 +320,17 @@ def plan_runs(base: TrainConfig, run_defaults: dict, grid: dict[str, list], entr
               shared_overrides: dict | None = None) -> tuple[TrainConfig, list[RunSettings]]:
     """One TrainConfig and the RunSettings of every SAE of the pass.
 
-    `grid` maps per-run fields to lists of values (a Cartesian product, each field applied only to
-    the variants it fits); `entries` (from a sweep file) lists runs explicitly. Shared settings given
-    per run must agree across runs, else the pass is impossible and refused.
+    `grid` maps per-run settings to lists of values (a Cartesian product); `entries` (from a sweep
+    file) lists runs explicitly. A variant's parameter given in the grid or for every run applies to
+    the variants that have it. Shared settings given per run must agree across runs, else the pass is
+    impossible and refused.
     """
-    run_fields = {f.name for f in dataclasses.fields(RunSettings)}
+    run_fields = ({f.name for f in dataclasses.fields(RunSettings)} | set(variant_fields())) - {"params"}
     base = dataclasses.replace(base, **(shared_overrides or {}))
     if entries:
-        runs = [dict(run_defaults, **{k: v for k, v in e.items() if k in run_fields}) for e in entries]
+        check_fits([e.get("variant", run_defaults.get("variant", "topk")) for e in entries], run_defaults)
+        runs = [dict(fitting(run_defaults, e.get("variant", run_defaults.get("variant", "topk"))),
+                     **{k: v for k, v in e.items() if k in run_fields}) for e in entries]
         for key in sorted({k for e in entries for k in e if k not in run_fields}):
             values = [e.get(key, getattr(base, key)) for e in entries]
             if len(set(map(repr, values))) > 1:
@@ -335,20 +350,38 @@ def plan_runs(base: TrainConfig, run_defaults: dict, grid: dict[str, list], entr
     return cfg, settings
 
 
+FLAGS = {"l1_coeff": "--l1"}
+"""Command-line flags not spelt as the setting's name."""
+
+
+def check_fits(variants_asked: list[str], values: dict) -> None:
+    """Refuse an unknown variant, and a variant parameter that none of the variants asked for has."""
+    for variant in variants_asked:
+        variant_class(variant)
+    fields = variant_fields()
+    for key in values:
+        if key in fields and not any(v in fields[key][1] for v in variants_asked):
+            flag = FLAGS.get(key, "--" + key.replace("_", "-"))
+            raise TraitscopeError(f"{flag} applies to {', '.join(fields[key][1])} SAEs, but the SAEs asked for are "
+                                  f"{', '.join(dict.fromkeys(variants_asked))}")
+
+
+def fitting(values: dict, variant: str) -> dict:
+    """`values` without the variant parameters that `variant` does not have."""
+    fields = variant_fields()
+    return {k: v for k, v in values.items() if k not in fields or variant in fields[k][1]}
+
+
 def expand_grid(run_defaults: dict, grid: dict[str, list]) -> list[dict]:
-    """Cartesian product of the grid's lists; k applies to the TopK family, l1 to relu, prefixes to matryoshka."""
-    variants = grid.get("variant") or [run_defaults.get("variant", "topk")]
-    applies = {"k": VARIANTS_WITH_K, "l1_coeff": ("relu",), "prefixes": ("matryoshka",)}
-    for key, fits in applies.items():
-        if grid.get(key) and not any(v in fits for v in variants):
-            flag = {"k": "--k", "l1_coeff": "--l1", "prefixes": "--prefixes"}[key]
-            raise TraitscopeError(f"{flag} applies to {', '.join(fits)} SAEs, but the SAEs asked for are "
-                                  f"{', '.join(variants)}")
+    """Cartesian product of the grid's lists; a variant's parameter (k, l1_coeff, prefixes, ...) applies to
+    the variants that have it."""
+    variants_asked = grid.get("variant") or [run_defaults.get("variant", "topk")]
+    check_fits(variants_asked, {k: v for k, v in grid.items() if v} | run_defaults)
     runs = []
-    for variant in variants:
-        combos = [dict(run_defaults, variant=variant)]
-        for key, values in grid.items():
-            if key == "variant" or not values or (key in applies and variant not in applies[key]):
+    for variant in variants_asked:
+        combos = [dict(fitting(run_defaults, variant), variant=variant)]
+        for key, values in fitting(grid, variant).items():
+            if key == "variant" or not values:
                 continue
             combos = [dict(c, **{key: v}) for c in combos for v in values]
         runs.extend(combos)

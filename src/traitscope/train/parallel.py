@@ -14,9 +14,9 @@ sum of the gradients over ranks is the one-process gradient: clipping, Adam and 
 renormalisation then run on identical numbers on every rank, which keep identical weights. The firing
 counts and the logged loss parts (weighted the same way) travel in the same all-reduce.
 
-BatchTopK and Matryoshka keep the B·k largest pre-activations of the whole batch: each rank offers its
-own B·k largest, the ranks gather them, and every rank keeps its entries at or above the global B·k-th
-value (the one-process rule, ties included). The running threshold is updated with that global cut.
+An SAE whose training choices span the whole batch (BatchTopK and Matryoshka keep the B·k largest
+pre-activations of the batch) is told, by `SAE.data_parallel_`, the global batch size and how to
+gather from the ranks, and makes the same choices as one process would.
 
 Why an explicit all-reduce rather than DistributedDataParallel: the ranks' gradients need unequal
 weights (DDP averages them); the firing counts and loss parts would need their own collectives beside
@@ -33,11 +33,7 @@ from traitscope import dist
 from traitscope.errors import TraitscopeError
 from traitscope.sae import SAE
 from traitscope.sae.base import ForwardOutput
-from traitscope.sae.batchtopk import BatchTopKSAE
-from traitscope.sae.sparse import batch_topk_flat
 
-TOKEN_MEAN_LOSS = ("relu",)
-"""Variants whose loss is a mean over the batch's tokens; the others divide by the batch's SST."""
 SST_PARTS = ("nmse", "auxk")
 """Logged loss parts divided by the batch's SST; the others (l0, l1, mse) are means over tokens."""
 
@@ -89,7 +85,7 @@ class DataParallel:
 
     def loss_weight(self, sae: SAE) -> float:
         """What this rank's loss is multiplied by before `backward`."""
-        return self.weights.tokens if sae.variant in TOKEN_MEAN_LOSS else self.weights.sst
+        return self.weights.tokens if sae.loss_per_token else self.weights.sst
 
     def reduce(self, sae: SAE, out: ForwardOutput) -> ForwardOutput:
         """Sum gradients, firing counts and weighted loss parts over ranks, in one all-reduce; returns the
@@ -117,30 +113,5 @@ class DataParallel:
         return ForwardOutput(out.x_hat_bd, totals[0], dict(zip(names, totals[1:])), n_fired_s)
 
     def global_batch_selection(self, sae: SAE) -> None:
-        """Make a BatchTopK-family SAE keep the B·k largest pre-activations of the global batch."""
-        if isinstance(sae, BatchTopKSAE):
-            sae.select = _GlobalBatchSelect(sae, self.batch_size)
-
-
-class _GlobalBatchSelect:
-    """BatchTopKSAE.select over the global batch of a data-parallel step (see the module doc)."""
-
-    def __init__(self, sae: BatchTopKSAE, batch_size: int):
-        self.sae = sae
-        self.n_keep = batch_size * sae.cfg.k
-
-    def __call__(self, pre_bs: torch.Tensor):
-        sae = self.sae
-        flat_idx, values = batch_topk_flat(pre_bs, self.n_keep)
-        offered = torch.zeros(self.n_keep, dtype=torch.float32, device=pre_bs.device)  # 0 = no candidate
-        offered[:len(values)] = values.float()
-        pool = dist.all_gather_tensor(offered).reshape(-1)
-        n_positive = int((pool > 0).sum())
-        if n_positive:
-            cut = pool.kthvalue(len(pool) - min(self.n_keep, n_positive) + 1).values
-            keep = values.float() >= cut
-            flat_idx, values = flat_idx[keep], values[keep]
-            if sae.training:
-                sae._update_threshold(cut)
-        rows, cols = flat_idx // sae.d_sae, flat_idx % sae.d_sae
-        return values, sae.selection(rows, cols, pre_bs.shape[0])
+        """Make an SAE whose training choices span the batch (BatchTopK) make them over the global batch."""
+        sae.data_parallel_(self.batch_size, dist.all_gather_tensor)

@@ -41,7 +41,7 @@ from traitscope.sae.metrics import MetricsAccumulator
 from traitscope.files import (atomic_write_json, check_out_dpath, file_sha256, folder_lock, load_safetensors, read_json,
                               truncate_log)
 from traitscope.shards.store import Shards
-from traitscope.train.config import VARIANTS_WITH_K, RunSettings, TrainConfig, identity_hash, run_identity
+from traitscope.train.config import RunSettings, TrainConfig, identity_hash, run_identity
 from traitscope.train.curves import plot_curves
 from traitscope.train.loader import LoaderState, ShuffledLoader, TokenSplit
 from traitscope.train.parallel import DataParallel
@@ -153,8 +153,7 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo, locks: contextli
     if dist.any_true(bool(pending)):
         if cfg.tokens > split.n_train_tokens:
             say(f"  note: the budget is {cfg.tokens / split.n_train_tokens:.1f} epochs of the training tokens")
-        no_auxk = [s for s in resolved
-                   if s.variant in VARIANTS_WITH_K and s.auxk_alpha > 0 and s.dead_tokens >= cfg.tokens]
+        no_auxk = [s for s in resolved if s.params.uses_dead_latents and s.dead_tokens >= cfg.tokens]
         if no_auxk:
             say(f"  note: AuxK stays off in {len(no_auxk)} SAE(s): --dead-tokens is not shorter than the budget "
                 "(docs/training.md)")
@@ -275,10 +274,9 @@ def train_step(run: Run, x_raw_bd: torch.Tensor, step: int, n_steps: int, bf16: 
     s = run.settings
     sae = run.sae
     x_bd = x_raw_bd * run.scale
-    dead_s = run.since_fired_s >= s.dead_tokens if s.auxk_alpha > 0 else None
-    l1_scale = min(1.0, (step + 1) / (s.l1_warmup * n_steps)) if s.l1_warmup > 0 else 1.0
+    dead_s = run.since_fired_s >= s.dead_tokens if s.params.uses_dead_latents else None
     with torch.autocast(x_bd.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = sae(x_bd, dead_s=dead_s, l1_scale=l1_scale, k_aux=s.k_aux, auxk_alpha=s.auxk_alpha)
+        out = sae(x_bd, dead_s=dead_s, progress=(step + 1) / n_steps)
     if dp is None and not torch.isfinite(out.loss):
         run.failed = f"the loss became {float(out.loss.detach())} at step {step + 1}"
         return
@@ -396,7 +394,7 @@ def open_run(cfg: TrainConfig, s: RunSettings, identity: dict, dpath: Path, shar
             p = dpath / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
-    sae = build_sae(SAEConfig(**s.sae_config(d_model))).to(device)
+    sae = build_sae(s.sae_config(d_model)).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(s.beta1, s.beta2), **adam_impl(device))
     run = Run(dpath, s, identity, sae, opt, torch.zeros(s.d_sae, dtype=torch.long, device=device), writes=writes)
     config_fpath = dpath / "config.json"
@@ -419,7 +417,7 @@ def run_config(cfg: TrainConfig, run: Run, shards: Shards, split: TokenSplit) ->
         "sae": run.sae.cfg.to_dict(),
         "train": {**{f: getattr(cfg, f) for f in ("tokens", "batch_size", "seed", "val_frac", "val_split", "dtype",
                                                   "chunk_rows", "buffer_mb")},
-                  **{k: v for k, v in dataclasses.asdict(run.settings).items() if k not in run.sae.cfg.to_dict()},
+                  **{k: v for k, v in dataclasses.asdict(run.settings).items() if k not in ("variant", "d_sae", "params")},
                   "input_scale": run.scale, "identity": identity_hash(run.identity),
                   "n_train_tokens": split.n_train_tokens, "val_rows": split.val_rows.tolist()},
         "shards": {"hash": shards.hash, "path": str(shards.dpath.resolve()), "layer": split.layer,
@@ -645,7 +643,7 @@ def make_logger(log_to: str, run: Run):
     import wandb
 
     wb = wandb.init(project="traitscope", name=run.dpath.name, dir=str(run.dpath), reinit=True,
-                    config=dataclasses.asdict(run.settings))
+                    config=run.settings.flat())
 
     def log_wandb(record):
         if record is None:
