@@ -118,6 +118,8 @@ class RunFolder:
     def read_config(self, fix: str = "") -> dict:
         """config.json, checked to describe an SAE (an `sae` entry); TraitscopeError naming the file and
         saying `fix` otherwise."""
+        if not self.config_fpath.exists():
+            raise TraitscopeError(f"{self.dpath} is not an SAE run folder (no {CONFIG_FNAME})")
         config = read_json(self.config_fpath, fix)
         if not isinstance(config.get("sae"), dict):
             fix = f"; {fix}" if fix else ""

@@ -872,10 +872,10 @@ def read_curves(run: Run) -> pd.DataFrame:
 def page_plots(runs: list[Run], dataset: Dataset) -> None:
     import altair as alt
 
-    from traitscope.features.pareto import find_runs as pareto_runs, mark_frontier
+    from traitscope.features.pareto import mark_frontier, run_points
 
     st.subheader("Sparsity against reconstruction error")
-    points, skipped = pareto_runs(ARGS.runs)
+    points, skipped = run_points(all_runs_cached())
     if points:
         frame = pd.DataFrame(mark_frontier(points), columns=points[0]._fields).assign(where="its training data")
         on_here = []

@@ -5,7 +5,6 @@ the held-out images. Pictures are PNG files beside report.html, drawn with trait
 """
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 from traitscope.backbones import Preprocess
 from traitscope.features.alignment import COLUMNS, compare, headline, summarise
 from traitscope.images.source import load_image
+from traitscope.runs import RunFolder
 from traitscope.shards import Shards
 from traitscope.train.config import TrainConfig
 from traitscope.viz.heatmap import image_grid, overlay_heatmap
@@ -80,7 +80,7 @@ def features_to_look_at(inf, n: int = N_GRID_IMAGES) -> np.ndarray:
 
 def write_report(cfg, shards: Shards, train_cfg: TrainConfig, points: list, best, out: Path) -> Path:
     """report.html in `out`, for the sweep's `points` (Pareto rows) and the aligned run `best`."""
-    run_config = json.loads((best.dpath / "config.json").read_text())
+    run_config = RunFolder(best.dpath).read_config()
     n_val = len(run_config["train"]["val_rows"])
     n_train_tokens = run_config["train"]["n_train_tokens"]
     model = shards.model

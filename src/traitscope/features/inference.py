@@ -25,6 +25,7 @@ from tqdm import tqdm
 from traitscope.errors import TraitscopeError
 from traitscope.features.inputs import RunInputs, open_inputs
 from traitscope.files import atomic_save_npy, atomic_write_json, folder_lock, read_json
+from traitscope.runs import RunFolder
 from traitscope.shards.store import NpyAppender
 from traitscope.sae.sparse import one_thread
 
@@ -115,7 +116,7 @@ class Inference:
 
 
 def inference_dpath(run_dpath: str | Path, shards_hash: str) -> Path:
-    return Path(run_dpath) / "inference" / shards_hash
+    return RunFolder(run_dpath).inference_dpath(shards_hash)
 
 
 def _settings(inputs: RunInputs, top_n: int) -> dict:

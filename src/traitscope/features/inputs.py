@@ -5,16 +5,15 @@ shards hash of the same model, layer and width) is allowed; a different model, l
 error, never a silent mix.
 """
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from traitscope.errors import TraitscopeError
+from traitscope.runs import RunFolder, shards_ref
 from traitscope.sae import SAE, load_sae
 from traitscope.shards import PatchValidity, Shards, TokenArray
-from traitscope.files import file_sha256
 
 
 class RunInputs(NamedTuple):
@@ -58,14 +57,15 @@ class RunInputs(NamedTuple):
 
 def open_inputs(run_dpath: str | Path, shards_dpath: str | Path, device: str = "cpu") -> RunInputs:
     """Open a run and a shard folder, and check that the SAE was trained on this model, layer and width."""
-    run_dpath, shards = Path(run_dpath), Shards(shards_dpath)
+    run, shards = RunFolder(run_dpath), Shards(shards_dpath)
+    run_dpath = run.dpath
     sae = load_sae(run_dpath, device=device)
-    config = json.loads((run_dpath / "config.json").read_text())
-    entry = config.get("shards")
-    if not isinstance(entry, dict) or "layer" not in entry:
-        raise TraitscopeError(f"{run_dpath}/config.json has no 'shards' entry with the layer the SAE was "
+    config = run.read_config()
+    ref = shards_ref(config)
+    if ref.layer is None:
+        raise TraitscopeError(f"{run.config_fpath} has no 'shards' entry with the layer the SAE was "
                               "trained on; cannot check that it fits these shards")
-    name, weights = entry.get("model"), entry.get("weights_sha256")
+    name, weights = ref.model, ref.weights_sha256
     if weights and shards.model.get("weights_sha256") and weights != shards.model["weights_sha256"]:
         raise TraitscopeError(
             f"the SAE in {run_dpath} was trained on activations of model {name!r} (weights sha256 "
@@ -74,13 +74,11 @@ def open_inputs(run_dpath: str | Path, shards_dpath: str | Path, device: str = "
     if name and not weights and name != shards.model.get("name"):
         raise TraitscopeError(f"the SAE in {run_dpath} was trained on model {name!r}, but {shards.dpath} "
                               f"holds model {shards.model.get('name')!r}")
-    layer = int(entry["layer"])  # a stored (non-negative) block index
+    layer = ref.layer  # a stored (non-negative) block index
     if layer not in shards.layers:
         raise TraitscopeError(f"the SAE in {run_dpath} reads layer {layer}, which {shards.dpath} does "
                               f"not store (stored layers: {shards.layers})")
-    token_kind = entry.get("token_kind", "patches")
-    if token_kind == "all":  # trained on patch and CLS tokens: features are looked at on the patches
-        token_kind = "patches"
+    token_kind = ref.view_kind
     if token_kind not in shards.token_kinds:
         raise TraitscopeError(f"the SAE in {run_dpath} reads {token_kind!r} tokens, which {shards.dpath} does "
                               f"not store (stored: {shards.token_kinds})")
@@ -88,7 +86,7 @@ def open_inputs(run_dpath: str | Path, shards_dpath: str | Path, device: str = "
         raise TraitscopeError(f"the SAE in {run_dpath} reads width {sae.d_model} but layer {layer} of "
                               f"{shards.dpath} has width {shards.d_model(layer)}")
     validity = shards.patch_validity(layer) if token_kind == "patches" else None
-    return RunInputs(run_dpath, config, sae, file_sha256(run_dpath / "sae.safetensors"), shards, layer,
+    return RunInputs(run_dpath, config, sae, run.weights_sha256(), shards, layer,
                      token_kind, shards.acts(layer, token_kind), validity)
 
 
@@ -104,7 +102,7 @@ def heldout_rows(inputs: RunInputs) -> np.ndarray:
     the first `HELDOUT_FRACTION` of a seed-0 permutation of the rows.
     """
     n_images = inputs.n_images
-    same_shards = inputs.config.get("shards", {}).get("hash") == inputs.shards.hash
+    same_shards = shards_ref(inputs.config).hash == inputs.shards.hash
     stored = _stored_val_rows(inputs.config) if same_shards else None
     if stored is not None:
         rows = np.unique(np.asarray(stored, dtype=np.int64))

@@ -44,8 +44,14 @@ def find_runs(runs_dpath: str | Path) -> tuple[list[RunPoint], list[str]]:
     Returns the points and a note for each folder skipped (a run without final metrics yet).
     """
     found = runs.find_runs(runs_dpath, max_depth=None)
-    points, skipped = [], [why for _, why in found.unusable]
-    for run in found.runs:
+    points, skipped = run_points(found.runs)
+    return points, [why for _, why in found.unusable] + skipped
+
+
+def run_points(folders: list[runs.RunFolder]) -> tuple[list[RunPoint], list[str]]:
+    """The points of the finished runs among `folders`, and a note for each one skipped."""
+    points, skipped = [], []
+    for run in folders:
         try:
             metrics = run.read_metrics()
         except TraitscopeError as err:

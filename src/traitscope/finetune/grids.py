@@ -11,7 +11,6 @@ the same file after a restart. The app's blind test uses `dense_top_images` / `s
 `grid_image`; `traitscope grids` writes them as PNGs with an enrichment table.
 """
 
-import json
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +25,7 @@ from traitscope.errors import TraitscopeError
 from traitscope.features.enrichment import hypergeom_p
 from traitscope.finetune.embed import l2_normalize_rows
 from traitscope.images import load_image, open_source
+from traitscope.runs import RunFolder
 from traitscope.sae import load_sae
 from traitscope.shards.store import Shards
 from traitscope.viz import image_grid
@@ -107,23 +107,15 @@ def dense_top_images(shards: Shards, layer: int | None = None, n: int = N_TOP, n
     return top_images(row_batches(acts, batch_size), n, normalize, positive_only=False, kind="dense")
 
 
-def _run_shards_info(run_dpath: str | Path) -> dict:
-    fpath = Path(run_dpath) / "config.json"
-    if not fpath.is_file():
-        raise TraitscopeError(f"{run_dpath} is not an SAE run folder (no config.json)")
-    return json.loads(fpath.read_text()).get("shards") or {}
-
-
 def run_layer(run_dpath: str | Path) -> int | None:
     """The layer an SAE run was trained on, from its config.json."""
-    layer = _run_shards_info(run_dpath).get("layer")
-    return None if layer is None else int(layer)
+    return RunFolder(run_dpath).shards.layer
 
 
 def sae_codes(shards: Shards, run_dpath: str | Path, layer: int | None = None,
               batch_size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
     """(first_row, codes_bs) batches of an SAE's codes for the CLS rows of `layer` (default: the run's)."""
-    if _run_shards_info(run_dpath).get("token_kind") == "patches":
+    if RunFolder(run_dpath).shards.token_kind == "patches":
         raise TraitscopeError(f"{run_dpath} was trained on patch tokens; grids of top images need an image-level "
                               "SAE (traitscope train --token-kind cls)")
     sae = load_sae(run_dpath)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from traitscope.errors import TraitscopeError
 from traitscope.files import atomic_folder
-from traitscope.interop.tensors import read_json_file
+from traitscope.runs import RunFolder, shards_ref
 from traitscope.sae import load_sae
 
 TARGETS = ("saelens", "sparsify")
@@ -21,11 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def provenance(config: dict) -> dict:
     """What the exported files say about where the SAE belongs: model, layer, token kind, shards."""
-    shards = config.get("shards") or {}
-    layer, kind = shards.get("layer"), shards.get("token_kind", "patches")
-    return {"model_name": shards.get("model"), "hook_name": f"blocks.{layer}.{kind}" if layer is not None else None,
-            "hook_layer": layer, "token_kind": kind, "shards_hash": shards.get("hash"),
-            "weights_sha256": shards.get("weights_sha256"), "exported_by": "traitscope"}
+    ref = shards_ref(config)
+    layer, kind = ref.layer, ref.token_kind
+    return {"model_name": ref.model, "hook_name": f"blocks.{layer}.{kind}" if layer is not None else None,
+            "hook_layer": layer, "token_kind": kind, "shards_hash": ref.hash,
+            "weights_sha256": ref.weights_sha256, "exported_by": "traitscope"}
 
 
 def export_run(run_dpath: Path, to: str, out_dpath: Path) -> Path:
@@ -33,7 +33,7 @@ def export_run(run_dpath: Path, to: str, out_dpath: Path) -> Path:
     from traitscope.interop.sparsify import write_sparsify
 
     sae = load_sae(run_dpath)
-    meta = provenance(read_json_file(run_dpath / "config.json"))
+    meta = provenance(RunFolder(run_dpath).read_config())
     if out_dpath.exists() and (not out_dpath.is_dir() or any(out_dpath.iterdir())):
         raise TraitscopeError(f"{out_dpath} exists and is not an empty folder; choose another or remove it")
     with atomic_folder(out_dpath) as part:

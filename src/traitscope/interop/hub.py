@@ -7,7 +7,6 @@ sae.safetensors) or saev (sae.pt). `push` uploads a run folder with a model card
 data, metrics) and a SAELens copy of the SAE in `saelens/`.
 """
 
-import json
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -15,9 +14,10 @@ from typing import NamedTuple
 from traitscope.errors import TraitscopeError
 from traitscope.files import atomic_folder
 from traitscope.interop.tensors import read_json_file
+from traitscope.runs import CONFIG_FNAME, CURVES_FNAME, METRICS_FNAME, WEIGHTS_FNAME, RunFolder
 
 PREFIX = "hf:"
-RUN_FILES = ("config.json", "sae.safetensors", "metrics.json", "curves.png")
+RUN_FILES = (CONFIG_FNAME, WEIGHTS_FNAME, METRICS_FNAME, CURVES_FNAME)
 """What a pushed run folder holds (besides README.md and saelens/)."""
 
 
@@ -94,8 +94,9 @@ def download(spec: str, revision: str | None = None) -> Path:
 
 def detect_layout(dpath: Path) -> str:
     """'traitscope', 'saelens', 'sparsify' or 'saev': which files the folder holds."""
-    if (dpath / "config.json").is_file() and (dpath / "sae.safetensors").is_file():
-        if "sae" in read_json_file(dpath / "config.json"):
+    run = RunFolder(dpath)
+    if run.is_run and run.has_weights:
+        if "sae" in read_json_file(run.config_fpath):
             return "traitscope"
     if (dpath / "cfg.json").is_file() and (dpath / "sae_weights.safetensors").is_file():
         return "saelens"
@@ -117,9 +118,8 @@ def copy_run(src: Path, out: Path, note: dict) -> None:
         for name in (*RUN_FILES, "README.md"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, part / name)
-        config = read_json_file(part / "config.json")
-        config["pulled_from"] = note
-        (part / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        run = RunFolder(part)
+        run.write_config({**run.read_config(), "pulled_from": note})
 
 
 # --- push ---
@@ -128,9 +128,9 @@ def model_card(run_dpath: Path, repo_id: str) -> str:
     """README.md for a pushed run: what the SAE reads (model, layer, tokens), its data and its metrics."""
     from huggingface_hub import ModelCardData
 
-    config = read_json_file(run_dpath / "config.json")
-    metrics = read_json_file(run_dpath / "metrics.json") if (run_dpath / "metrics.json").is_file() else {}
-    sae, shards, train = config.get("sae", {}), config.get("shards", {}), config.get("train", {})
+    run = RunFolder(run_dpath)
+    config, metrics = run.read_config(), run.read_metrics() or {}
+    sae, shards, train = config["sae"], config.get("shards", {}), config.get("train", {})
     manifest = _shards_manifest(shards.get("path"))
     model = manifest.get("model") or {"name": shards.get("model"), "weights_sha256": shards.get("weights_sha256")}
     data = manifest.get("source", {}).get("spec") or "(not recorded)"
@@ -206,7 +206,7 @@ def stage_push(run_dpath: Path, repo_id: str, dpath: Path) -> list[str]:
             shutil.copyfile(run_dpath / name, dpath / name)
             names.append(name)
     (dpath / "README.md").write_text(model_card(run_dpath, repo_id))
-    write_saelens(sae, dpath / "saelens", provenance(read_json_file(run_dpath / "config.json")))
+    write_saelens(sae, dpath / "saelens", provenance(RunFolder(run_dpath).read_config()))
     return [*names, "README.md", "saelens/"]
 
 

@@ -15,12 +15,12 @@ from tqdm import tqdm
 from traitscope.errors import TraitscopeError
 from traitscope.features.heldout import iter_tokens, sample_tokens
 from traitscope.features.inputs import open_inputs, split_rows
-from traitscope.files import atomic_folder, atomic_write_json
+from traitscope.files import atomic_folder
 from traitscope.interop.foreign import ForeignSAE
+from traitscope.runs import FORMAT as RUN_FORMAT, RunFolder
 from traitscope.sae.metrics import MetricsAccumulator
 from traitscope.shards import Shards
 
-RUN_FORMAT = "traitscope-sae-run/1"
 METRIC_TOKENS = 200_000
 """Held-out tokens the imported SAE's metrics.json is computed on, at most."""
 
@@ -53,7 +53,7 @@ def import_run(foreign: ForeignSAE, shards_dpath: str | Path, out_dpath: str | P
                token_kind: str | None = None, metric_tokens: int = METRIC_TOKENS, device: str = "cpu") -> ImportedRun:
     """Write `out_dpath` as a traitscope run folder for `foreign` on these shards, with held-out metrics."""
     out_dpath = Path(out_dpath)
-    if (out_dpath / "config.json").exists():
+    if RunFolder(out_dpath).config_fpath.exists():
         raise TraitscopeError(f"{out_dpath} already holds a run; choose another --out or remove it")
     shards = Shards(shards_dpath)
     layer = pick_layer(foreign, shards, layer)
@@ -78,7 +78,7 @@ def import_run(foreign: ForeignSAE, shards_dpath: str | Path, out_dpath: str | P
     with atomic_folder(out_dpath) as part_dpath:  # out_dpath is absent or empty (anything else was refused above)
         foreign.sae.save(part_dpath, extra_config=config)
         metrics = heldout_metrics(part_dpath, shards.dpath, metric_tokens, device)
-        atomic_write_json(part_dpath / "metrics.json", metrics)
+        RunFolder(part_dpath).write_metrics(metrics)
     return ImportedRun(out_dpath, layer, kind, metrics, dict(shards.model))
 
 

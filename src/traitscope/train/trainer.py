@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from traitscope import dist
 from traitscope.errors import TraitscopeError
+from traitscope.runs import CURVES_FNAME, FORMAT as RUN_FORMAT, LOG_FNAME, METRICS_FNAME, WEIGHTS_FNAME, RunFolder
 from traitscope.sae import SAE, SAEConfig, build_sae
 from traitscope.sae.metrics import MetricsAccumulator
 from traitscope.files import (atomic_write_json, check_out_dpath, file_sha256, folder_lock, load_safetensors, read_json,
@@ -48,7 +49,6 @@ from traitscope.train.parallel import DataParallel
 
 INIT_TOKENS = 65_536
 """Tokens sampled before training to set the input scale and the decoder bias."""
-FORMAT = "traitscope-sae-run/1"
 
 
 class RunResult(NamedTuple):
@@ -88,6 +88,10 @@ class Run:
     """The last metrics line written."""
     writes: bool = True
     """Whether this process writes the run folder (False on the other ranks of a data-parallel job)."""
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.dpath)
 
 
 def train(cfg: TrainConfig, settings: list[RunSettings], echo=print) -> list[RunResult]:
@@ -134,7 +138,7 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo, locks: contextli
     if dp is not None:
         for run in runs:
             dp.global_batch_selection(run.sae)
-    results = {r.dpath: RunResult(r.dpath, "already trained", read_json(r.dpath / "metrics.json"))
+    results = {r.dpath: RunResult(r.dpath, "already trained", r.folder.read_metrics())
                for r in runs if r.done}
     pending = [r for r in runs if not r.done]
     n_steps = -(-cfg.tokens // cfg.batch_size)
@@ -174,7 +178,7 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo, locks: contextli
                 elif status == "stopped":
                     results[run.dpath] = RunResult(run.dpath, "stopped", None)
                 else:
-                    results[run.dpath] = RunResult(run.dpath, "trained", read_json(run.dpath / "metrics.json"))
+                    results[run.dpath] = RunResult(run.dpath, "trained", run.folder.read_metrics())
     return [results[r.dpath] for r in runs]
 
 
@@ -336,7 +340,7 @@ def log_window(run: Run, step: int, tokens: int, tokens_per_s: float, epoch_toke
     record["lr"] = run.opt.param_groups[0]["lr"]
     record["tokens_per_s"] = round(tokens_per_s, 1)
     if run.writes:
-        with open(run.dpath / "metrics.jsonl", "a") as f:
+        with open(run.folder.log_fpath, "a") as f:
             f.write(json.dumps(record) + "\n")
     run.window = defaultdict(float)
     run.fired_window_s = None
@@ -389,31 +393,29 @@ def open_run(cfg: TrainConfig, s: RunSettings, identity: dict, dpath: Path, shar
     Without `writes` (the other ranks of a data-parallel job) the folder is only read."""
     d_model = split.d_model
     if cfg.restart and dpath.is_dir() and writes:
-        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "metrics.json",
-                     "sae.safetensors", "curves.png"):
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", LOG_FNAME, METRICS_FNAME, WEIGHTS_FNAME,
+                     CURVES_FNAME):
             p = dpath / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     sae = build_sae(s.sae_config(d_model)).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(s.beta1, s.beta2), **adam_impl(device))
     run = Run(dpath, s, identity, sae, opt, torch.zeros(s.d_sae, dtype=torch.long, device=device), writes=writes)
-    config_fpath = dpath / "config.json"
-    if config_fpath.is_file():
-        config = read_json(config_fpath, "rerun with --restart to train this run afresh, or use another --out")
+    if run.folder.is_run:
+        config = run.folder.read_config("rerun with --restart to train this run afresh, or use another --out")
         check_same_run(dpath, config, identity, shards, split)
-        run.done = (dpath / "metrics.json").is_file()
+        run.done = run.folder.is_finished
         if not run.done:
             load_checkpoint(run, device)
     else:
-        dpath.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(config_fpath, run_config(cfg, run, shards, split))
+        run.folder.write_config(run_config(cfg, run, shards, split))
     return run
 
 
 def run_config(cfg: TrainConfig, run: Run, shards: Shards, split: TokenSplit) -> dict:
     """config.json: the SAE's architecture, how it was trained, and on which shards."""
     return {
-        "format": FORMAT,
+        "format": RUN_FORMAT,
         "sae": run.sae.cfg.to_dict(),
         "train": {**{f: getattr(cfg, f) for f in ("tokens", "batch_size", "seed", "val_frac", "val_split", "dtype",
                                                   "chunk_rows", "buffer_mb")},
@@ -504,7 +506,7 @@ def load_checkpoint(run: Run, device: torch.device) -> None:
     run.scale = float(state["input_scale"])
     run.loader_state = LoaderState(**state["loader"])
     if run.writes:
-        truncate_log(run.dpath / "metrics.jsonl", run.step)  # keeps only what the checkpoint had seen
+        truncate_log(run.folder.log_fpath, run.step)  # keeps only what the checkpoint had seen
 
 
 def read_checkpoint(run: Run, ckpt: Path) -> tuple[dict, dict]:
@@ -531,7 +533,7 @@ def folded_sae(run: Run) -> SAE:
 
 
 def save_folded(run: Run) -> None:
-    config = read_json(run.dpath / "config.json")
+    config = run.folder.read_config()
     config["train"]["input_scale"] = run.scale
     folded_sae(run).save(run.dpath, extra_config={k: v for k, v in config.items() if k != "sae"})
 
@@ -557,9 +559,8 @@ def finish_run(cfg: TrainConfig, run: Run, split: TokenSplit, shards: Shards) ->
     metrics = evaluate(folded_sae(run), split, cfg.batch_size, cfg.val_tokens)
     metrics["tokens_trained"] = run.step * cfg.batch_size
     metrics["dead_frac_train"] = dead_frac(run, metrics["tokens_trained"], split.n_train_tokens)
-    records = [json.loads(ln) for ln in (run.dpath / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    plot_curves(records, run.dpath / "curves.png", title=run.dpath.name)
-    atomic_write_json(run.dpath / "metrics.json", metrics)
+    plot_curves(run.folder.read_log(), run.folder.curves_fpath, title=run.dpath.name)
+    run.folder.write_metrics(metrics)
 
 
 # --- small helpers ---
