@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import app_fixtures as fx  # noqa: E402
 
-from traitscope.app.data import Dataset, InferenceView, label_enrichment  # noqa: E402
+from traitscope.app.data import Dataset, InferenceView, label_cooccurrence  # noqa: E402
 from traitscope.shards.store import write_arrays  # noqa: E402
 from traitscope.viz import overlay_heatmap  # noqa: E402
 
@@ -100,11 +100,11 @@ def main() -> None:
         inference = InferenceView(inference_dpath)
         t_open = time.perf_counter() - t0
         t0 = time.perf_counter()
-        enrichment = label_enrichment(inference, dataset, root / "cache")
+        enrichment = label_cooccurrence(inference, dataset, root / "cache")
         tests = enrichment.tests()
         t_enrich = time.perf_counter() - t0
         t0 = time.perf_counter()
-        label_enrichment(inference, dataset, root / "cache")
+        label_cooccurrence(inference, dataset, root / "cache")
         t_enrich_cached = time.perf_counter() - t0
 
         rng = np.random.default_rng(1)

@@ -19,7 +19,7 @@ from traitscope.features import Inference, open_inputs, run_inference, split_row
 from traitscope.features.alignment import (align, average_precision_matrix, read_alignment, sparse_average_precision,
                                           summarise, write_report)
 from traitscope.features.baselines import DenseBaseline, fit_baselines
-from traitscope.features.enrichment import label_enrichment
+from traitscope.features.enrichment import top_label_counts
 from traitscope.sae.metrics import MetricsAccumulator
 from traitscope.sae import SAEConfig, build_sae
 from shard_fixtures import LAYER, make_shards
@@ -291,7 +291,7 @@ def test_alignment_finds_the_planted_feature(tmp_path):
 def test_enrichment_counts(random_case):
     run, shards, _, _ = random_case
     inf, _ = run_inference(run, shards.dpath, top_n=4, progress=False)
-    image_enr, patch_enr = label_enrichment(inf, shards)
+    image_enr, patch_enr = top_label_counts(inf, shards)
     image_labels, patch_labels = shards.image_labels(), shards.patch_labels()[:]
     maps = np.asarray(inf.array("top_patch_acts"))
     for f in range(inf.d_sae):

@@ -174,7 +174,10 @@ def test_celeba_grids_show_the_top_faces_of_dimensions_and_sae_features(faces_ru
     rows = list(csv.DictReader(open(out / "enrichment.csv")))
     assert {r["kind"] for r in rows} == {"dense", "sae"}
     assert all(r["attribute"] in shards.image_label_names and 0 <= float(r["p_value"]) <= 1 for r in rows)
-    summary = json.loads((out / "grids.json").read_text())["enrichment"]
+    manifest = json.loads((out / "grids.json").read_text())
+    assert manifest["ranking"] == {"by": "normalised", "label": "top images by share of the L2-normalised image vector"}
+    assert "top images by share of the L2-normalised image vector" in faces_run["stdout"]
+    summary = manifest["enrichment"]
     n_half = int(((top["sae_rows"] >= 0).sum(axis=1) >= 8).sum())
     assert summary["dense"]["n_units"] == 32 and summary["sae"]["n_units"] == n_half > 0
     assert "enrichment (dense, 32 units" in faces_run["stdout"]
@@ -335,12 +338,12 @@ def test_dense_top_images_are_the_brute_force_ranking_of_l2_normalised_rows(tmp_
     for d in range(6):
         np.testing.assert_array_equal(top.rows_un[d], np.argsort(-normed[:, d], kind="stable")[:16])
         np.testing.assert_allclose(top.values_un[d], np.sort(normed[:, d])[::-1][:16], rtol=1e-5)
-    # the raw ranking differs: the long vectors would win it
-    raw = grids.dense_top_images(shards, n=16, normalize=False)
+    # ranked by max (the raw values), the long vectors win instead
+    raw = grids.dense_top_images(shards, n=16, by="max")
+    for d in range(6):
+        np.testing.assert_array_equal(raw.rows_un[d], np.argsort(-x_nd[:, d], kind="stable")[:16])
     assert any((raw.rows_un[d] != top.rows_un[d]).any() for d in range(6))
-    # small batches give the same running top-n
-    again = grids.top_images(grids.row_batches(shards.acts(0, "cls"), 7), n=16)
-    np.testing.assert_array_equal(again.rows_un, top.rows_un)
+    assert (top.by, raw.by) == ("normalised", "max")
 
 
 def test_grid_png_is_4x4_of_the_top_images_best_first(tmp_path):

@@ -15,16 +15,15 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.sparse
-import scipy.stats
 from PIL import Image
 
 from traitscope import runs
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.features import Inference
-from traitscope.features.enrichment import hypergeom_p
+from traitscope.features.enrichment import bh_q, enrichment_test, lift
+from traitscope.features.ranking import grid_ranking, rank_top_images, row_batches
 from traitscope.files import atomic_save_npy, read_json
-from traitscope.finetune.grids import row_batches, top_images
 from traitscope.images import ImageError, decode_image, load_image, open_source
 from traitscope.sae import describe_params
 from traitscope.shards.store import Shards, content_hash
@@ -463,8 +462,9 @@ class LabelTests(NamedTuple):
                                                self.lift[order], self.p[order], self.q[order])]
 
 
-class Enrichment(NamedTuple):
-    """Image-level co-occurrence of features and labels, for enrichment tables and label search."""
+class LabelCooccurrence(NamedTuple):
+    """Image-level co-occurrence of features and labels: label enrichment over each feature's firing
+    images (every image where it fires), and label search."""
 
     names: list[str]
     """Label names."""
@@ -479,25 +479,24 @@ class Enrichment(NamedTuple):
     """The same, transposed (fast per-label columns)."""
 
     def table(self, counts: np.ndarray, labels: np.ndarray, fire: np.ndarray) -> dict[str, np.ndarray]:
-        base = self.label_counts[labels] / max(1, self.n_images)
-        precision = counts / np.maximum(fire, 1)
-        return {"count": counts, "precision": precision,
+        lift_ = lift(counts, fire, self.label_counts[labels], max(1, self.n_images))
+        return {"count": counts, "precision": counts / np.maximum(fire, 1),
                 "recall": counts / np.maximum(self.label_counts[labels], 1),
-                "lift": np.where(base > 0, precision / np.where(base > 0, base, 1), 0.0)}
+                "lift": np.nan_to_num(lift_, nan=0.0, posinf=0.0)}
 
     def tests(self, min_support: int = MIN_SUPPORT) -> "LabelTests":
-        """Hypergeometric test of every (feature, label) pair seen on >= min_support images, with
-        Benjamini-Hochberg q-values over all those tests together."""
+        """Enrichment test (`features.enrichment.enrichment_test`, over the firing images) of every
+        (feature, label) pair seen on >= min_support images, with Benjamini-Hochberg q-values over all
+        those tests together."""
         coo = self.both_fl.tocoo()
         keep = coo.data >= min_support
         features, labels, counts = coo.row[keep], coo.col[keep], coo.data[keep].astype(np.int64)
         order = np.lexsort((labels, features))
         features, labels, counts = features[order].astype(np.int64), labels[order].astype(np.int64), counts[order]
         fire = self.fire_counts[features]
-        p = hypergeom_p(counts, self.n_images, self.label_counts[labels], fire)
-        q = scipy.stats.false_discovery_control(p) if len(p) else p
-        lift = self.table(counts, labels, fire)["lift"]
-        return LabelTests(min_support, self.names, self.label_counts, features, labels, counts, fire, lift, p, q)
+        p = enrichment_test(counts, fire, self.label_counts[labels], self.n_images).p
+        lift_ = self.table(counts, labels, fire)["lift"]
+        return LabelTests(min_support, self.names, self.label_counts, features, labels, counts, fire, lift_, p, bh_q(p))
 
     def features_for_label(self, label: int, min_count: int = 3, top: int = 200) -> tuple[np.ndarray, np.ndarray]:
         """(features, lift) most enriched for a label, among those firing on >= min_count labelled images."""
@@ -515,8 +514,8 @@ class Enrichment(NamedTuple):
         return [j for j, name in enumerate(self.names) if text in name.lower()]
 
 
-def label_enrichment(inference: InferenceView, dataset: Dataset, cache_root: Path,
-                     chunk_images: int = 16384, progress: Progress = _no_progress) -> Enrichment:
+def label_cooccurrence(inference: InferenceView, dataset: Dataset, cache_root: Path,
+                       chunk_images: int = 16384, progress: Progress = _no_progress) -> LabelCooccurrence:
     """Co-occurrence counts of firing features and labels: one bounded pass over the CSR, cached."""
     names, labels = dataset.labels()
     if inference.n_images != dataset.n_images:
@@ -544,23 +543,23 @@ def label_enrichment(inference: InferenceView, dataset: Dataset, cache_root: Pat
         both.sort_indices()
         for name, array in (("data", both.data), ("indices", both.indices), ("indptr", both.indptr)):
             atomic_save_npy(parts[name], array)
-    return Enrichment(names, inference.n_images, label_counts, inference.fire_counts(), both, both.T.tocsr())
+    return LabelCooccurrence(names, inference.n_images, label_counts, inference.fire_counts(), both, both.T.tocsr())
 
 
 def dense_top_images(dataset: Dataset, layer: int, kind: str, top_n: int, cache_root: Path,
                      chunk_images: int = 256, progress: Progress = _no_progress) -> np.ndarray:
     """(d_model, top_n) image rows where each raw dimension is largest, best first (the dense baseline).
 
-    Ranked as the same run's SAE features are: an image-level embedding (`kind='cls'`) is
-    L2-normalised per image first, as in the faces experiment and `traitscope grids`; a patch-level
-    one is ranked by each image's raw maximum over its patches, as inference ranks SAE features.
+    Ranked as the same run's SAE features are in the blind test (`features.ranking.grid_ranking`): an
+    image-level embedding (`kind='cls'`) by "normalised", as in the faces experiment and `traitscope
+    grids`; a patch-level one by "max", each image's largest value over its patches.
     One bounded pass over the shard (a running top-n, `chunk_images` images at a time), cached.
     """
     shards = dataset.shards
     layer = shards.resolve(layer)
-    normalize = kind == "cls"
+    by = grid_ranking(kind)
     key = {"what": "dense-top/2", "shards": dataset.hash, "layer": layer, "kind": kind, "top_n": top_n,
-           "normalize": normalize}
+           "normalize": by == "normalised"}
     rows_fpath = _cache_dpath(cache_root, key) / "dense_top_rows.npy"
     if rows_fpath.is_file():
         return load_npy(rows_fpath, mmap=False)
@@ -578,7 +577,7 @@ def dense_top_images(dataset: Dataset, layer: int, kind: str, top_n: int, cache_
             yield start, block.max(axis=1)
             progress(stop / n, f"dense dimensions: {stop}/{n} images")
 
-    rows = top_images(batches(), top_n, normalize=normalize, kind="dense").rows_un
+    rows = rank_top_images(batches(), top_n, by, kind="dense").rows_un
     atomic_save_npy(rows_fpath, rows)
     return rows
 
@@ -586,18 +585,18 @@ def dense_top_images(dataset: Dataset, layer: int, kind: str, top_n: int, cache_
 def sae_top_rows(dataset: Dataset, run: Run, inference: Inference, top_n: int, cache_root: Path) -> np.ndarray:
     """(d_sae, top_n) image rows of each SAE feature's top images, best first (-1: fewer firing images).
 
-    Patch-level runs: inference's ranking by raw per-image maxima. Image-level runs: inference's
-    codes (`cls_codes`) L2-normalised per image before ranking (as `traitscope grids` and the faces
-    experiment), one pass over them, cached by the SAE's weights.
+    Ranked by `features.ranking.grid_ranking`: patch-level runs by "max" (inference's ranking, read as
+    stored); image-level runs by "normalised" (as `traitscope grids` and the faces experiment), one pass
+    over inference's codes (`cls_codes`), cached by the SAE's weights.
     """
-    if run.token_kind != "cls":
+    if grid_ranking(run.token_kind) == "max":
         return np.asarray(inference.top_rows[:, :top_n])
     key = {"what": "sae-top/2", "shards": dataset.hash, "sae": inference.manifest.get("sae_sha256"),
            "layer": run.layer, "top_n": top_n}
     rows_fpath = _cache_dpath(cache_root, key) / "sae_top_rows.npy"
     if rows_fpath.is_file():
         return load_npy(rows_fpath, mmap=False)
-    rows = top_images(row_batches(inference.array("cls_codes"), 4096), top_n, normalize=True, positive_only=True,
-                      kind="sae").rows_un
+    rows = rank_top_images(row_batches(inference.array("cls_codes"), 4096), top_n, "normalised", positive_only=True,
+                           kind="sae").rows_un
     atomic_save_npy(rows_fpath, rows)
     return rows

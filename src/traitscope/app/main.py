@@ -27,10 +27,11 @@ import streamlit as st
 
 from traitscope.app import atlas, blind
 from traitscope.app.cli import images_roots
-from traitscope.app.data import (MIN_SUPPORT, Dataset, Enrichment, FeatureData, InferenceView, Run, dense_top_images,
-                                 find_run_folders, label_enrichment, open_image_file, parse_int, sae_top_rows)
+from traitscope.app.data import (MIN_SUPPORT, Dataset, FeatureData, InferenceView, LabelCooccurrence, Run, dense_top_images,
+                                 find_run_folders, label_cooccurrence, open_image_file, parse_int, sae_top_rows)
 from traitscope.errors import TraitscopeError
 from traitscope.features.alignment import alignment_markdown, read_alignment
+from traitscope.features.ranking import RANKINGS, grid_ranking
 from traitscope.viz import image_grid, overlay_heatmap
 
 PAGES = ("Atlas", "Feature", "Compare runs", "Run plots", "Image", "Blind test")
@@ -86,11 +87,11 @@ def inference_of(run: Run, dataset: Dataset) -> InferenceView | None:
 
 
 @st.cache_resource(show_spinner="Counting labels among each feature's images ...")
-def get_enrichment(inference_dpath: str, mtime: float, dataset_dpath: str, cache: str) -> Enrichment:
-    return label_enrichment(get_inference(inference_dpath, mtime), get_dataset(dataset_dpath), Path(cache))
+def get_enrichment(inference_dpath: str, mtime: float, dataset_dpath: str, cache: str) -> LabelCooccurrence:
+    return label_cooccurrence(get_inference(inference_dpath, mtime), get_dataset(dataset_dpath), Path(cache))
 
 
-def enrichment_of(inference: InferenceView, dataset: Dataset) -> Enrichment | None:
+def enrichment_of(inference: InferenceView, dataset: Dataset) -> LabelCooccurrence | None:
     if not dataset.labels()[0]:
         return None
     mtime = (inference.dpath / "manifest.json").stat().st_mtime
@@ -377,10 +378,10 @@ def feature_view(run: Run, dataset: Dataset, inference: InferenceView, feature: 
     mtime = (inference.dpath / "manifest.json").stat().st_mtime
     tiles = feature_tiles(str(inference.dpath), mtime, str(dataset.dpath), feature, view)
     if image_level:
-        st.markdown(f"**Its {len(tiles)} top images** (image-level SAE: ranked by the feature's value for the "
-                    "whole image; there is no per-patch map to draw)")
+        st.markdown(f"**Its {len(tiles)} {RANKINGS['max']}** (image-level SAE: the feature's value for the whole "
+                    "image; there is no per-patch map to draw)")
     else:
-        st.markdown(f"**Its {len(tiles)} top images**, ranked by their strongest patch; heat marks the patches "
+        st.markdown(f"**Its {len(tiles)} {RANKINGS['max']}** (an image's strongest patch); heat marks the patches "
                     "where it fires" + (". Click a tile for the full-resolution image." if enlarge else ""))
         st.markdown(colour_bar_html(float(fd.values.max(initial=0.0)), view.shared, view.alpha),
                     unsafe_allow_html=True)
@@ -391,7 +392,8 @@ def feature_view(run: Run, dataset: Dataset, inference: InferenceView, feature: 
     tests = label_tests_of(inference, dataset)
     if tests is not None:
         table = tests.for_feature(feature)
-        st.markdown("**Label enrichment** among the images where it fires", help=ENRICHMENT_HELP)
+        st.markdown("**Label enrichment** over the images where it fires: hypergeometric p, BH q",
+                    help=ENRICHMENT_HELP)
         if table:
             st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch", column_config=ENRICHMENT_COLUMNS)
         else:
@@ -959,7 +961,7 @@ def page_plots(runs: list[Run], dataset: Dataset) -> None:
         st.caption("This dataset has no labels to align with.")
 
     if dataset.labels()[0]:
-        st.subheader("Label enrichment with significance")
+        st.subheader("Label enrichment over firing images: hypergeometric p, BH q")
         min_support = int(st.number_input("Minimum support: firing images carrying the label", 1, 10**6,
                                            MIN_SUPPORT, key="plots-support"))
         tests = label_tests_of(inference, dataset, min_support)
@@ -1119,6 +1121,7 @@ def blind_item(session: blind.Session, position: int, run: Run, dataset: Dataset
     else:
         rows = dense_rows(dataset, run)[item.index]
     st.image(blind_grid_png(str(dataset.dpath), tuple(int(r) for r in rows)), width=740)
+    st.caption(f"{RANKINGS[grid_ranking(run.token_kind)]}, best top-left")
     st.markdown(f"**{blind.QUESTION}**")
     for level, column in zip(blind.LEVELS, st.columns(len(blind.LEVELS))):
         column.button(str(level), key=f"rate-{position}-{level}", on_click=_answer,

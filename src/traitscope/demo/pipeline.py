@@ -12,7 +12,7 @@ from typing import NamedTuple
 from traitscope.backbones import load_backbone
 from traitscope.demo.report import write_report as write_html
 from traitscope.features.alignment import LabelScore, align, write_report
-from traitscope.features.enrichment import label_enrichment, write_enrichment
+from traitscope.features.enrichment import top_label_counts, write_enrichment
 from traitscope.files import check_out_dpath
 from traitscope.errors import TraitscopeError
 from traitscope.features.heldout import baselines_for, heldout_metrics
@@ -138,7 +138,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
     if shards.patch_label_names or shards.image_label_names:
         rows = align(inputs, inf, baselines, progress=True)
         write_report(rows, inf.dpath / "alignment.csv", inf.dpath / "alignment.md")
-        write_enrichment(label_enrichment(inf, shards), inf.dpath / "enrichment.csv")
+        write_enrichment(top_label_counts(inf, shards), inf.dpath / "enrichment.csv")
     else:
         rows = []
         echo(f"alignment skipped: {spec} has no labels; the report shows the features to look at first instead")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from traitscope.backbones import Preprocess
 from traitscope.features.alignment import COLUMNS, compare, headline, summarise
+from traitscope.features.ranking import RANKINGS
 from traitscope.images.source import load_image
 from traitscope.runs import RunFolder
 from traitscope.shards import Shards
@@ -159,8 +160,8 @@ The probe (logistic regression on the dense activations) is a ceiling, not a com
 <h3>Per label ({html.escape(best.dpath.name)})</h3>
 {per_label}
 <h2>Best-aligned features</h2>
-<p>Top {N_GRID_IMAGES} images of each label's feature, with its activation drawn over the patches the
-model saw (one colour scale per feature).</p>
+<p>The {N_GRID_IMAGES} {RANKINGS["max"]} (an image's strongest patch) of each label's feature, with its
+activation drawn over the patches the model saw (one colour scale per feature).</p>
 {''.join(tiles)}
 """
     return _write(out, _page(cfg, shards, best, out, facts, pareto, metrics, held, alignment))
@@ -186,8 +187,8 @@ shards with labels: a folder per class (<code>--labels folders</code>), a CSV, o
 <h2>Features to look at first</h2>
 <p>No labels to rank by, so these are the {len(tiles)} features that fire on the most images among those
 firing on at least 3 images and at most a quarter of them (rarer ones may be coincidences, commoner
-ones the background). Top {N_GRID_IMAGES} images of each, with its activation drawn over the patches
-the model saw (one colour scale per feature). Judge them yourself; the app shows every feature.</p>
+ones the background). The {N_GRID_IMAGES} {RANKINGS["max"]} (an image's strongest patch) of each, with
+its activation drawn over the patches the model saw (one colour scale per feature). Judge them yourself; the app shows every feature.</p>
 {''.join(tiles) or "<p>No feature fires on between 3 images and a quarter of them.</p>"}
 """
 

@@ -8,7 +8,7 @@ import argparse
 
 from traitscope.features.alignment import EVAL_TOKENS, SELECT_IMAGES, align, write_report
 from traitscope.features.cli import add_common_arguments, metrics_table, open_and_infer
-from traitscope.features.enrichment import label_enrichment, write_enrichment
+from traitscope.features.enrichment import top_label_counts, write_enrichment
 from traitscope.features.heldout import FIT_TOKENS
 
 
@@ -28,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
     rows = align(inputs, inf, baselines, select_tokens=args.select_tokens, select_images=args.select_images,
                  eval_tokens=args.eval_tokens, progress=not args.quiet)
     md = write_report(rows, inf.dpath / "alignment.csv", inf.dpath / "alignment.md")
-    write_enrichment(label_enrichment(inf, inputs.shards), inf.dpath / "enrichment.csv")
+    write_enrichment(top_label_counts(inf, inputs.shards), inf.dpath / "enrichment.csv")
     print(f"\n{md}\nwrote {inf.dpath / 'alignment.csv'}, alignment.md and enrichment.csv")
     return 0

@@ -9,21 +9,14 @@ in the faces experiment, and written as a second, derived shard folder whose man
 
 from pathlib import Path
 
-import numpy as np
-
 from traitscope.backbones.base import Backbone
+from traitscope.features.ranking import l2_normalize_rows
 from traitscope.images import ImageSource
 from traitscope.shards.build import build_shards
 from traitscope.shards.store import Shards, content_hash, write_arrays
 
 # Manifest fields that describe the stored arrays and are rewritten for a derived folder.
 _PER_FOLDER = ("format", "hash", "n_listed", "n_images", "n_skipped", "shards")
-
-
-def l2_normalize_rows(x_nd: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Each row divided by its Euclidean norm, in float32 or wider (all-zero rows stay zero)."""
-    x_nd = np.asarray(x_nd, dtype=np.promote_types(np.asarray(x_nd).dtype, np.float32))
-    return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), eps)
 
 
 def normalized_shards(shards: Shards, layer: int, out_dpath: str | Path) -> Shards:

@@ -1,20 +1,19 @@
 """Maximally activating images of image-level units, as 4x4 grids, and attribute enrichment.
 
 A unit is a dense dimension of the stored embedding or a feature of an image-level SAE. As in the
-faces experiment, each image's vector (embedding or SAE codes) is L2-normalised before ranking, so an
-image ranks high for a unit when that unit carries a large share of the image's vector, not merely
-when the vector is long. Ranks break ties by row (lower first). SAE features rank only images where
-they fire (> 0): a feature that fires on fewer than n images gets -1 in the remaining places.
+faces experiment, units rank images by "normalised" (`traitscope.features.ranking`: each image's
+vector, embedding or SAE codes, L2-normalised first) unless told "max"; SAE features rank only
+images where they fire. Enrichment is `traitscope.features.enrichment.top_image_enrichment` over
+each unit's top images.
 
 Rows index `Shards.images` (the kept images in the source's sorted listing order), so a row maps to
-the same file after a restart. The app's blind test uses `dense_top_images` / `sae_top_images` and
-`grid_image`; `traitscope grids` writes them as PNGs with an enrichment table.
+the same file after a restart. `traitscope grids` writes the grids as PNGs with an enrichment table;
+the app's blind test ranks with the same function and draws with `grid_image`.
 """
 
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,8 +21,8 @@ from PIL import Image, ImageOps
 
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
-from traitscope.features.enrichment import hypergeom_p
-from traitscope.finetune.embed import l2_normalize_rows
+from traitscope.features.enrichment import TopImageEnrichment
+from traitscope.features.ranking import TopImages, rank_top_images, row_batches
 from traitscope.images import load_image, open_source
 from traitscope.runs import RunFolder
 from traitscope.sae import load_sae
@@ -35,64 +34,6 @@ GRID_SIDE = 4
 N_TOP = GRID_SIDE * GRID_SIDE
 
 
-class TopImages(NamedTuple):
-    """The top images of every unit of one kind."""
-
-    kind: str
-    """'dense' (dimensions of the stored embedding) or 'sae' (features of an SAE)."""
-    rows_un: np.ndarray
-    """(n_units, n) int64 rows into `Shards.images`, best first; -1 where fewer than n images qualify."""
-    values_un: np.ndarray
-    """(n_units, n) float32 the unit's value in each L2-normalised image vector (0 where rows are -1)."""
-
-    @property
-    def n_units(self) -> int:
-        return len(self.rows_un)
-
-    def full_units(self) -> np.ndarray:
-        """Units with all n places filled (what a blind test can show as a full grid)."""
-        return np.flatnonzero((self.rows_un >= 0).all(axis=1))
-
-
-def row_batches(x_nd, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, float32 block) over consecutive blocks of `batch_size` rows of an array (or memmap)."""
-    for start in range(0, len(x_nd), batch_size):
-        yield start, np.asarray(x_nd[start:start + batch_size], dtype=np.float32)
-
-
-def top_images(batches: Iterator[tuple[int, np.ndarray]], n: int = N_TOP, normalize: bool = True,
-               positive_only: bool = False, kind: str = "dense") -> TopImages:
-    """Top-n rows per column over (first_row, values_bu) batches of image rows, kept as a running top-n.
-
-    With `normalize`, each image row is L2-normalised first; with `positive_only`, values <= 0 never
-    count (their places are -1).
-    """
-    best_vals = best_rows = None
-    for start, x_bu in batches:
-        if normalize:
-            x_bu = l2_normalize_rows(x_bu)
-        rows_bu = np.broadcast_to(np.arange(start, start + len(x_bu))[:, None], x_bu.shape)
-        if best_vals is not None:
-            x_bu, rows_bu = np.concatenate([best_vals, x_bu]), np.concatenate([best_rows, rows_bu])
-        if len(x_bu) > n:
-            keep = np.argpartition(-x_bu, n - 1, axis=0)[:n]
-            x_bu, rows_bu = np.take_along_axis(x_bu, keep, 0), np.take_along_axis(rows_bu, keep, 0)
-        best_vals, best_rows = x_bu, rows_bu
-    if best_vals is None:
-        raise TraitscopeError("no images to rank")
-    order = np.lexsort((best_rows, -best_vals), axis=0)
-    vals_un = np.take_along_axis(best_vals, order, 0).T.astype(np.float32)
-    rows_un = np.take_along_axis(best_rows, order, 0).T.astype(np.int64)
-    if positive_only:
-        rows_un[vals_un <= 0] = -1
-    if rows_un.shape[1] < n:  # fewer images than places
-        pad = n - rows_un.shape[1]
-        rows_un = np.pad(rows_un, ((0, 0), (0, pad)), constant_values=-1)
-        vals_un = np.pad(vals_un, ((0, 0), (0, pad)))
-    vals_un[rows_un < 0] = 0
-    return TopImages(kind, np.ascontiguousarray(rows_un), np.ascontiguousarray(vals_un))
-
-
 def default_layer(shards: Shards) -> int:
     """The deepest stored layer with CLS / pooled rows."""
     if "cls" not in shards.token_kinds:
@@ -100,11 +41,11 @@ def default_layer(shards: Shards) -> int:
     return max(shards.layers)
 
 
-def dense_top_images(shards: Shards, layer: int | None = None, n: int = N_TOP, normalize: bool = True,
+def dense_top_images(shards: Shards, layer: int | None = None, n: int = N_TOP, by: str = "normalised",
                      batch_size: int = 4096) -> TopImages:
     """Top images per dimension of the stored CLS / pooled embedding of `layer` (default: deepest)."""
     acts = shards.acts(default_layer(shards) if layer is None else layer, "cls")
-    return top_images(row_batches(acts, batch_size), n, normalize, positive_only=False, kind="dense")
+    return rank_top_images(row_batches(acts, batch_size), n, by, positive_only=False, kind="dense")
 
 
 def run_layer(run_dpath: str | Path) -> int | None:
@@ -131,10 +72,10 @@ def sae_codes(shards: Shards, run_dpath: str | Path, layer: int | None = None,
             yield start, sae.encode(torch.from_numpy(x_bd)).numpy()
 
 
-def sae_top_images(shards: Shards, run_dpath: str | Path, n: int = N_TOP, normalize: bool = True,
+def sae_top_images(shards: Shards, run_dpath: str | Path, n: int = N_TOP, by: str = "normalised",
                    layer: int | None = None) -> TopImages:
-    """Top images per SAE feature, ranked by codes L2-normalised per image (firing images only)."""
-    return top_images(sae_codes(shards, run_dpath, layer), n, normalize, positive_only=True, kind="sae")
+    """Top images per SAE feature (firing images only), by default by its codes L2-normalised per image."""
+    return rank_top_images(sae_codes(shards, run_dpath, layer), n, by, positive_only=True, kind="sae")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,37 +133,7 @@ def save_grids(top: TopImages, images: ShardImages, out_dpath: str | Path, units
 # Attribute enrichment.
 
 
-class Enrichment(NamedTuple):
-    """How much each attribute is over-represented among each unit's top images."""
-
-    top_count_ua: np.ndarray
-    """(n_units, n_attrs) int64 top images that have the attribute."""
-    n_top_u: np.ndarray
-    """(n_units,) int64 top images of the unit (fewer than n for a rarely firing feature)."""
-    base_rate_a: np.ndarray
-    """(n_attrs,) float64 fraction of all images with the attribute."""
-    lift_ua: np.ndarray
-    """(n_units, n_attrs) top-image rate / base rate (NaN where undefined)."""
-    p_ua: np.ndarray
-    """(n_units, n_attrs) one-sided hypergeometric p-value of at least that many by chance."""
-
-
-def enrichment(top: TopImages, labels_na: np.ndarray) -> Enrichment:
-    """Attribute enrichment of each unit's top images against all images (labels: (n_images, n_attrs) 0/1)."""
-    labels_na = np.asarray(labels_na, dtype=np.int64)
-    n_images = len(labels_na)
-    valid_un = top.rows_un >= 0
-    counts_ua = np.stack([labels_na[rows[ok]].sum(axis=0) for rows, ok in zip(top.rows_un, valid_un)])
-    n_top_u = valid_un.sum(axis=1)
-    positives_a = labels_na.sum(axis=0)
-    base_rate_a = positives_a / max(n_images, 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        lift_ua = (counts_ua / n_top_u[:, None]) / base_rate_a[None, :]
-    p_ua = hypergeom_p(counts_ua, n_images, positives_a[None, :], n_top_u[:, None])
-    return Enrichment(counts_ua, n_top_u, base_rate_a, lift_ua, p_ua)
-
-
-def enrichment_rows(top: TopImages, enr: Enrichment, names: list[str]) -> list[dict]:
+def enrichment_rows(top: TopImages, enr: TopImageEnrichment, names: list[str]) -> list[dict]:
     """Per unit with top images: its most significant attribute (lowest p, then highest lift)."""
     rows = []
     for u in range(top.n_units):

@@ -9,7 +9,11 @@ Writes, under --out:
                           rows index the shards' images (images.jsonl, sorted path order), -1 = none
     enrichment.csv        per unit, its most over-represented image attribute among its top images
                           (when the shards have image labels, e.g. CelebA's 40 attributes)
-    grids.json            what was drawn from what, and the enrichment summary per kind
+    grids.json            what was drawn from what, how images were ranked, and the enrichment summary
+
+Images rank by share of the L2-normalised image vector (`--no-normalize`: by max activation), see
+`traitscope.features.ranking`; enrichment is a one-sided hypergeometric p over each unit's top images,
+Bonferroni over attributes (`traitscope.features.enrichment.top_image_enrichment`).
 """
 
 import argparse
@@ -19,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from traitscope.errors import TraitscopeError
+from traitscope.features.enrichment import top_image_enrichment
+from traitscope.features.ranking import RANKINGS
 from traitscope.files import atomic_open, atomic_write_json, check_out_dpath
 from traitscope.finetune import grids
 from traitscope.shards.store import Shards
@@ -48,9 +54,11 @@ def run(args: argparse.Namespace) -> int:
         layer = grids.run_layer(args.run)
     layer = grids.default_layer(shards) if layer is None else shards.resolve(layer)
 
-    tops = [grids.dense_top_images(shards, layer, args.n, args.normalize)]
+    by = "normalised" if args.normalize else "max"
+    print(f"{RANKINGS[by]} (layer {layer})")
+    tops = [grids.dense_top_images(shards, layer, args.n, by)]
     if args.run:
-        tops.append(grids.sae_top_images(shards, args.run, args.n, args.normalize, layer))
+        tops.append(grids.sae_top_images(shards, args.run, args.n, by, layer))
     images = grids.ShardImages(shards, cell=args.cell)
     drawn = {}
     for top in tops:
@@ -67,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         names = shards.image_label_names
         rows = []
         for top in tops:
-            rows += grids.enrichment_rows(top, grids.enrichment(top, labels_na), names)
+            rows += grids.enrichment_rows(top, top_image_enrichment(top, labels_na), names)
         with atomic_open(out_dpath / "enrichment.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -79,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             print(f"enrichment ({kind}, {s['n_units']} units with >= {s['min_top']} top images): mean lift of the best "
                   f"attribute {s['mean_best_lift']:.2f}, {100 * s['frac_significant']:.0f}% significant "
-                  f"(Bonferroni over {len(names)} attributes, alpha {s['alpha']})")
+                  f"(hypergeometric p over the top {args.n} images, Bonferroni over {len(names)} attributes, "
+                  f"alpha {s['alpha']})")
         print(f"table: {out_dpath / 'enrichment.csv'}")
     atomic_write_json(out_dpath / "grids.json", {
         "format": "traitscope-grids/1",
@@ -88,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         "layer": layer,
         "n": args.n,
         "normalize_before_ranking": args.normalize,
+        "ranking": {"by": by, "label": RANKINGS[by]},
         "grids": drawn,
         "enrichment": summary,
     })
