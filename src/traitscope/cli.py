@@ -16,6 +16,7 @@ import re
 import sys
 import traceback
 
+from traitscope.cli_config import ConfigParser
 from traitscope.errors import TraitscopeError
 
 # name -> (module, one-line help)
@@ -46,7 +47,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="print the Python traceback of an error (or set TRAITSCOPE_DEBUG=1)")
     parser = argparse.ArgumentParser(prog="traitscope", description=__doc__.splitlines()[0], parents=[debug])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ConfigParser)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
         if name == command:

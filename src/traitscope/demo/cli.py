@@ -7,33 +7,19 @@ pass, draws the Pareto plot, runs inference and trait alignment against baseline
 """
 
 import argparse
-import dataclasses
 
+from traitscope.cli_config import add_config
 from traitscope.demo.pipeline import DemoConfig, run_demo
-from traitscope.train.config import field_docs, parse_count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
-    docs, defaults = field_docs(DemoConfig), DemoConfig()
-    for f in dataclasses.fields(DemoConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f"{docs[f.name]} (default: {default})"
-        if f.name == "ks":
-            parser.add_argument(flag, default=",".join(map(str, default)), help=help_text)
-        elif f.name == "tokens":
-            parser.add_argument(flag, default=default, type=parse_count, help=help_text)
-        else:
-            parser.add_argument(flag, default=default, type=type(default) if default is not None else str,
-                                help=help_text)
+    add_config(parser, DemoConfig, dest="cfg")
 
 
 def run(args: argparse.Namespace) -> int:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}
-    values["ks"] = tuple(int(k) for k in str(values["ks"]).split(",") if k.strip())
-    result = run_demo(DemoConfig(**values))
+    result = run_demo(args.cfg)
     print(f"\nreport: {result.report_fpath.resolve()}")
     print(f"open the app on the same outputs:\n  traitscope app --runs {result.runs_dpath} --shards {result.shards_dpath}")
     return 0

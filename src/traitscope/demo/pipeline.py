@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from simple_parsing import field
+
 from traitscope.backbones import load_backbone
+from traitscope.cli_config import Count, comma_list
 from traitscope.demo.report import write_report as write_html
 from traitscope.features.alignment import LabelScore, align, write_report
 from traitscope.features.enrichment import top_label_counts, write_enrichment
@@ -47,13 +50,13 @@ class DemoConfig:
     """Backbone (the offline saliency-fine-tuned DINOv2 ViT-S/14 needs no model hub)."""
     layer: int = -2
     """Layer whose patch tokens are stored and modelled."""
-    tokens: int = 400_000
+    tokens: Count = 400_000
     """Training tokens per SAE (one pass over the data shared by the whole sweep)."""
     expansion: int = 8
     """Latents per input dimension."""
     batch_size: int = 1024
     """Tokens per optimiser step (1024 gives ~390 steps: at 4096, held-out NMSE of k = 16 was 0.267, not 0.183)."""
-    ks: tuple[int, ...] = (8, 16, 32)
+    ks: tuple[int, ...] = field(default=(8, 16, 32), type=comma_list(int))
     """TopK sparsities of the sweep."""
     l1: float = 5.0
     """λ of the one ReLU/L1 SAE of the sweep (trained at lr 5e-4: L1 SAEs need more steps than small data gives)."""
@@ -61,6 +64,16 @@ class DemoConfig:
     """The TopK run (by k) whose features are scored against the traits and drawn in the report."""
     val_frac: float = 0.2
     """Share of images held out: every reported metric and AP is measured on them."""
+
+    def validate(self) -> None:
+        """Raise TraitscopeError naming the first impossible setting."""
+        checks = [(self.n_images >= 10, f"--n-images must be at least 10, not {self.n_images}"),
+                  (0 < self.val_frac < 1, f"--val-frac must lie between 0 and 1 (exclusive), not {self.val_frac:g}"),
+                  (self.ks and all(k >= 1 for k in self.ks), f"--ks must be positive counts, not {self.ks}"),
+                  (self.batch_size >= 1 and self.tokens >= 1, "--batch-size and --tokens must be at least 1")]
+        for ok, message in checks:
+            if not ok:
+                raise TraitscopeError(message)
 
 
 class RunOutcome(NamedTuple):
@@ -84,13 +97,7 @@ class DemoResult(NamedTuple):
 
 def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
     out = check_out_dpath(cfg.out)
-    checks = [(cfg.n_images >= 10, f"--n-images must be at least 10, not {cfg.n_images}"),
-              (0 < cfg.val_frac < 1, f"--val-frac must lie between 0 and 1 (exclusive), not {cfg.val_frac:g}"),
-              (cfg.ks and all(k >= 1 for k in cfg.ks), f"--ks must be positive counts, not {cfg.ks}"),
-              (cfg.batch_size >= 1 and cfg.tokens >= 1, "--batch-size and --tokens must be at least 1")]
-    for ok, message in checks:
-        if not ok:
-            raise TraitscopeError(message)
+    cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
     n_steps = 5
     t0 = time.perf_counter()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from traitscope.errors import TraitscopeError
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -25,6 +27,16 @@ class AugmentConfig:
     """Probability of turning a view grey."""
     p_hflip: float = 0.5
     """Probability of a left-right mirror (faces are roughly symmetric; up-down is never flipped)."""
+
+    def validate(self) -> None:
+        """Raise TraitscopeError naming the first impossible setting."""
+        if not 0 < self.min_scale <= 1:
+            raise TraitscopeError(f"--min-scale must lie in (0, 1], not {self.min_scale:g}")
+        if not 0 <= self.jitter <= 1:
+            raise TraitscopeError(f"--jitter must lie in [0, 1], not {self.jitter:g}")
+        for name in ("p_jitter", "p_gray", "p_hflip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise TraitscopeError(f"--{name.replace('_', '-')} is a probability, not {getattr(self, name):g}")
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:

@@ -9,52 +9,19 @@ the same command resumes from the last checkpoint; with more --epochs it trains 
 
 import argparse
 import contextlib
-import dataclasses
 import sys
-import typing
 
 from traitscope.backbones.registry import load_backbone
-from traitscope.finetune.augment import AugmentConfig
+from traitscope.cli_config import add_config
 from traitscope.finetune.model import PREFIX
 from traitscope.finetune.trainer import FinetuneConfig, finetune
-from traitscope.train.config import field_docs
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One option per field of a config dataclass, its docstring as the help and its default shown."""
-    docs = field_docs(cls)
-    group = parser.add_argument_group(cls.__name__, cls.__doc__.splitlines()[0])
-    for f in dataclasses.fields(cls):
-        if f.default is dataclasses.MISSING:  # nested configs have their own group
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
-        if f.type is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, type=_arg_type(f.type), default=f.default, metavar=f.name.upper(),
-                               help=help_text)
-
-
-def _arg_type(tp) -> type:
-    """int, float or str from an annotation such as `int` or `int | None`."""
-    for candidate in (tp, *typing.get_args(tp)):
-        if candidate in (int, float, str):
-            return candidate
-    return str
-
-
-def config_from_args(cls, args: argparse.Namespace, **extra):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True,
                         help="image folder (searched recursively, used in sorted path order) or any image source spec")
     parser.add_argument("--out", required=True, help="output folder: weights, finetune.json, checkpoint, metrics")
-    add_config_arguments(parser, FinetuneConfig)
-    add_config_arguments(parser, AugmentConfig)
+    add_config(parser, FinetuneConfig, dest="cfg")  # its augment field: the AugmentConfig options
     embed = parser.add_argument_group("embeddings", "after training, write image-level embeddings as shards")
     embed.add_argument("--embed-out", metavar="DIR",
                        help="write the embedding e(x) of every image (CLS / pooled row of the last layer) as a "
@@ -72,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from traitscope.finetune.embed import embed_images
     from traitscope.images import open_source
 
-    cfg = config_from_args(FinetuneConfig, args, augment=config_from_args(AugmentConfig, args))
+    cfg = args.cfg
     result = finetune(cfg, args.images, args.out, verbose=not args.quiet)
     print(f"fine-tuned model: {result.dpath} (use it as --model {PREFIX}{result.dpath})", file=sys.stderr)
     if not args.embed_out:

@@ -102,6 +102,23 @@ class FinetuneConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """How the two views of an image differ."""
 
+    def validate(self) -> None:
+        """Raise TraitscopeError naming the first impossible setting."""
+        checks = [(self.epochs >= 0, f"--epochs must be 0 (the starting model only) or more, not {self.epochs}"),
+                  (self.batch_size >= 2, "--batch-size must be at least 2 (the contrastive loss compares images), "
+                                         f"not {self.batch_size}"),
+                  (self.lr > 0 and self.temperature > 0, "--lr and --temperature must be positive"),
+                  (self.save_every >= 1, f"--save-every must be at least 1, not {self.save_every}"),
+                  (self.head_dim >= 0, f"--head-dim must be 0 (no head) or more, not {self.head_dim}"),
+                  (self.image_size is None or self.image_size >= 32,
+                   f"--image-size must be at least 32, not {self.image_size}"),
+                  (self.batchnorm in ("auto", "frozen", "batch"),
+                   f"--batchnorm must be auto, frozen or batch, not {self.batchnorm!r}")]
+        for ok, message in checks:
+            if not ok:
+                raise TraitscopeError(message)
+        self.augment.validate()
+
     def identity(self) -> dict:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
         d = dataclasses.asdict(self)
@@ -292,15 +309,7 @@ def finetune(cfg: FinetuneConfig, images: str | ImageSource, out_dpath: str | Pa
     Resumes from `out_dpath/checkpoint` when there is one (its settings must match, except `epochs`,
     `save_every` and `device`); returns at once when the folder is complete for `cfg.epochs`.
     """
-    checks = [(cfg.epochs >= 0, f"--epochs must be 0 (the starting model only) or more, not {cfg.epochs}"),
-              (cfg.batch_size >= 2, f"--batch-size must be at least 2 (the contrastive loss compares images), not {cfg.batch_size}"),
-              (cfg.lr > 0 and cfg.temperature > 0, "--lr and --temperature must be positive"),
-              (cfg.save_every >= 1, f"--save-every must be at least 1, not {cfg.save_every}"),
-              (cfg.head_dim >= 0, f"--head-dim must be 0 (no head) or more, not {cfg.head_dim}"),
-              (cfg.image_size is None or cfg.image_size >= 32, f"--image-size must be at least 32, not {cfg.image_size}")]
-    for ok, message in checks:
-        if not ok:
-            raise TraitscopeError(message)
+    cfg.validate()
     out_dpath = check_out_dpath(out_dpath).resolve()
     with folder_lock(out_dpath, "traitscope finetune"):
         return _finetune(cfg, images, out_dpath, verbose)
@@ -308,8 +317,6 @@ def finetune(cfg: FinetuneConfig, images: str | ImageSource, out_dpath: str | Pa
 
 def _finetune(cfg: FinetuneConfig, images: str | ImageSource, out_dpath: Path, verbose: bool) -> FinetuneResult:
     # --- setup ---
-    if cfg.batchnorm not in ("auto", "frozen", "batch"):
-        raise TraitscopeError(f"--batchnorm must be auto, frozen or batch, not {cfg.batchnorm!r}")
     device = resolve_device(cfg.device)
     source = open_source(images) if isinstance(images, str) else images
     name = PREFIX + str(out_dpath)
