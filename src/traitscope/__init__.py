@@ -15,7 +15,7 @@ tests/test_imports.py; no import circle either, not even through an import insid
     shards                            activation shard folders (ours and saev's)
     images | viz                      image sources and labels; pictures from arrays
     backbones                         vision models, behind a registry (entry-point group traitscope.backbones)
-    dist | files                      processes and devices; atomic files
+    dist | files | cli_config         processes and devices; atomic files; options from config dataclasses
     errors                            TraitscopeError
 
 A helper needed by two stages lives in the lower one (the metrics training reports are in
