@@ -137,7 +137,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
 
     step(4, "inference for every run; held-out metrics and trait alignment next to the baselines")
     inferences = {r.dpath: run_inference(r.dpath, shards.dpath)[0] for r in results}
-    chosen = next((r for r, s in zip(results, settings) if s.variant == "topk" and s.k == cfg.align_k), results[0])
+    chosen = next((r for r, s in zip(results, settings) if s.variant == "topk" and s.params.k == cfg.align_k), results[0])
     inputs = open_inputs(chosen.dpath, shards.dpath)
     inf = inferences[chosen.dpath]
     baselines, info = baselines_for(inputs, inf, progress=True)
