@@ -2,19 +2,21 @@
 
 The split holds out whole images: no token of a validation image is ever trained on.
 
-The loader never holds the data set in memory. Each epoch visits the training rows in chunks of
-`chunk_rows` consecutive rows (one large contiguous read each) in a seeded random order; a *block* of
-chunks fills the shuffle buffer, and every batch mixes rows drawn at random from all of its chunks.
-A background thread reads the next block while the trainer consumes the current one. Everything is
-a function of (seed, epoch, block), so the stream is the same on every run, and the position
-(epoch, block, offset) is all a checkpoint needs to continue it.
+The loader never holds the data set in memory. Each epoch visits the training rows in chunks of at
+most `chunk_rows` consecutive rows (one contiguous read each; each shard file cut evenly) in a seeded
+random order; a *block* of chunks fills the shuffle buffer, and every batch holds rows drawn at random
+from all of its chunks. A background thread reads the next block while the trainer consumes the
+current one. Everything is a function of (seed, epoch, block), so the stream is the same on every
+run, and the position (epoch, block, offset) is all a checkpoint needs to continue it.
 
 Each chunk is checked for NaN/Inf the first time it loads (the files do not change); the error
 names the shard file and row.
 """
 
+import mmap
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -96,7 +98,8 @@ class TokenSplit:
         return self.arrays[0].dtype
 
     def chunks(self, chunk_rows: int) -> list[Chunk]:
-        """Every training-file range of up to chunk_rows rows (validation rows are dropped at read time)."""
+        """Every training file cut into even ranges of at most chunk_rows rows (25,600 rows in chunks of
+        4096: seven of 3657-3658 rows, not six and a stub); validation rows are dropped at read time."""
         out = []
         for a, array in enumerate(self.arrays):
             for f, rows in enumerate(array.maps):
@@ -104,8 +107,9 @@ class TokenSplit:
                 n_images = rows.shape[0] // array.rows_per_item
                 if n_images and self.is_val[first_image:first_image + n_images].all():
                     continue
-                out.extend(Chunk(a, f, s, min(s + chunk_rows, rows.shape[0]))
-                           for s in range(0, rows.shape[0], chunk_rows))
+                sizes = _even_parts(rows.shape[0], -(-rows.shape[0] // chunk_rows))
+                stops = np.cumsum(sizes).tolist()
+                out.extend(Chunk(a, f, stop - size, stop) for size, stop in zip(sizes.tolist(), stops))
         return out
 
     def train_mask(self, chunk: Chunk) -> np.ndarray | None:
@@ -174,26 +178,27 @@ class LoaderState(NamedTuple):
 
 
 class Block(NamedTuple):
-    """One shuffle buffer: the training rows of a few chunks, each chunk's rows shuffled in place,
-    and a random interleaving of the chunks that decides which chunk every emitted row comes from."""
+    """One shuffle buffer, its rows already in the order they are emitted."""
 
     rows: np.ndarray
-    """(capacity, d_model) in the shards' dtype; chunk j's rows are rows[starts[j]:starts[j + 1]]."""
-    starts: np.ndarray
-    """(n_chunks + 1,) int64 region boundaries."""
-    labels: np.ndarray
-    """(n_rows,) int16 the chunk of each emitted row, a seeded permutation of the chunk sizes."""
+    """(capacity, d_model): rows[:n_rows] are the block's training rows in emission order."""
+    n_rows: int
 
 
 class ShuffledLoader:
-    """Endless shuffled batches (batch_size, d_model) float32 of training tokens; see the module doc.
+    """Endless shuffled batches (batch_size, d_model) of training tokens; see the module doc.
 
-    A background thread fills a block: each chunk's training rows are copied out of its memory map
-    (one contiguous range of the file) in shuffled order, and checked for NaN/Inf the first time. A
-    batch then takes its rows chunk by chunk as the block's interleaving says (contiguous slices, so
-    a batch costs a memory copy, not a random gather across the whole buffer): every batch mixes all
-    chunks of the block, and every training row is emitted once per epoch. numpy only, so neither
-    side waits on torch's compute threads. Block buffers are recycled (batches are copies).
+    A background thread fills a block. Its rows are laid out in emission order: the block is cut into
+    batch-sized windows, a seeded interleaving of its chunks decides how many rows of each chunk every
+    window holds (counts[k, j], the chunk sizes drawn without replacement), and each chunk's training
+    rows, in a seeded random order, are copied out of its memory map (one range of one file, checked
+    for NaN/Inf the first time) into its run in window 0, then in window 1, ... So a
+    batch holds random rows of every chunk of its block, chunk after chunk (the order inside a batch
+    does not matter to a training step), and it is a slice of the block: no copy on the caller's side.
+
+    Batches share memory with their block: the block's buffer is reused once every batch cut from it
+    is gone (`.clone()` rows you keep for long). A batch that crosses two blocks, a rank's `rows`,
+    `pin_memory` and a cast are copies. numpy only, so neither side waits on torch's threads.
     """
 
     def __init__(self, split: TokenSplit, batch_size: int, seed: int, chunk_rows: int = 4096,
@@ -218,17 +223,20 @@ class ShuffledLoader:
         self.chunk_list = split.chunks(chunk_rows)
         if not self.chunk_list:
             raise TraitscopeError("no training tokens left after the validation split")
-        chunk_bytes = chunk_rows * split.d_model * split.dtype.itemsize
-        self.chunks_per_block = max(1, min(len(self.chunk_list), (buffer_mb << 20) // max(1, chunk_bytes)))
-        self.blocks_per_epoch = -(-len(self.chunk_list) // self.chunks_per_block)
+        chunk_bytes = chunk_rows * split.d_model * self.out_dtype.itemsize
+        most = max(1, min(len(self.chunk_list), (buffer_mb << 20) // max(1, chunk_bytes)))
+        self.blocks_per_epoch = -(-len(self.chunk_list) // most)
+        self.chunks_per_block = -(-len(self.chunk_list) // self.blocks_per_epoch)  # even blocks
+        self.capacity = self.chunks_per_block * max(c.stop - c.start for c in self.chunk_list)
         self.state = state or LoaderState()
         self._block: Block | None = None
-        self._taken: np.ndarray | None = None  # rows of each chunk of the current block already emitted
         self._prefetch = prefetch
         self._blocks: Iterator | None = None
         self._ready: queue.Queue = queue.Queue(maxsize=1)
-        self._free: queue.Queue = queue.Queue()
-        self._n_buffers = 0
+        self._spare: queue.SimpleQueue = queue.SimpleQueue()  # block memory no batch refers to any more
+        self._scratch: np.ndarray | None = None  # a chunk cast to the batches' dtype
+        self.n_buffers = 0
+        """Block buffers allocated so far: four for a trainer that drops each batch before the next but one."""
         self._checked: set[Chunk] = set()  # chunks found free of NaN/Inf (the files do not change)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -239,27 +247,60 @@ class ShuffledLoader:
         picked = order[block * self.chunks_per_block:(block + 1) * self.chunks_per_block]
         return [self.chunk_list[i] for i in picked]
 
-    def read_block(self, epoch: int, block: int, rows: np.ndarray | None = None) -> Block:
-        """Block `block` of epoch `epoch`, into `rows` (a recycled buffer) if given."""
-        capacity = self.chunks_per_block * self.chunk_rows
-        if rows is None:
-            rows = np.empty((capacity, self.split.d_model), dtype=self.split.dtype)
+    def read_block(self, epoch: int, block: int) -> Block:
+        """Block `block` of epoch `epoch`, in emission order."""
+        chunks = self.block_chunks(epoch, block)
         rng = np.random.default_rng([self.seed, self.stream, 3, epoch, block])
-        starts = [0]
-        for chunk in self.block_chunks(epoch, block):
-            src = self.split.arrays[chunk.source].maps[chunk.file][chunk.start:chunk.stop]
-            mask = self.split.train_mask(chunk)
-            keep = np.arange(len(src)) if mask is None else np.flatnonzero(mask)
-            dst = rows[starts[-1]:starts[-1] + len(keep)]
-            np.take(src, keep[rng.permutation(len(keep))], axis=0, out=dst, mode="clip")  # 'raise' buffers
-            if chunk not in self._checked:
-                if not np.isfinite(np.add.reduce(dst.reshape(-1), dtype=np.float32)):
-                    self._raise_non_finite(chunk, src, mask)
-                self._checked.add(chunk)
-            starts.append(starts[-1] + len(keep))
-        starts = np.asarray(starts, dtype=np.int64)
-        labels = rng.permutation(np.repeat(np.arange(len(starts) - 1, dtype=np.int16), np.diff(starts)))
-        return Block(rows, starts, labels)
+        keeps = [self._train_rows(chunk) for chunk in chunks]
+        sizes = np.array([len(keep) for keep in keeps], dtype=np.int64)
+        n_rows = int(sizes.sum())
+        counts_wc = np.zeros((max(1, -(-n_rows // self.batch_size)), len(chunks)), dtype=np.int64)
+        left = sizes.copy()
+        for k in range(len(counts_wc)):  # window k's rows of each chunk: drawn without replacement from what is left
+            counts_wc[k] = rng.multivariate_hypergeometric(left, min(self.batch_size, int(left.sum())))
+            left -= counts_wc[k]
+        starts_wc = (np.cumsum(counts_wc) - counts_wc.reshape(-1)).reshape(counts_wc.shape)
+        rows = self._block_array()
+        for j, (chunk, keep) in enumerate(zip(chunks, keeps)):
+            src = self._read_chunk(chunk)
+            picked = keep[rng.permutation(len(keep))]  # the chunk's training rows in a random order ...
+            at = 0
+            for k in np.flatnonzero(counts_wc[:, j]).tolist():  # ... fill its run in window 0, then 1, ...
+                n, start = int(counts_wc[k, j]), int(starts_wc[k, j])
+                src.take(picked[at:at + n], axis=0, out=rows[start:start + n], mode="clip")  # 'raise' buffers
+                at += n
+        return Block(rows, n_rows)
+
+    def _train_rows(self, chunk: Chunk) -> np.ndarray:
+        mask = self.split.train_mask(chunk)
+        return np.arange(chunk.stop - chunk.start) if mask is None else np.flatnonzero(mask)
+
+    def _read_chunk(self, chunk: Chunk) -> np.ndarray:
+        """The chunk's rows, checked: its memory map, or a copy in the batches' dtype if they differ."""
+        src = np.asarray(self.split.arrays[chunk.source].maps[chunk.file][chunk.start:chunk.stop])
+        if src.dtype != self.out_dtype:  # cast into a scratch buffer
+            if self._scratch is None or len(self._scratch) < len(src):
+                self._scratch = np.empty((max(len(src), self.chunk_rows), src.shape[1]), self.out_dtype)
+            np.copyto(self._scratch[:len(src)], src)
+            src = self._scratch[:len(src)]
+        if chunk not in self._checked:
+            if not np.isfinite(np.add.reduce(src.reshape(-1), dtype=np.float32)):
+                self._raise_non_finite(chunk, src, self.split.train_mask(chunk))
+            self._checked.add(chunk)
+        return src
+
+    def _block_array(self) -> np.ndarray:
+        """Memory for one block: a spare one, or a new one while the caller still holds batches of the others."""
+        try:
+            raw = self._spare.get_nowait()
+        except queue.Empty:
+            raw = mmap.mmap(-1, self.capacity * self.split.d_model * self.out_dtype.itemsize)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                raw.madvise(mmap.MADV_HUGEPAGE)  # 512 times fewer page faults on first use
+            self.n_buffers += 1
+        flat = np.frombuffer(raw, dtype=self.out_dtype)  # every batch view refers to this array
+        weakref.finalize(flat, _keep_spare, self._spare, raw)
+        return flat.reshape(self.capacity, self.split.d_model)
 
     def _raise_non_finite(self, chunk: Chunk, rows: np.ndarray, mask: np.ndarray | None) -> None:
         """Name the first training row holding NaN/Inf (a sum that merely overflowed passes)."""
@@ -272,30 +313,16 @@ class ShuffledLoader:
 
     def _blocks_from(self, epoch: int, block: int) -> Iterator[tuple[int, int, Block]]:
         while True:
-            yield epoch, block, self.read_block(epoch, block, self._free_buffer())
+            yield epoch, block, self.read_block(epoch, block)
             block += 1
             if block == self.blocks_per_epoch:
                 epoch, block = epoch + 1, 0
-
-    def _free_buffer(self) -> np.ndarray | None:
-        """A recycled block buffer; new ones until three exist (being read, queued, being consumed)."""
-        if self._n_buffers < 3:
-            self._n_buffers += 1
-            return None
-        while not self._stop.is_set():
-            try:
-                return self._free.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        raise _Stopped
 
     def _producer(self, epoch: int, block: int) -> None:
         try:
             for item in self._blocks_from(epoch, block):
                 if not self._put(item):
                     return
-        except _Stopped:
-            return
         except BaseException as err:  # handed to the consumer, raised there
             self._put(err)
 
@@ -332,30 +359,23 @@ class ShuffledLoader:
         while need:
             if self._block is None:
                 self._block = self._next_block(epoch, block)
-                self._taken = np.bincount(self._block.labels[:offset], minlength=len(self._block.starts) - 1)
             b = self._block
-            labels = b.labels[offset:offset + need]
-            counts = np.bincount(labels, minlength=len(self._taken))
-            for j in np.flatnonzero(counts):
-                first = b.starts[j] + self._taken[j]
-                parts.append(b.rows[first:first + counts[j]])
-            self._taken += counts
-            offset += len(labels)
-            need -= len(labels)
-            if offset >= len(b.labels):
-                batch_so_far = np.concatenate(parts)  # copy out before the buffer is recycled
-                parts = [batch_so_far]
-                self._free.put(b.rows)
-                self._block, offset = None, 0
+            take = max(0, min(need, b.n_rows - offset))
+            if take:
+                parts.append(b.rows[offset:offset + take])
+            offset += take
+            need -= take
+            if offset >= b.n_rows:
+                self._block, offset = None, 0  # its memory is reused once the batches cut from it are gone
                 block += 1
                 if block == self.blocks_per_epoch:
                     epoch, block = epoch + 1, 0
         self.state = LoaderState(epoch, block, offset)
         if self.rows is not None or self.pin_memory:
             return self._assemble(parts)
-        if len(parts) == 1 and parts[0].base is None and parts[0].dtype == self.out_dtype:
+        if len(parts) == 1 and parts[0].dtype == self.out_dtype:
             return torch.from_numpy(parts[0])
-        return torch.from_numpy(np.concatenate(parts, dtype=self.out_dtype))  # a cast, if any, in the same copy
+        return torch.from_numpy(np.concatenate(parts, dtype=self.out_dtype))
 
     def _assemble(self, parts: list[np.ndarray]) -> torch.Tensor:
         """Rows `self.rows` of the batch made of `parts`, in one copy (into pinned memory if asked)."""
@@ -384,5 +404,7 @@ class ShuffledLoader:
         self.close()
 
 
-class _Stopped(Exception):
-    """The loader was closed while the producer waited for a free buffer."""
+def _keep_spare(spare: queue.SimpleQueue, raw: mmap.mmap) -> None:
+    """A block's memory whose last batch is gone: kept for the next block (two spares at most)."""
+    if spare.qsize() < 2:
+        spare.put(raw)
