@@ -347,6 +347,19 @@ def test_blind_test_saves_each_rating_at_once_and_resumes_after_a_reload(world, 
     assert len(at.get("image")) == 1  # the histogram
 
 
+def test_blind_test_without_a_usable_run_draws_no_form(world, monkeypatch, tmp_path):
+    """The check comes first: no start form to fill in when no run can start a test."""
+    fx.make_run(tmp_path / "runs" / "bare", world["shards"], weights=False)  # no inference outputs
+    monkeypatch.setenv("TRAITSCOPE_APP_ARGS", json.dumps([
+        "--runs", str(tmp_path / "runs"), "--shards", str(world["shards"].dpath), "--ratings", str(tmp_path),
+        "--cache", str(world["cache"])]))
+    at = AppTest.from_file(str(MAIN), default_timeout=120)
+    at.query_params["page"] = "Blind test"
+    at = ok(at.run())
+    assert not at.text_input and not at.button and not at.get("form")
+    assert any("needs a run with inference outputs" in i.value for i in at.info)
+
+
 @pytest.mark.parametrize("name", ["../../escape", "a/b", ".hidden", "x" * 65, "naïve"])
 def test_session_names_cannot_leave_the_ratings_folder(world, monkeypatch, name):
     at = app(world, monkeypatch, page="Blind test", session=name)

@@ -272,8 +272,8 @@ def test_image_page_draws_each_features_map_over_the_image(server, world, browse
 
 def test_blind_test_survives_a_reload(server, world, browser):
     browser.get(server + "?page=Blind+test")
-    # the form is drawn as the script runs: the session name box comes before the run check
-    # (inference outputs loaded per run), so wait for the whole form and the run's end before typing
+    # the form is drawn after the check that a run can start a test; wait for all of it and the
+    # script's end before typing
     n_box = wait(browser, 60).until(EC.presence_of_element_located(
         (By.XPATH, "//input[contains(@aria-label, 'Items of each kind')]")))
     wait_idle(browser)

@@ -163,8 +163,7 @@ def draw_tile(image: Image.Image, acts_hw: np.ndarray, preprocess: Preprocess, v
     cut to where the feature fires when `zoom`, fitted into `side` x `side` pixels. With `heat` off,
     the same cut of the bare image (to compare colours)."""
     box = zoom_box(acts_hw, preprocess.canvas_box(*image.size), image.size) if zoom else (0, 0, *image.size)
-    drawn = overlay_heatmap(image, acts_hw, preprocess, vmax=vmax, max_alpha=alpha) if heat else image
-    tile = drawn.crop(box)
+    tile = overlay_heatmap(image, acts_hw, preprocess, vmax=vmax, max_alpha=alpha, crop=box) if heat else image.crop(box)
     scale = side / max(tile.size)
     return tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
                        Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)

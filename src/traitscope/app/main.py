@@ -1046,13 +1046,14 @@ def page_blind(runs: list[Run], dataset: Dataset) -> None:
                 "dimension of the backbone or an SAE feature. You are not told which.")
     name = st.query_params.get("session")
     if not name:
+        usable = [r for r in runs if inference_of(r, dataset) is not None and r.layer is not None]
+        if not usable:  # checked before the form is drawn, so a form on screen is one that can start
+            st.info("The blind test needs a run with inference outputs for this dataset: pick one in the sidebar, "
+                    "or compute them with `traitscope inference --run RUN --shards "
+                    f"{dataset.dpath}`.")
+            return
         with st.form("blind-start"):
             name = st.text_input("Session name (letters, digits, - and _)", value="rater1")
-            usable = [r for r in runs if inference_of(r, dataset) is not None and r.layer is not None]
-            if not usable:
-                st.form_submit_button("Start", disabled=True)
-                st.info("The blind test needs a run with inference outputs for this dataset.")
-                return
             run_name = st.selectbox("SAE run", [r.name for r in usable])
             n = st.number_input("Items of each kind (N)", 1, 100, 10)
             seed = st.number_input("Seed", 0, 2**31 - 1, 0)
