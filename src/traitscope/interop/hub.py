@@ -130,18 +130,18 @@ def model_card(run_dpath: Path, repo_id: str) -> str:
 
     run = RunFolder(run_dpath)
     config, metrics = run.read_config(), run.read_metrics() or {}
-    sae, shards, train = config["sae"], config.get("shards", {}), config.get("train", {})
-    manifest = _shards_manifest(shards.get("path"))
-    model = manifest.get("model") or {"name": shards.get("model"), "weights_sha256": shards.get("weights_sha256")}
+    sae, shards, train = config["sae"], run.shards, config.get("train", {})
+    manifest = _shards_manifest(shards.path)
+    model = manifest.get("model") or {"name": shards.model, "weights_sha256": shards.weights_sha256}
     data = manifest.get("source", {}).get("spec") or "(not recorded)"
     front = ModelCardData(library_name="traitscope", tags=["sparse-autoencoder", "interpretability", "vision",
                                                            "traitscope"]).to_yaml()
     rows = [("backbone", f"`{model.get('name')}`" + (f" ({model['family']})" if model.get("family") else "")),
             ("backbone weights sha256", f"`{model.get('weights_sha256') or 'not recorded'}`"),
-            ("layer", str(shards.get("layer"))), ("tokens", str(shards.get("token_kind", "patches"))),
+            ("layer", str(shards.layer)), ("tokens", shards.token_kind),
             ("d_model", str(sae.get("d_model"))), ("SAE", f"{sae.get('variant')}, d_sae {sae.get('d_sae')}"
                                                    + (f", k {sae['k']}" if sae.get("k") else "")),
-            ("data", f"`{data}`, {manifest.get('n_images', '?')} images (shards `{shards.get('hash')}`)"),
+            ("data", f"`{data}`, {manifest.get('n_images', '?')} images (shards `{shards.hash}`)"),
             ("training tokens", str(train.get("n_train_tokens", metrics.get("tokens_trained", "not recorded"))))]
     if "imported" in train:
         rows.append(("imported from", f"{train['imported'].get('format')} ({train['imported'].get('path')})"))
@@ -153,7 +153,7 @@ def model_card(run_dpath: Path, repo_id: str) -> str:
 {front}
 ---
 
-# Sparse autoencoder: {model.get('name')}, layer {shards.get('layer')}
+# Sparse autoencoder: {model.get('name')}, layer {shards.layer}
 
 A sparse autoencoder on the activations of a vision model, made with
 [traitscope](https://pypi.org/project/traitscope/). It reads raw activations of the layer below

@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 
 from traitscope import dist
 from traitscope.errors import TraitscopeError
-from traitscope.runs import CURVES_FNAME, FORMAT as RUN_FORMAT, LOG_FNAME, METRICS_FNAME, WEIGHTS_FNAME, RunFolder
+from traitscope.runs import (CURVES_FNAME, FORMAT as RUN_FORMAT, LOG_FNAME, METRICS_FNAME, WEIGHTS_FNAME, RunFolder,
+                            shards_ref)
 from traitscope.sae import SAE, SAEConfig, build_sae
 from traitscope.sae.metrics import MetricsAccumulator
 from traitscope.files import (atomic_write_json, check_out_dpath, file_sha256, folder_lock, load_safetensors, read_json,
@@ -430,11 +431,11 @@ def run_config(cfg: TrainConfig, run: Run, shards: Shards, split: TokenSplit) ->
 
 def check_same_run(dpath: Path, config: dict, identity: dict, shards: Shards, split: TokenSplit) -> None:
     """Refuse to resume into a folder made from other shards or with other settings."""
-    old = config.get("shards", {})
-    if old.get("hash") != shards.hash or old.get("d_model", split.d_model) != split.d_model:
+    old = shards_ref(config)
+    if old.hash != shards.hash or (old.d_model or split.d_model) != split.d_model:
         raise TraitscopeError(
-            f"{dpath} was trained on shards {old.get('hash')} (model {old.get('model')!r}, d_model "
-            f"{old.get('d_model')}, layer {old.get('layer')}), not on {shards.hash} (model "
+            f"{dpath} was trained on shards {old.hash} (model {old.model!r}, d_model "
+            f"{old.d_model}, layer {old.layer}), not on {shards.hash} (model "
             f"{shards.model.get('name')!r}, d_model {split.d_model}, layer {split.layer}); "
             "use another --out or --name, or --restart to overwrite it")
     if config.get("train", {}).get("identity") != identity_hash(identity):
