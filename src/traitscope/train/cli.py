@@ -3,7 +3,8 @@
     traitscope train --shards shards/<hash> --layer -2 --sae topk --k 16,32,64 --expansion 16 --tokens 50M
 
 trains three SAEs on one pass over the data and prints each run folder. Comma lists of --sae, --k,
---l1, --d-sae, --expansion and --lr make a grid; --sweep FILE (JSON or TOML) lists runs explicitly.
+--l1, --d-sae, --expansion, --lr and of the variants' own parameters (--l0-coeff, ...) make a grid, each
+parameter applied to the variants that have it; --sweep FILE (JSON or TOML) lists runs explicitly.
 Rerunning the same command resumes unfinished runs from their checkpoints and skips finished ones.
 
 On several GPUs or machines, start the same command under torchrun (see docs/distributed.md):
@@ -61,12 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--expansion", metavar="X[,X...]", help=per_run["expansion"])
     grid.add_argument("--lr", metavar="LR[,LR...]", help=per_run["lr"])
     grid.add_argument("--prefixes", metavar="N,N,...", help=per_run["prefixes"])
-    optim = parser.add_argument_group("optimiser and losses (per SAE)")
-    optional = [(f, getattr(defaults_r, f.name)) for f in dataclasses.fields(RunSettings) if f.name != "params"]
-    optional += [(f, None) for f, _ in own.values()]  # their defaults are in their help
-    for f, default in optional:
-        if f.name in GRID_FLAGS or f.name == "prefixes":
+    for name in own_grid(own):
+        grid.add_argument("--" + name.replace("_", "-"), dest=name, metavar=f"{name.upper()}[,...]", help=per_run[name])
+    optim = parser.add_argument_group("optimiser (per SAE)")
+    for f in dataclasses.fields(RunSettings):
+        if f.name in GRID_FLAGS or f.name == "params":
             continue
+        default = getattr(defaults_r, f.name)
         optim.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(),
                            help=per_run[f.name] + ("" if default is None else f" (default: {_show(default)})"))
     for f in dataclasses.fields(TrainConfig):
@@ -79,6 +81,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             data.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
         else:
             data.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=help_text)
+
+
+def own_grid(own: dict) -> list[str]:
+    """The variants' own parameters that take comma lists under their own names (k and l1 are above;
+    prefixes is itself a list)."""
+    return [name for name, (f, _) in own.items() if name not in GRID_FLAGS and "list" not in str(f.type)]
+
+
+def _flag(name: str) -> str:
+    return GRID_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _show(value) -> str:
@@ -96,27 +108,34 @@ def config_from_args(args: argparse.Namespace):
     run_fields = setting_names() - shared_fields
     if args.tokens is not None and str(args.tokens).strip().lower() in TOKEN_KINDS:
         raise TraitscopeError(f"--tokens is the token budget (e.g. 50M); for the token kind use --token-kind {args.tokens}")
+    own = own_grid(variant_fields())
     given = {name: coerce(name, getattr(args, name)) for name in shared_fields | run_fields
-             if name not in GRID_FLAGS and name != "prefixes" and getattr(args, name, None) is not None}
+             if name not in GRID_FLAGS and name != "prefixes" and name not in own and getattr(args, name, None) is not None}
     if args.prefixes:
         given["prefixes"] = coerce("prefixes", args.prefixes)
     if given.get("token_kind") not in (None, *TOKEN_KINDS):
         raise TraitscopeError(f"--token-kind must be one of {', '.join(TOKEN_KINDS)}, not {given['token_kind']!r}")
     grid: dict[str, list] = {}
-    variants = [v for value in (args.sae or []) for v in _split(value)]
-    if variants:
-        grid["variant"] = variants
+    asked = [v for value in (args.sae or []) for v in _split(value)]
+    if asked:
+        grid["variant"] = asked
     for name, flag in GRID_FLAGS.items():
         if name == "variant":
             continue
         values = _split(getattr(args, name))
         if values:
             grid[name] = [coerce(name, v) for v in values]
+    for name in own:  # one value: for every SAE it fits (a sweep's too); several: a grid
+        values = [coerce(name, v) for v in _split(getattr(args, name))]
+        if len(values) > 1:
+            grid[name] = values
+        elif values:
+            given[name] = values[0]
     base = TrainConfig(**{k: v for k, v in given.items() if k in shared_fields})
     run_defaults = {k: v for k, v in given.items() if k in run_fields}
     if args.sweep:
         if grid:
-            flags = ", ".join(GRID_FLAGS[k] for k in grid)
+            flags = ", ".join(_flag(k) for k in grid)
             raise TraitscopeError(f"give the runs either as a grid ({flags}) or in --sweep, not both")
         top, entries = load_sweep(args.sweep)
         sweep_shared = {k: v for k, v in top.items() if k in shared_fields}
