@@ -147,8 +147,9 @@ def _toy_shards(root: Path) -> Path:
 
 
 def _train_args(shards_dpath: Path, out: Path) -> list[str]:
-    """TopK, BatchTopK (a batch-level selection) and ReLU (a token-mean loss) in one pass of 100 steps."""
-    return ["train", "--shards", str(shards_dpath), "--sae", "topk,batchtopk,relu", "--k", "4", "--d-sae", "64",
+    """TopK, BatchTopK (a batch-level selection), ReLU and JumpReLU (token-mean losses; JumpReLU's
+    thresholds are parameters) in one pass of 100 steps."""
+    return ["train", "--shards", str(shards_dpath), "--sae", "topk,batchtopk,relu,jumprelu", "--k", "4", "--d-sae", "64",
             "--tokens", "12800", "--batch-size", "128", "--lr-warmup", "5", "--dead-tokens", "1500",
             "--log-every", "10", "--checkpoint-every", "6400", "--val-tokens", "256", "--quiet", "--device", "cpu",
             "--threads", "1", "--out", str(out)]
@@ -185,7 +186,7 @@ def one_process_runs(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     shards_dpath = _toy_shards(root / "shards")
     assert main(_train_args(shards_dpath, root / "one")) == 0
     runs = _runs(root / "one")
-    assert len(runs) == 3 and any(_metrics(r)[-1].get("auxk") for r in runs.values())  # dead latents arose
+    assert len(runs) == 4 and any(_metrics(r)[-1].get("auxk") for r in runs.values())  # dead latents arose
     return shards_dpath, runs
 
 
@@ -197,7 +198,7 @@ def test_two_ranks_train_like_one_and_resume_on_one(one_process_runs, tmp_path):
     job = torchrun(["-m", "traitscope.cli", *_train_args(shards_dpath, out), "--stop-after", "5000"])
     assert job.returncode == 0, job.stderr[-3000:]
     assert "on 2 processes, each a share of every batch" in job.stdout
-    assert job.stdout.count("stopped with a checkpoint") == 3  # rank 0 alone prints
+    assert job.stdout.count("stopped with a checkpoint") == 4  # rank 0 alone prints
     for run in _runs(out).values():
         assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 40
     # ...and finished by one process from the 2-rank checkpoints (global state: weights, Adam, loader)
@@ -215,8 +216,8 @@ def test_a_sweep_spreads_whole_saes_over_ranks(one_process_runs, tmp_path):
     job = torchrun(["--no-python", "traitscope", *_train_args(shards_dpath, out), "--dist-mode", "sweep"])
     assert job.returncode == 0, job.stderr[-3000:]
     owners = [line for line in job.stdout.splitlines() if "(new, rank" in line]
-    assert [line.rsplit("rank ", 1)[1] for line in owners] == ["0)", "1)", "0)"]  # SAE i on rank i mod 2
-    assert sum("trained: NMSE" in line for line in job.stdout.splitlines()) == 3  # each by its owner
+    assert [line.rsplit("rank ", 1)[1] for line in owners] == ["0)", "1)", "0)", "1)"]  # SAE i on rank i mod 2
+    assert sum("trained: NMSE" in line for line in job.stdout.splitlines()) == 4  # each by its owner
     sweep = _runs(out)
     for name in one:  # one SAE per process sees the very batches of the one-process pass
         _assert_same_training(one[name], sweep[name], rtol=1e-6)

@@ -1,6 +1,7 @@
 """SAE variants: sparse training gradients equal dense autograd, exact batch selection, batch-independent
 inference codes, the scale folded into saved weights, and save/load."""
 
+import dataclasses
 import math
 
 import pytest
@@ -11,21 +12,31 @@ from traitscope.sae import SAEConfig, build_sae, describe_params, load_sae, vari
 from traitscope.sae.sparse import batch_topk_flat
 
 TOPK_FAMILY = ["topk", "batchtopk", "matryoshka"]
+EVERY_VARIANT = sorted(variants())
+"""Every registered variant: the tests of what all SAEs promise run on each, a new one included."""
 
 
 def make(variant: str, d: int = 16, s: int = 96, k: int = 5, **kw):
     torch.manual_seed(0)
-    prefixes = [12, 48, s] if variant == "matryoshka" else None
-    cfg = SAEConfig(variant, d, s, k=None if variant == "relu" else k, prefixes=prefixes, **kw)
-    sae = build_sae(cfg)
+    own = {name: value for name, value in {"k": k, "prefixes": [12, 48, s]}.items()
+           if name in {f.name for f in dataclasses.fields(variants()[variant].Params)}}
+    sae = build_sae(SAEConfig(variant, d, s, **(own | kw)))
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.1)
     return sae
 
 
+def with_threshold(sae, value: float):
+    """A JumpReLU at inference (BatchTopK, Matryoshka, JumpReLU) with this threshold, as training leaves it."""
+    if hasattr(sae, "threshold"):
+        with torch.no_grad():
+            sae.threshold.fill_(value)
+    return sae
+
+
 def test_registry_has_every_variant():
-    assert {"relu", "topk", "batchtopk", "matryoshka"} <= set(variants())
+    assert {"relu", "topk", "batchtopk", "matryoshka", "jumprelu"} <= set(variants())
 
 
 @pytest.mark.parametrize("variant", TOPK_FAMILY)
@@ -137,12 +148,10 @@ def test_a_short_run_learns_a_threshold_that_keeps_about_k(variant):
     assert 6.5 < float(l0) < 9.5, float(l0)
 
 
-@pytest.mark.parametrize("variant", ["relu", *TOPK_FAMILY])
+@pytest.mark.parametrize("variant", EVERY_VARIANT)
 def test_sparse_codes_are_the_positive_dense_codes(variant):
     """encode_sparse (what inference streams) lists exactly the positive entries of encode."""
-    sae = make(variant).eval()
-    if variant in ("batchtopk", "matryoshka"):
-        sae.threshold.fill_(0.2)
+    sae = with_threshold(make(variant), 0.2).eval()
     x = torch.randn(300, 16)
     with torch.no_grad():
         dense = sae.encode(x)
@@ -152,12 +161,11 @@ def test_sparse_codes_are_the_positive_dense_codes(variant):
     assert torch.allclose(rebuilt, dense, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["relu", *TOPK_FAMILY])
+@pytest.mark.parametrize("variant", EVERY_VARIANT)
 def test_folding_the_scale_gives_the_same_codes_on_raw_inputs(variant):
     """An SAE trained on scale·x, folded, gives codes/scale and x̂/scale on raw x."""
     sae = make(variant)
-    if variant in ("batchtopk", "matryoshka"):
-        sae.threshold.fill_(0.3)
+    with_threshold(sae, 0.3)
     x = torch.randn(40, 16) * 7 + 2
     scale = 0.05
     with torch.no_grad():
@@ -173,11 +181,10 @@ def test_folding_the_scale_gives_the_same_codes_on_raw_inputs(variant):
         assert torch.allclose(sae.decode(sae.encode(x)), x_hat / scale, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["relu", *TOPK_FAMILY])
+@pytest.mark.parametrize("variant", EVERY_VARIANT)
 def test_save_and_load_round_trip(tmp_path, variant):
     sae = make(variant)
-    if variant in ("batchtopk", "matryoshka"):
-        sae.threshold.fill_(0.25)
+    with_threshold(sae, 0.25)
     sae.save(tmp_path, extra_config={"shards": {"hash": "abc"}})
     loaded = load_sae(tmp_path)
     assert loaded.cfg == sae.cfg
@@ -237,3 +244,50 @@ def test_defaults_live_in_the_variant():
     assert build_sae(SAEConfig("topk", 16, 64)).params.k == 32
     assert build_sae(SAEConfig("matryoshka", 16, 64, k=4)).params.prefixes == [4, 8, 16, 32, 64]
     assert [cls.loss_per_token for cls in (variants()["relu"], variants()["topk"])] == [True, False]
+
+
+def test_jumprelu_learns_its_thresholds_by_the_pseudo_derivatives():
+    """θ's gradient is the paper's straight-through estimate, −(θ/ε)·Σ_t ∂L/∂f·K − (λ/ε)·Σ_t K over the
+    tokens within ε/2 of θ; the encoder gets the ordinary gradient of ReLU·H and none from the L0 term."""
+    eps, lam, n = 0.2, 0.01, 64
+    sae = make("jumprelu", bandwidth=eps, l0_coeff=lam, l0_warmup=0.0)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.rand(96) * 0.3)
+    x = torch.randn(n, 16)
+    out = sae(x)
+    out.loss.backward()
+
+    W_enc = sae.W_enc.detach().clone().requires_grad_()
+    pre = (x - sae.b_dec.detach()) @ W_enc + sae.b_enc.detach()
+    theta = sae.threshold.detach()
+    fires = (pre.detach() > theta) & (pre.detach() > 0)
+    x_hat = (pre * fires) @ sae.W_dec.detach() + sae.b_dec.detach()
+    loss = ((x_hat - x) ** 2).sum(1).mean() + lam * fires.sum(1).float().mean()
+    loss.backward()
+    assert torch.allclose(out.loss, loss, rtol=1e-5) and float(out.parts["l0"]) == fires.sum() / n
+    assert torch.allclose(sae.W_enc.grad, W_enc.grad, atol=1e-6, rtol=1e-4)
+    dL_df = 2 * (x_hat.detach() - x) @ sae.W_dec.detach().T / n
+    K = ((pre.detach() - theta).abs() < eps / 2).float() / eps
+    expected = (-theta * dL_df * K).sum(0) - lam / n * K.sum(0)
+    assert K.sum() > 0 and torch.allclose(sae.threshold.grad, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_a_short_jumprelu_run_raises_its_thresholds_and_a_larger_penalty_is_sparser():
+    """60 steps on sparse mixtures (inputs of unit mean norm): thresholds rise from 0.001, more under a
+    larger λ, which halves L0."""
+    l0, theta = {}, {}
+    for lam in (1e-3, 3e-2):
+        torch.manual_seed(0)
+        sae = build_sae(SAEConfig("jumprelu", 16, 96, l0_coeff=lam, l0_warmup=0.0, bandwidth=0.01))
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+        torch.manual_seed(1)
+        mix = torch.randn(96, 16)
+        for _ in range(60):
+            x = torch.relu(torch.randn(256, 96) - 1.5) @ mix
+            out = sae(x / x.norm(dim=1).mean())
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            sae.normalize_decoder_()
+        l0[lam], theta[lam] = float(out.parts["l0"]), float(sae.threshold.detach().mean())
+    assert 1e-3 < theta[1e-3] < theta[3e-2] and l0[3e-2] < 0.6 * l0[1e-3] < 0.2 * 96, (theta, l0)

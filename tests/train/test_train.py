@@ -109,6 +109,22 @@ def test_relu_l1_learns_and_l1_trades_sparsity(shards, tmp_path):
     assert strong.metrics["l0"] < weak.metrics["l0"], (weak.metrics, strong.metrics)
 
 
+def test_jumprelu_learns_its_thresholds_from_the_cli_and_l0_coeff_trades_sparsity(shards, tmp_path):
+    """`--variant jumprelu` with a grid of its own --l0-coeff: held-out NMSE well below 1, the larger
+    penalty sparser, and per-latent thresholds learnt and saved."""
+    out = tmp_path / "runs"
+    argv = ["train", "--shards", str(shards.dpath), "--layer", str(LAYER), "--variant", "jumprelu",
+            "--l0-coeff", "0.001,0.01", "--d-sae", "128", "--tokens", "200k", "--batch-size", "512", "--out",
+            str(out), "--quiet", "--val-tokens", "4k", "--threads", "1"]
+    assert main(argv) == 0
+    (weak_dpath,), (strong_dpath,) = (list(out.glob(f"jumprelu-l0_{c}-128-*")) for c in ("0.001", "0.01"))
+    weak, strong = read_json(weak_dpath / "metrics.json"), read_json(strong_dpath / "metrics.json")
+    assert weak["nmse"] < 0.3 and strong["l0"] < 0.7 * weak["l0"], (weak, strong)
+    assert read_json(weak_dpath / "config.json")["sae"]["l0_coeff"] == 0.001
+    sae = load_sae(weak_dpath)
+    assert sae.threshold.shape == (128,) and float(sae.threshold.detach().std()) > 0
+
+
 # --- the command line and the run folder ---
 
 def test_cli_trains_a_grid_in_one_pass_and_prints_each_run_folder(shards, tmp_path, capsys):
@@ -281,7 +297,8 @@ def test_cli_reports_nan_activations_as_one_error(tmp_path, capsys):
 ALL_VARIANTS = [RunSettings(variant="topk", k=3, d_sae=64, dead_tokens=3_000),
                 RunSettings(variant="batchtopk", k=3, d_sae=64, dead_tokens=3_000),
                 RunSettings(variant="matryoshka", k=3, d_sae=64, prefixes=[8, 32, 64], dead_tokens=3_000),
-                RunSettings(variant="relu", l1_coeff=1.0, d_sae=64)]
+                RunSettings(variant="relu", l1_coeff=1.0, d_sae=64),
+                RunSettings(variant="jumprelu", l0_coeff=1e-3, d_sae=64)]
 
 
 def weights(run_dpath: Path) -> dict[str, torch.Tensor]:
