@@ -3,13 +3,16 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from shard_fixtures import LAYER, make_shards
 
 from traitscope.errors import TraitscopeError
 from traitscope.runs import FORMAT, FoundRuns, RunFolder, ShardsRef, find_runs
 from traitscope.sae import SAEConfig, build_sae, load_sae
+from traitscope.train import RunSettings, TrainConfig, train
 
 SHARDS = {"hash": "abc123", "path": "/data/shards", "layer": 7, "token_kind": "cls", "d_model": 8,
           "model": "toy", "weights_sha256": "ab" * 32}
@@ -105,3 +108,23 @@ def test_find_runs(tmp_path):
     assert found.runs[0].dpath == (tmp_path / "sweep" / "a").resolve()
     with pytest.raises(TraitscopeError, match="not a folder"):
         find_runs(tmp_path / "nothing")
+
+
+def test_a_trained_run_folder(tmp_path):
+    """What `traitscope train` leaves: config.json written by the one writer (the SAE's entry first, as
+    every version wrote it, with the input scale that was folded into the weights), the log, the metrics."""
+    rng = np.random.default_rng(0)
+    shards = make_shards(tmp_path / "shards", rng.normal(size=(40, 4, 8)).astype(np.float32) * 3)
+    cfg = TrainConfig(shards=str(shards.dpath), layer=LAYER, tokens=4096, batch_size=128, out=str(tmp_path / "runs"),
+                      quiet=True, log_every=8, checkpoint_every=2048, val_tokens=256, threads=1)
+    (result,) = train(cfg, [RunSettings(variant="topk", k=2, d_sae=16)], echo=lambda *a: None)
+    (run,) = find_runs(tmp_path / "runs").runs
+    assert run.dpath == result.dpath.resolve() and run.is_finished and run.metrics == result.metrics
+    text = run.config_fpath.read_text()
+    config = json.loads(text)
+    assert list(config) == ["sae", "format", "train", "shards"] and text == json.dumps(config, indent=2) + "\n"
+    state = json.loads((run.dpath / "checkpoint" / "state.json").read_text())
+    assert config["train"]["input_scale"] == state["input_scale"] != 1.0
+    assert run.shards == ShardsRef(shards.hash, str(shards.dpath.resolve()), LAYER, "patches", 8, "toy",
+                                   shards.model["weights_sha256"])
+    assert run.read_log() and all("tokens" in record for record in run.read_log()) and run.curves_fpath.is_file()

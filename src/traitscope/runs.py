@@ -176,8 +176,9 @@ class RunFolder:
 
     # --- sae.safetensors ---
     def write_weights(self, tensors: dict) -> None:
+        """Write sae.safetensors whole (a state dict: tensors on any device)."""
         self.dpath.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(self.weights_fpath, tensors)
+        atomic_save_safetensors(self.weights_fpath, {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
     def read_weights(self, like: dict, fix: str = "") -> dict:
         """The weight tensors, each of `like` (a state dict) checked to be there with its shape and dtype."""

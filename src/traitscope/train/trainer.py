@@ -416,8 +416,8 @@ def open_run(cfg: TrainConfig, s: RunSettings, identity: dict, dpath: Path, shar
 def run_config(cfg: TrainConfig, run: Run, shards: Shards, split: TokenSplit) -> dict:
     """config.json: the SAE's architecture, how it was trained, and on which shards."""
     return {
-        "format": RUN_FORMAT,
         "sae": run.sae.cfg.to_dict(),
+        "format": RUN_FORMAT,
         "train": {**{f: getattr(cfg, f) for f in ("tokens", "batch_size", "seed", "val_frac", "val_split", "dtype",
                                                   "chunk_rows", "buffer_mb")},
                   **{k: v for k, v in dataclasses.asdict(run.settings).items() if k not in ("variant", "d_sae", "params")},
@@ -534,9 +534,12 @@ def folded_sae(run: Run) -> SAE:
 
 
 def save_folded(run: Run) -> None:
+    """sae.safetensors: the SAE that takes raw activations; config.json records the input scale folded in."""
+    run.folder.write_weights(folded_sae(run).state_dict())
     config = run.folder.read_config()
-    config["train"]["input_scale"] = run.scale
-    folded_sae(run).save(run.dpath, extra_config={k: v for k, v in config.items() if k != "sae"})
+    if config["train"].get("input_scale") != run.scale:
+        config["train"]["input_scale"] = run.scale
+        run.folder.write_config(config)
 
 
 # --- the end ---
