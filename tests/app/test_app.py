@@ -347,6 +347,21 @@ def test_blind_test_saves_each_rating_at_once_and_resumes_after_a_reload(world, 
     assert len(at.get("image")) == 1  # the histogram
 
 
+def test_label_tests_keep_their_p_values_for_the_next_server_start(world, tmp_path):
+    """The hypergeometric p-values take minutes on a large dictionary: kept in the cache folder, read back
+    by the next server; a file of the wrong length is recomputed."""
+    from traitscope.app.data import label_cooccurrence
+
+    counts = label_cooccurrence(inference(world), Dataset(world["shards"].dpath), tmp_path)
+    fresh = counts.tests(3, p_fpath=tmp_path / "p.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), fresh.p)
+    assert fresh.p.max() <= 1 and (fresh.p < 0.05).any()
+    np.save(tmp_path / "p.npy", np.full_like(fresh.p, 0.5))  # marked: read back, not recomputed
+    assert (counts.tests(3, p_fpath=tmp_path / "p.npy").p == 0.5).all()
+    np.save(tmp_path / "p.npy", np.full(3, 0.5))
+    np.testing.assert_array_equal(counts.tests(3, p_fpath=tmp_path / "p.npy").p, fresh.p)
+
+
 def test_blind_test_without_a_usable_run_draws_no_form(world, monkeypatch, tmp_path):
     """The check comes first: no start form to fill in when no run can start a test."""
     fx.make_run(tmp_path / "runs" / "bare", world["shards"], weights=False)  # no inference outputs

@@ -178,6 +178,35 @@ def test_the_atlas_is_the_start_page_and_opens_a_feature(server, world, browser)
     shot(browser, "00-atlas-map")
 
 
+def test_clicking_a_point_of_the_map_opens_that_feature(server, world, browser):
+    """The map of the dictionary: hover a point (its tooltip names the feature), click it, land on that
+    feature's page."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    from traitscope.app.data import InferenceView
+
+    inference = InferenceView(world["root"] / "runs" / "topk-a" / "inference" / world["shards"].hash)
+    browser.get(server + "?page=Atlas&run=topk-a")
+    wait(browser, 90).until(lambda d: len(strip_features(d)) == 30)
+    browser.find_element(By.XPATH, "//div[@role='radiogroup']//p[text()='map of the dictionary']").click()
+    points = '[data-testid="stVegaLiteChart"] svg path[aria-roledescription="circle"]'
+    n_shown = int((inference.fire_counts() >= 2).sum())  # the default filter hides dead and one-image features
+    wait(browser, 120).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, points)) == n_shown)
+    wait_idle(browser, 120)
+    time.sleep(1)
+    point = browser.find_elements(By.CSS_SELECTOR, points)[n_shown // 2]
+    ActionChains(browser).move_to_element(point).perform()
+    tip = wait(browser, 10).until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#vg-tooltip-element")))
+    feature = int(re.search(r"feature\s*(\d+)", tip.text).group(1))
+    shot(browser, "00b-atlas-map-hover")
+    ActionChains(browser).move_to_element(point).click().perform()
+    wait(browser, 60).until(lambda d: f"Feature {feature}" in d.find_element(By.TAG_NAME, "body").text)
+    wait_idle(browser)
+    assert f"feature={feature}" in browser.current_url and "page=Feature" in browser.current_url
+    wait(browser, 60).until(lambda d: len(tile_titles(d)) == len(inference.feature(feature).rows))
+    shot(browser, "00c-map-click-feature")
+
+
 def test_feature_pages_heatmaps_sit_on_the_planted_patches(server, world, browser):
     shards = world["shards"]
     browser.get(server + "?page=Features&run=topk-a&feature=5&zoom=0")

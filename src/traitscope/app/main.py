@@ -28,7 +28,8 @@ import streamlit as st
 from traitscope.app import atlas, blind
 from traitscope.app.cli import images_roots
 from traitscope.app.data import (MIN_SUPPORT, Dataset, FeatureData, InferenceView, LabelCooccurrence, Run, dense_top_images,
-                                 find_run_folders, label_cooccurrence, open_image_file, parse_int, sae_top_rows)
+                                 _cache_dpath, find_run_folders, label_cooccurrence, open_image_file, parse_int,
+                                 sae_top_rows)
 from traitscope.errors import TraitscopeError
 from traitscope.features.alignment import alignment_markdown, read_alignment
 from traitscope.features.ranking import RANKINGS, grid_ranking
@@ -98,10 +99,15 @@ def enrichment_of(inference: InferenceView, dataset: Dataset) -> LabelCooccurren
     return get_enrichment(str(inference.dpath), mtime, str(dataset.dpath), str(ARGS.cache))
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner="Testing every feature-label pair for enrichment (once per run, dataset and "
+                                "minimum support) ...", max_entries=8)
 def get_label_tests(inference_dpath: str, mtime: float, dataset_dpath: str, cache: str, min_support: int):
     enrichment = get_enrichment(inference_dpath, mtime, dataset_dpath, cache)
-    return enrichment.tests(min_support)
+    inference = get_inference(inference_dpath, mtime)
+    key = {"what": "label-tests-p/1", "inference": inference_dpath, "mtime": mtime,
+           "sae": inference.manifest.get("sae_sha256"), "shards": get_dataset(dataset_dpath).hash,
+           "labels": enrichment.names, "min_support": min_support}
+    return enrichment.tests(min_support, p_fpath=_cache_dpath(Path(cache), key) / "p.npy")
 
 
 def label_tests_of(inference: InferenceView, dataset: Dataset, min_support: int = MIN_SUPPORT):
@@ -672,7 +678,8 @@ def atlas_map(run: Run, inference: InferenceView, table: pd.DataFrame, shown: pd
     tooltip = ["feature", "images", "max_act"] + (["label", "q"] if "q" in data else [])
     pick = alt.selection_point(fields=["feature"], name="pick", on="click")
     chart = (alt.Chart(data[["feature", "map_x", "map_y", colour] + tooltip[1:]]).mark_circle(size=40)
-             .encode(x=alt.X("map_x", axis=None), y=alt.Y("map_y", axis=None),
+             .encode(x=alt.X("map_x", axis=None, scale=alt.Scale(zero=False, nice=False)),
+                     y=alt.Y("map_y", axis=None, scale=alt.Scale(zero=False, nice=False)),
                      color=alt.Color(colour, scale=alt.Scale(scheme="viridis"), title=colour_by),
                      tooltip=tooltip)
              .add_params(pick).properties(height=600))
