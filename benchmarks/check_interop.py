@@ -6,12 +6,12 @@ traitscope's sources on the path:
 
     PYTHONPATH=src /work/wt/peer-venv/bin/python benchmarks/check_interop.py
     PYTHONPATH=src /work/wt/peer-venv/bin/python benchmarks/check_interop.py --saev-src /path/to/saev/src
-    PYTHONPATH=src /work/wt/peer-venv/bin/python benchmarks/check_interop.py --write-fixtures tests/data/interop
+    PYTHONPATH=src /work/wt/peer-venv/bin/python benchmarks/check_interop.py --write-fixtures tests/interop/data
 
 saev on PyPI is 0.1.0 (checkpoints without a schema); `--saev-src` points at a checkout of saev's
 current sources (schema 5), whose nn package is imported from there (run it as its own pass: both
 are the package `saev`). `--write-fixtures` also saves tiny folders written by each peer, with the
-peer's codes and reconstructions, which tests/test_interop.py imports in the project's own venv.
+peer's codes and reconstructions, which tests/interop/test_interop.py imports in the project's own venv.
 Prints one line per check: the largest absolute difference in codes and reconstructions.
 """
 

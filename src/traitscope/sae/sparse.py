@@ -12,7 +12,7 @@ only the nnz = (batch × k) selected entries:
 
 The scatters are `embedding_bag` calls over the entries grouped by latent (one stable sort of nnz
 integers per selection), the dot products a sampled dense-dense product on the selection's pattern;
-both run on the CPU and on CUDA. The gradients are checked against dense autograd in tests/test_sae.py.
+both run on the CPU and on CUDA. The gradients are checked against dense autograd in tests/sae/test_sae.py.
 """
 
 import contextlib
