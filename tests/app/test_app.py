@@ -18,7 +18,8 @@ from streamlit.testing.v1 import AppTest
 
 import app_fixtures as fx
 from traitscope.app import blind
-from traitscope.app.data import Dataset, InferenceView, find_runs, load_npy, open_image_file, parse_int, safe_child
+from traitscope.app.data import (Dataset, InferenceView, find_run_folders, load_npy, open_image_file, parse_int,
+                                 safe_child)
 from traitscope.cli import main as traitscope_main
 from traitscope.errors import TraitscopeError
 from locations import APP_MAIN
@@ -285,7 +286,7 @@ def test_a_new_image_goes_through_the_manifests_backbone_and_preprocessing(world
                                        new_image_codes)
 
     dataset = Dataset(world["shards"].dpath)
-    run = next(r for r in find_runs(world["root"] / "runs") if r.name == "topk-a")
+    run = next(r for r in find_run_folders(world["root"] / "runs")[0] if r.name == "topk-a")
     backbone, weights_match = load_dataset_backbone(dataset)
     assert weights_match
     sae = load_run_sae(run)
@@ -496,7 +497,7 @@ def test_app_cli_validates_its_inputs_and_binds_to_localhost(world, tmp_path, ca
 
 
 def test_runs_are_found_and_described(world):
-    runs = {r.name: r for r in find_runs(world["root"] / "runs")}
+    runs = {r.name: r for r in find_run_folders(world["root"] / "runs")[0]}
     assert set(runs) == {"topk-a", "topk-b", "fresh"}
     assert runs["topk-a"].has_inference(world["shards"].hash)
     assert "d_sae=128" in runs["topk-a"].title() and "k=8" in runs["topk-a"].title()

@@ -6,7 +6,7 @@ import json
 from PIL import Image
 
 from traitscope.cli import main
-from traitscope.features.pareto import find_runs, mark_frontier
+from traitscope.features.pareto import find_points, mark_frontier
 
 RUNS = {  # name: (variant, k, l1, l0, nmse)
     "topk-16": ("topk", 16, None, 16.0, 0.30),
@@ -33,7 +33,7 @@ def make_runs(root):
 
 def test_frontier_is_the_non_dominated_runs(tmp_path):
     make_runs(tmp_path)
-    points, skipped = find_runs(tmp_path)
+    points, skipped = find_points(tmp_path)
     assert len(points) == 6 and len(skipped) == 1 and "unfinished" in skipped[0]
     front = {p.run for p in mark_frontier(points) if p.on_frontier}
     assert front == {"sweep/topk-16", "sweep/topk-32", "sweep/btk-32", "sweep/relu-1e-3"}

@@ -275,13 +275,9 @@ class Run(runs.RunFolder):
             return False
 
 
-def find_runs(runs_dpath: str | Path) -> list[Run]:
-    """Run folders at or under `runs_dpath`, as `traitscope.runs.find_runs` finds them."""
-    return find_run_folders(runs_dpath)[0]
-
-
 def find_run_folders(runs_dpath: str | Path) -> tuple[list[Run], list[tuple[str, str]]]:
-    """(the usable runs at or under `runs_dpath`, (name, why) for each run folder that cannot be used)."""
+    """(the usable runs at or under `runs_dpath`, (name, why) for each run folder that cannot be used), as
+    `traitscope.runs.find_runs` finds them."""
     found = runs.find_runs(runs_dpath)
     usable, unusable = [], list(found.unusable)
     for run in found.runs:

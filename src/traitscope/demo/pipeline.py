@@ -21,7 +21,7 @@ from traitscope.errors import TraitscopeError
 from traitscope.features.heldout import baselines_for, heldout_metrics
 from traitscope.features.inference import Inference, run_inference
 from traitscope.features.inputs import open_inputs
-from traitscope.features.pareto import RunPoint, find_runs, mark_frontier, plot, write_csv
+from traitscope.features.pareto import RunPoint, find_points, mark_frontier, plot, write_csv
 from traitscope.images import open_source
 from traitscope.sae.metrics import Metrics
 from traitscope.shards.build import build_shards, use_geometry
@@ -129,7 +129,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
         raise RuntimeError(f"{len(failed)} SAE run(s) did not finish: {failed[0].dpath}: {failed[0].message}")
 
     step(3, "Pareto frontier: sparsity against reconstruction error")
-    points, _ = find_runs(runs_dpath)
+    points, _ = find_points(runs_dpath)
     points = mark_frontier(points)
     write_csv(points, out / "pareto.csv")
     plot(points, out / "pareto.png", labels=True)

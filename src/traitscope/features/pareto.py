@@ -38,7 +38,7 @@ class RunPoint(NamedTuple):
     """The sparsity setting as the variant words it (k=32, λ=5, ...)."""
 
 
-def find_runs(runs_dpath: str | Path) -> tuple[list[RunPoint], list[str]]:
+def find_points(runs_dpath: str | Path) -> tuple[list[RunPoint], list[str]]:
     """Every finished run folder at any depth under `runs_dpath` (itself included; see `traitscope.runs.find_runs`).
 
     Returns the points and a note for each folder skipped (a run without final metrics yet).

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from traitscope.errors import TraitscopeError
-from traitscope.features.pareto import find_runs, frontier_table, mark_frontier, plot, write_csv
+from traitscope.features.pareto import find_points, frontier_table, mark_frontier, plot, write_csv
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    points, skipped = find_runs(args.runs)
+    points, skipped = find_points(args.runs)
     for note in skipped:
         print(f"skipped {note}")
     if not points:
