@@ -899,7 +899,7 @@ def page_plots(runs: list[Run], dataset: Dataset) -> None:
                  .encode(x=alt.X("l0", scale=alt.Scale(type="log"), title="L0 (codes above zero per token)"),
                          y=alt.Y("nmse", title="NMSE (held out; lower is better)"), color="variant",
                          shape=alt.Shape("where", title="held out from"),
-                         tooltip=["run", "variant", "k", "d_sae", "l0", "nmse", "dead_frac", "where"]))
+                         tooltip=["run", "variant", "setting", "d_sae", "l0", "nmse", "dead_frac", "where"]))
         frontier = frame[frame["on_frontier"] == True].sort_values("l0")  # noqa: E712 (NaN rows: this dataset)
         line = alt.Chart(frontier).mark_line(color="#999").encode(x="l0", y="nmse")
         st.altair_chart(chart + line, width="stretch")

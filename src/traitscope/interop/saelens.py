@@ -113,7 +113,12 @@ def _token_kind(hook) -> str | None:
 
 
 def saelens_architecture(sae: SAE) -> str:
-    return {"relu": "standard", "topk": "topk"}.get(sae.cfg.variant, "jumprelu")
+    """standard (relu), topk, or jumprelu for an SAE that is a JumpReLU at inference (it has a threshold)."""
+    arch = {"relu": "standard", "topk": "topk"}.get(sae.cfg.variant) or ("jumprelu" if hasattr(sae, "threshold") else None)
+    if arch is None:
+        raise TraitscopeError(f"SAELens has no architecture for {sae.cfg.variant} SAEs (it reads relu, topk and "
+                              "JumpReLU ones: jumprelu, batchtopk, matryoshka)")
+    return arch
 
 
 def write_saelens(sae: SAE, dpath: Path, metadata: dict) -> None:
