@@ -199,6 +199,23 @@ def test_the_app_blind_test_shows_the_grids_of_the_cli(faces_run, tmp_path):
     np.testing.assert_array_equal(dense, top["dense_rows"])
 
 
+@needs_celeba
+def test_the_documented_blind_test_starts(faces_run, tmp_path, capsys):
+    """docs/faces.md's `blind` run on the fine-tuned EfficientNet-Lite0 embeddings has the N = 10 SAE
+    features that fill a 16-face grid, so the blind test starts as the docs say (as the app plans it)."""
+    from traitscope.app import blind
+    from traitscope.app.data import Dataset, InferenceView, Run, sae_top_rows
+
+    shards = faces_run["shards"]
+    dataset, run = Dataset(shards.dpath), Run(faces_run["cwd"] / "faces" / "runs" / "blind", "blind")
+    inference = InferenceView(run.inference_dpath(dataset.hash))
+    rows = sae_top_rows(dataset, run, inference, 16, tmp_path)
+    full = np.flatnonzero(rows[:, 15] >= 0)
+    with capsys.disabled():
+        print(f"\nblind run: {len(full)} of {inference.d_sae} SAE features fill a 16-face grid")
+    assert len(blind.plan_items(10, 0, np.arange(shards.d_model(run.layer)), full)) == 20
+
+
 def test_resume_from_checkpoint_continues_identically(tmp_path):
     images = str(_faces_like(tmp_path / "imgs", n=8))
     cfg = dict(QUICK, batch_size=4, save_every=1000)  # 2 steps per epoch
