@@ -547,11 +547,11 @@ def test_saev_shards_without_their_images_need_images_root(tmp_path, monkeypatch
     assert main(["app", "--runs", str(runs), "--shards", str(dpath), "--images-root", "a", "b"]) == 2
     assert "give one per shards folder" in capsys.readouterr().err
 
-    def app(*extra):
+    def app(*extra, page="Feature"):
         monkeypatch.setenv("TRAITSCOPE_APP_ARGS", json.dumps(["--runs", str(runs), "--shards", str(dpath),
                                                               "--cache", str(tmp_path / "cache"), *extra]))
         at = AppTest.from_file(str(APP_MAIN), default_timeout=120)
-        at.query_params.update({"page": "Feature", "run": "fish-saev", "feature": "2"})
+        at.query_params.update({"page": page, "run": "fish-saev", "feature": "2"})
         at.run()
         assert not at.exception and not at.error, [e.value for e in at.exception or at.error]
         return at
@@ -565,6 +565,9 @@ def test_saev_shards_without_their_images_need_images_root(tmp_path, monkeypatch
     title = at.caption[0].value
     assert "imported from saev" in title and "held out on this dataset" in title
     assert "training data" not in "".join(c.value for c in at.caption)
+    plots = app(page="Run plots")  # the Pareto plot says where an imported SAE's metrics.json was held out
+    assert "the shards it was imported onto" in plots.get("vega_lite_chart")[0].proto.spec + "".join(
+        str(d) for d in plots.get("vega_lite_chart")[0].proto.datasets)
 
     import streamlit as st
 

@@ -886,7 +886,9 @@ def page_plots(runs: list[Run], dataset: Dataset) -> None:
     st.subheader("Sparsity against reconstruction error")
     points, skipped = run_points(all_runs_cached())
     if points:
-        frame = pd.DataFrame(mark_frontier(points), columns=points[0]._fields).assign(where="its training data")
+        imported = [r.name for r in all_runs_cached() if r.imported_from]  # no training data here
+        frame = pd.DataFrame(mark_frontier(points), columns=points[0]._fields)
+        frame["where"] = np.where(frame["run"].isin(imported), "the shards it was imported onto", "its training data")
         on_here = []
         for run in all_runs_cached():
             table = heldout_table(run, dataset)
@@ -903,7 +905,8 @@ def page_plots(runs: list[Run], dataset: Dataset) -> None:
         frontier = frame[frame["on_frontier"] == True].sort_values("l0")  # noqa: E712 (NaN rows: this dataset)
         line = alt.Chart(frontier).mark_line(color="#999").encode(x="l0", y="nmse")
         st.altair_chart(chart + line, width="stretch")
-        st.caption("Circles: each run's metrics.json (held out from the shards it was trained on); the grey line "
+        st.caption("Circles: each run's metrics.json (held out from the shards it was trained on, or for an SAE "
+                   "imported from another library the shards it was imported onto); the grey line "
                    "joins the Pareto frontier. Other shapes: the same runs held out from this dataset, where "
                    "`traitscope inference` has written them.")
     for note in skipped:
