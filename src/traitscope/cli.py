@@ -60,7 +60,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    try:
+        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    except SystemExit as done:  # --help, or a bad option (argparse printed one `error:` line)
+        return int(done.code or 0)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

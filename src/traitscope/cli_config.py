@@ -43,8 +43,9 @@ def parse_count(text: str | int | float) -> int:
     return int(value)
 
 
-def _cli(parse: Callable, name: str) -> Callable[[str], object]:
-    """`parse` for argparse: its TraitscopeError becomes argparse's one-line error naming the option."""
+def option_type(parse: Callable, name: str) -> Callable[[str], object]:
+    """`parse` as an option's type (`field(type=...)`): its TraitscopeError becomes argparse's one-line
+    error naming the option."""
     def parse_arg(text: str):
         try:
             return parse(text)
@@ -54,16 +55,21 @@ def _cli(parse: Callable, name: str) -> Callable[[str], object]:
     return parse_arg
 
 
-register_parsing_fn(Count, _cli(parse_count, "count"))
+register_parsing_fn(Count, option_type(parse_count, "count"))
 
 
 def comma_list(parse: Callable = str) -> Callable[[str], tuple]:
     """A parser of '16,32,64' (items read by `parse`) into a tuple, for `field(type=comma_list(int))`."""
-    def parse_list(text: str) -> tuple:
+    def parse_item(part: str):
         try:
-            return tuple(parse(part.strip()) for part in str(text).split(",") if part.strip())
-        except (TraitscopeError, ValueError) as err:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list ({err})") from None
+            return parse(part)
+        except TraitscopeError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a valid {parse.__name__}") from None
+
+    def parse_list(text: str) -> tuple:
+        return tuple(parse_item(part.strip()) for part in str(text).split(",") if part.strip())
     parse_list.__name__ = "comma list"
     return parse_list
 
@@ -80,9 +86,11 @@ class ConfigParser(simple_parsing.ArgumentParser):
             self._defaults.update(parent._defaults)
 
 
-def add_config(parser: ConfigParser, cls: type, dest: str) -> None:
-    """One option per field of the dataclass `cls` (nested dataclasses too); `args.<dest>` is the instance."""
-    parser.add_arguments(cls, dest=dest, dataclass_wrapper_class=_Config)
+def add_config(parser: ConfigParser, cls: type, dest: str, given_only: bool = False) -> None:
+    """One option per field of the dataclass `cls` (nested dataclasses too); `args.<dest>` is the instance,
+    or with `given_only` a dict of the values given on the command line (no attribute when none was)."""
+    parser.add_arguments(cls, dest=dest, default=argparse.SUPPRESS if given_only else None,
+                         dataclass_wrapper_class=_Config)
 
 
 def show_default(value) -> str:
@@ -112,7 +120,7 @@ class _Option(FieldWrapper):
             if "nargs" not in self.custom_arg_options and (
                     options.get("nargs") == "?" or "type" in self.custom_arg_options):
                 options.pop("nargs", None)  # one value: `--image-size` alone is an error, `--ks 8,16` one list
-        if options.get("default") is not None:
+        if options.get("default") not in (None, "") and not options.get("required"):
             options["help"] = f"{options.get('help') or ''} (default: {show_default(options['default'])})".lstrip()
         self._arg_options = options
         return options
@@ -133,3 +141,7 @@ class _Config(DataclassWrapper):
     @property
     def title(self) -> str:
         return self.dataclass.__name__
+
+    @property
+    def description(self) -> str:
+        return super().description.split("\n\n")[0]  # the first paragraph

@@ -30,109 +30,78 @@ pass over the data (layer, token kind, batch size, budget, seed, ...) must agree
 import argparse
 import dataclasses
 import sys
+import typing
 
+from simple_parsing.docstring import get_attribute_docstring
+
+from traitscope.cli_config import add_config, comma_list, parse_count, show_default
 from traitscope.errors import TraitscopeError
 from traitscope.sae import variants
-from traitscope.train.config import (RunSettings, TrainConfig, coerce, field_docs, load_sweep, plan_runs, setting_names,
-                                     variant_fields)
+from traitscope.train.config import RunSettings, TrainConfig, load_sweep, plan_runs, setting_names, variant_fields
 
-# Per-run fields that take comma lists on the command line (a grid), with their flags.
+# Per-run settings whose comma lists on the command line make a grid (in help and messages by their flag).
 GRID_FLAGS = {"variant": "--sae", "k": "--k", "l1_coeff": "--l1", "d_sae": "--d-sae", "expansion": "--expansion",
               "lr": "--lr"}
-TOKEN_KINDS = ("patches", "cls", "all")
+# Command-line types of the variants' parameters (the others: a comma list of their annotation's type).
+PARAM_TYPES = {"k": comma_list(parse_count), "l1_coeff": comma_list(float), "prefixes": comma_list(parse_count)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
-    own = variant_fields()  # every variant's parameters: (field, the variants that have it)
-    docs = {name: field_docs(variants()[names[0]].Params)[name].rstrip(".") + f" ({', '.join(names)}"
-            + ("" if f.default is None else f"; default {_show(f.default)}") + ")." for name, (f, names) in own.items()}
-    shared, per_run = field_docs(TrainConfig), field_docs(RunSettings) | docs
-    defaults_t, defaults_r = TrainConfig(), RunSettings()
-    data = parser.add_argument_group("data (shared by every SAE of the pass)")
-    data.add_argument("--shards", required=True, metavar="DIR", help=shared["shards"])
-    data.add_argument("--sweep", metavar="FILE", help="JSON or TOML file listing the runs (example above); "
-                      "keys are the long option names with underscores ('sae' and 'l1' work too)")
-    grid = parser.add_argument_group("SAEs (comma lists make a grid)")
-    grid.add_argument("--sae", "--variant", dest="sae", action="append", metavar="VARIANT", help=per_run["variant"] + " (default: topk)")
-    grid.add_argument("--k", metavar="K[,K...]", help=per_run["k"])
-    grid.add_argument("--l1", dest="l1_coeff", metavar="L1[,L1...]", help=per_run["l1_coeff"])
-    grid.add_argument("--d-sae", metavar="N[,N...]", help=per_run["d_sae"])
-    grid.add_argument("--expansion", metavar="X[,X...]", help=per_run["expansion"])
-    grid.add_argument("--lr", metavar="LR[,LR...]", help=per_run["lr"])
-    grid.add_argument("--prefixes", metavar="N,N,...", help=per_run["prefixes"])
-    for name in own_grid(own):
-        grid.add_argument("--" + name.replace("_", "-"), dest=name, metavar=f"{name.upper()}[,...]", help=per_run[name])
-    optim = parser.add_argument_group("optimiser (per SAE)")
-    for f in dataclasses.fields(RunSettings):
-        if f.name in GRID_FLAGS or f.name == "params":
-            continue
-        default = getattr(defaults_r, f.name)
-        optim.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(),
-                           help=per_run[f.name] + ("" if default is None else f" (default: {_show(default)})"))
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "shards":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults_t, f.name)
-        help_text = shared[f.name] + ("" if default is None or f.type is bool else f" (default: {_show(default)})")
-        if f.type is bool:
-            data.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
-        else:
-            data.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=help_text)
+    parser.add_argument("--sweep", metavar="FILE", help="JSON or TOML file listing the runs (example above); "
+                        "keys are the long option names with underscores ('sae' and 'l1' work too)")
+    add_config(parser, TrainConfig, dest="shared", given_only=True)
+    add_config(parser, RunSettings, dest="run", given_only=True)
+    add_config(parser, variant_params(), dest="params", given_only=True)
 
 
-def own_grid(own: dict) -> list[str]:
-    """The variants' own parameters that take comma lists under their own names (k and l1 are above;
-    prefixes is itself a list)."""
-    return [name for name, (f, _) in own.items() if name not in GRID_FLAGS and "list" not in str(f.type)]
+def variant_params() -> type:
+    """Every registered variant's parameters as one dataclass for the command line: each option is the
+    variant's default unless given, its help the docstring of the first variant that has it, naming the
+    variants that have it and their default."""
+    fields = []
+    for name, (f, owners) in variant_fields().items():
+        doc = " ".join(get_attribute_docstring(variants()[owners[0]].Params, name).docstring_below.split())
+        default = "" if f.default in (None, dataclasses.MISSING) else f"; default {show_default(f.default)}"
+        parse = PARAM_TYPES.get(name) or comma_list(_item_type(f.type))
+        options = {"help": f"{doc.rstrip('.')} ({', '.join(owners)}{default}).",
+                   "custom_args": {"type": parse, "metavar": f"{name.upper()}[,...]"}}
+        if name in GRID_FLAGS and GRID_FLAGS[name] != "--" + name.replace("_", "-"):
+            options["alias"] = [GRID_FLAGS[name]]
+        fields.append((name, f.type | None, dataclasses.field(default=None, metadata=options)))
+    return dataclasses.make_dataclass("SAEParameters", fields, namespace={
+        "__doc__": "Each variant's own parameters (traitscope.sae.<variant>.Params); comma lists make a grid."})
+
+
+def _item_type(annotation) -> typing.Callable:
+    """How one value of a parameter reads: a count for an int (1k), a float, else the text."""
+    types = [t for t in (annotation, *typing.get_args(annotation)) if t in (int, float)]
+    return {int: parse_count, float: float}.get(types[0] if types else None, str)
 
 
 def _flag(name: str) -> str:
     return GRID_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def _show(value) -> str:
-    return f"{value:,}".replace(",", "_") if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000 \
-        else str(value)
-
-
-def _split(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
-
-
 def config_from_args(args: argparse.Namespace):
     """(TrainConfig, [RunSettings]) from the command line and an optional sweep file."""
     shared_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     run_fields = setting_names() - shared_fields
-    if args.tokens is not None and str(args.tokens).strip().lower() in TOKEN_KINDS:
-        raise TraitscopeError(f"--tokens is the token budget (e.g. 50M); for the token kind use --token-kind {args.tokens}")
-    own = own_grid(variant_fields())
-    given = {name: coerce(name, getattr(args, name)) for name in shared_fields | run_fields
-             if name not in GRID_FLAGS and name != "prefixes" and name not in own and getattr(args, name, None) is not None}
-    if args.prefixes:
-        given["prefixes"] = coerce("prefixes", args.prefixes)
-    if given.get("token_kind") not in (None, *TOKEN_KINDS):
-        raise TraitscopeError(f"--token-kind must be one of {', '.join(TOKEN_KINDS)}, not {given['token_kind']!r}")
-    grid: dict[str, list] = {}
-    asked = [v for value in (args.sae or []) for v in _split(value)]
-    if asked:
-        grid["variant"] = asked
-    for name, flag in GRID_FLAGS.items():
-        if name == "variant":
-            continue
-        values = _split(getattr(args, name))
-        if values:
-            grid[name] = [coerce(name, v) for v in values]
-    for name in own:  # one value: for every SAE it fits (a sweep's too); several: a grid
-        values = [coerce(name, v) for v in _split(getattr(args, name))]
+    given = dict(vars(args).get("shared", {}))
+    run_defaults = dict(vars(args).get("run", {})) | dict(vars(args).get("params", {}))
+    grid = {name: list(run_defaults.pop(name)) for name in GRID_FLAGS if name in run_defaults}
+    if "variant" in grid:  # --sae may be repeated, each a comma list
+        grid["variant"] = [v for values in grid["variant"] for v in values]
+    if "prefixes" in run_defaults:
+        run_defaults["prefixes"] = list(run_defaults["prefixes"])
+    for name in set(variant_fields()) & set(run_defaults) - {"prefixes"}:  # one value: for every SAE it fits
+        values = run_defaults.pop(name)  # (a sweep's too); several: a grid
         if len(values) > 1:
-            grid[name] = values
-        elif values:
-            given[name] = values[0]
-    base = TrainConfig(**{k: v for k, v in given.items() if k in shared_fields})
-    run_defaults = {k: v for k, v in given.items() if k in run_fields}
+            grid[name] = list(values)
+        else:
+            run_defaults[name] = values[0]
+    base = TrainConfig(**given)
     if args.sweep:
         if grid:
             flags = ", ".join(_flag(k) for k in grid)

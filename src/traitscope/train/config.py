@@ -6,14 +6,15 @@ one TrainConfig; settings that would need a different pass over the data are ref
 The docstring under each field is also the command line's help.
 """
 
-import ast
 import dataclasses
 import hashlib
-import inspect
 import json
-import re
+import typing
 from pathlib import Path
 
+from simple_parsing import field
+
+from traitscope.cli_config import Count, comma_list, option_type, parse_count
 from traitscope.errors import TraitscopeError
 from traitscope.sae import SAEConfig, SAEParams, variants
 from traitscope.sae.base import make_params, variant_class
@@ -21,19 +22,27 @@ from traitscope.sae.base import make_params, variant_class
 TOKEN_KINDS = ("patches", "cls", "all")
 
 
+def token_budget(text: str | int) -> int:
+    """A token budget such as 50M; a token kind given instead is pointed to --token-kind."""
+    if str(text).strip().lower() in TOKEN_KINDS:
+        raise TraitscopeError(f"{text!r} is a token kind; --tokens is the token budget (e.g. 50M), the kind is "
+                              f"--token-kind {text}")
+    return parse_count(text)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Settings shared by every SAE of one pass over the data."""
 
-    shards: str = ""
+    shards: str = field(default="", required=True, metavar="DIR")
     """Shard folder (made by `traitscope shards`)."""
     layer: int | None = None
     """Layer to train on, as stored or as a negative index of the model (default: the last stored)."""
     token_kind: str = "patches"
     """Tokens to train on: patches, cls (the CLS / pooled token) or all (both)."""
-    tokens: int = 50_000_000
+    tokens: Count = field(default=50_000_000, type=option_type(token_budget, "token budget"))
     """Token budget: training tokens seen (50M, 1e6, ...); more than the data set means several epochs."""
-    batch_size: int = 4096
+    batch_size: Count = 4096
     """Tokens per optimiser step."""
     seed: int = 0
     """Seed of the validation split, the data order and the initialisation."""
@@ -43,11 +52,11 @@ class TrainConfig:
     """Which images are held out: 'random' (a seeded draw) or 'contiguous' (5 runs of neighbouring rows,
     spread evenly over the data set, rows in file-name order: video frames or near-duplicate neighbours
     stay on one side)."""
-    val_tokens: int = 262_144
+    val_tokens: Count = 262_144
     """At most this many validation tokens are evaluated at the end."""
     dtype: str = "float32"
     """float32, or bfloat16 for the forward pass's matrix products (weights and Adam stay float32)."""
-    chunk_rows: int = 4096
+    chunk_rows: Count = 4096
     """Rows per contiguous read of the shuffled loader."""
     buffer_mb: int = 256
     """Size of the loader's shuffle buffer in MB (chunks from random places are mixed inside it; the
@@ -66,9 +75,9 @@ class TrainConfig:
     """Run folder name instead of the content-addressed one (a single SAE only)."""
     log_every: int = 50
     """Steps between lines of metrics.jsonl."""
-    checkpoint_every: int = 5_000_000
+    checkpoint_every: Count = 5_000_000
     """Tokens between checkpoints (a killed run resumes from the last one)."""
-    stop_after: int | None = None
+    stop_after: Count | None = None
     """Stop with a checkpoint after this many tokens, as if interrupted; rerun without it to go on."""
     log_to: str = "none"
     """Also log to 'tensorboard' or 'wandb' (only when installed; nothing is sent by default)."""
@@ -76,6 +85,28 @@ class TrainConfig:
     """Discard existing checkpoints and results of these runs and train them from scratch."""
     quiet: bool = False
     """No progress bar."""
+
+    def validate(self) -> None:
+        """Raise TraitscopeError naming the first impossible setting (the out folder is checked on use)."""
+        checks = [(self.batch_size >= 1, f"batch_size must be at least 1, not {self.batch_size}"),
+                  (self.tokens >= 1, "the token budget must be at least 1 token"),
+                  (self.token_kind in TOKEN_KINDS, f"--token-kind must be one of {', '.join(TOKEN_KINDS)}, "
+                                                   f"not {self.token_kind!r}"),
+                  (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, not {self.dtype!r}"),
+                  (self.chunk_rows >= 1 and self.buffer_mb >= 1, "chunk_rows and buffer_mb must be positive"),
+                  (self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be positive"),
+                  (self.val_tokens >= 1, "val_tokens must be positive"),
+                  (self.val_frac != 0, "--val-frac 0 holds out no images, and every reported metric is measured on "
+                                       "held-out images; use a share such as 0.2"),
+                  (0 < self.val_frac < 1, f"--val-frac must lie between 0 and 1 (exclusive), not {self.val_frac:g}"),
+                  (self.threads is None or self.threads >= 0, f"--threads must be at least 1 (0: torch's default), "
+                                                              f"not {self.threads}"),
+                  (self.dist_mode in ("data", "sweep"), f"dist_mode must be data or sweep, not {self.dist_mode!r}"),
+                  (self.log_to in ("none", "tensorboard", "wandb"),
+                   f"log_to must be none, tensorboard or wandb, not {self.log_to!r}")]
+        for ok, message in checks:
+            if not ok:
+                raise TraitscopeError(message)
 
 
 @dataclasses.dataclass(init=False)
@@ -86,13 +117,13 @@ class RunSettings:
     `RunSettings(variant="topk", k=32, d_sae=16384)`.
     """
 
-    variant: str = "topk"
+    variant: str = field(default="topk", alias=["--sae"], type=comma_list(), action="append", metavar="VARIANT[,...]")
     """SAE variant (a name registered in traitscope.sae: relu, topk, batchtopk, matryoshka, ...)."""
-    d_sae: int | None = None
+    d_sae: int | None = field(default=None, type=comma_list(parse_count), metavar="N[,N...]")
     """Number of latents; or give expansion."""
-    expansion: float | None = None
+    expansion: float | None = field(default=None, type=comma_list(float), metavar="X[,X...]")
     """d_sae as a multiple of d_model (default 16 when d_sae is not given)."""
-    lr: float | None = None
+    lr: float | None = field(default=None, type=comma_list(float), metavar="LR[,LR...]")
     """Peak learning rate of Adam (default: the variant's; 2e-4 / sqrt(d_sae / 16384) for the TopK family,
     5e-5 for relu)."""
     lr_warmup: int = 1000
@@ -109,11 +140,11 @@ class RunSettings:
     """Clip the gradient norm to this (0: no clipping)."""
     b_dec_init: str = "mean"
     """Initial decoder bias: the data's mean or geometric median ('median')."""
-    dead_tokens: int = 10_000_000
+    dead_tokens: Count = 10_000_000
     """A latent is dead after this many tokens without firing (AuxK then trains it). A run shorter than
     this trains without AuxK: in runs of ~100 steps, a window of a tenth of the budget left more latents
     dead, not fewer (docs/training.md)."""
-    params: SAEParams | None = None
+    params: SAEParams | None = field(default=None, cmd=False)
     """The variant's own parameters (its Params; defaults where not given)."""
 
     def __init__(self, variant: str = "topk", params: SAEParams | None = None, **values):
@@ -202,39 +233,7 @@ def identity_hash(identity: dict) -> str:
 
 # --- numbers, files and grids ---
 
-_SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
-
-
-def parse_count(text: str | int | float) -> int:
-    """'50M', '1e6', '250k', '2.5M', 4096 -> an integer count."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgb]?)\s*", str(text).replace("_", ""),
-                             re.IGNORECASE)
-        if not match:
-            raise TraitscopeError(f"{text!r} is not a count (examples: 50M, 1e6, 250k, 4096)")
-        value = float(match.group(1)) * _SUFFIXES.get(match.group(2).lower(), 1)
-    if value != int(value) or value < 0:
-        raise TraitscopeError(f"{text!r} is not a whole, non-negative count")
-    return int(value)
-
-
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the string literal after its annotation), its
-    base classes' fields included."""
-    docs = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        body = ast.parse(inspect.getsource(klass)).body[0].body
-        docs.update({node.target.id: " ".join(nxt.value.value.split())
-                     for node, nxt in zip(body, body[1:])
-                     if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                     and isinstance(nxt.value, ast.Constant)})
-    return docs
-
-
 ALIASES = {"sae": "variant", "l1": "l1_coeff"}
-COUNT_FIELDS = {"tokens", "val_tokens", "checkpoint_every", "stop_after", "dead_tokens"}
 
 
 def _field_types(cls) -> dict[str, type]:
@@ -253,9 +252,9 @@ def coerce(name: str, value):
     """A sweep-file or command-line value as the field's type."""
     if value is None:
         return None
-    if name in COUNT_FIELDS:
-        return parse_count(value)
     types = _field_types(TrainConfig) | _field_types(RunSettings) | {n: f.type for n, (f, _) in variant_fields().items()}
+    if Count in (types[name], *typing.get_args(types[name])):
+        return parse_count(value)
     text = str(types[name])
     if "list[int]" in text:  # e.g. prefixes: "128,512,2048" or a list
         if isinstance(value, str):
@@ -265,7 +264,7 @@ def coerce(name: str, value):
         if "bool" in text:
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         if "int" in text and "float" not in text:
-            return parse_count(value) if name in ("d_sae", "k", "k_aux", "batch_size", "chunk_rows") else int(value)
+            return parse_count(value) if name in ("d_sae", "k", "k_aux") else int(value)
         if "float" in text:
             return float(value)
     except (TypeError, ValueError):

@@ -586,23 +586,7 @@ def adam_impl(device: torch.device) -> dict:
 
 
 def check_shared(cfg: TrainConfig) -> None:
-    checks = [(cfg.batch_size >= 1, f"batch_size must be at least 1, not {cfg.batch_size}"),
-              (cfg.tokens >= 1, "the token budget must be at least 1 token"),
-              (cfg.token_kind in ("patches", "cls", "all"), f"token kind must be patches, cls or all, not {cfg.token_kind!r}"),
-              (cfg.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, not {cfg.dtype!r}"),
-              (cfg.chunk_rows >= 1 and cfg.buffer_mb >= 1, "chunk_rows and buffer_mb must be positive"),
-              (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "log_every and checkpoint_every must be positive"),
-              (cfg.val_tokens >= 1, "val_tokens must be positive"),
-              (cfg.val_frac != 0, "--val-frac 0 holds out no images, and every reported metric is measured on "
-                                  "held-out images; use a share such as 0.2"),
-              (0 < cfg.val_frac < 1, f"--val-frac must lie between 0 and 1 (exclusive), not {cfg.val_frac:g}"),
-              (cfg.threads is None or cfg.threads >= 0, f"--threads must be at least 1 (0: torch's default), "
-                                                        f"not {cfg.threads}"),
-              (cfg.dist_mode in ("data", "sweep"), f"dist_mode must be data or sweep, not {cfg.dist_mode!r}"),
-              (cfg.log_to in ("none", "tensorboard", "wandb"), f"log_to must be none, tensorboard or wandb, not {cfg.log_to!r}")]
-    for ok, message in checks:
-        if not ok:
-            raise TraitscopeError(message)
+    cfg.validate()
     check_out_dpath(cfg.out)
     if cfg.log_to != "none" and importlib.util.find_spec(cfg.log_to) is None:
         raise TraitscopeError(f"--log-to {cfg.log_to} needs the {cfg.log_to} package (pip install {cfg.log_to})")
