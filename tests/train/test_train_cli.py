@@ -34,6 +34,11 @@ def test_comma_lists_make_a_grid_and_each_variant_takes_only_its_own_parameters(
     assert settings[-1].params.prefixes == [8, 16, 32]
     _, settings = plan("--variant", "batchtopk", "--lr", "1e-4,3e-4", "--k-aux", "64")
     assert [(s.lr, s.params.k_aux) for s in settings] == [(1e-4, 64), (3e-4, 64)]
+    _, settings = plan("--sae", "relu,jumprelu", "--l0-coeff", "1e-3,2e-3", "--l1-warmup", "0.1")
+    assert [(s.variant, s.params) for s in settings] == [
+        ("relu", RunSettings(variant="relu", l1_warmup=0.1).params),
+        ("jumprelu", RunSettings(variant="jumprelu", l0_coeff=1e-3).params),
+        ("jumprelu", RunSettings(variant="jumprelu", l0_coeff=2e-3).params)]
 
 
 def test_a_sweep_file_takes_the_command_line_as_shared_settings(tmp_path):
