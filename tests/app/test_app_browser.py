@@ -134,6 +134,19 @@ def click_button(driver, text: str) -> None:
     raise AssertionError(f"could not click {text!r}")
 
 
+def type_into(driver, xpath: str, *keys) -> None:
+    """Type into an input found by xpath; Streamlit may redraw (replace) it while the script reruns, so
+    wait until the page is idle and look it up afresh on a retry."""
+    for attempt in range(5):
+        wait_idle(driver)
+        try:
+            wait(driver).until(EC.presence_of_element_located((By.XPATH, xpath))).send_keys(*keys)
+            return
+        except StaleElementReferenceException:
+            time.sleep(0.3)
+    raise AssertionError(f"could not type into {xpath!r}")
+
+
 def strip_features(driver) -> list[int]:
     return [int(el.get_attribute("data-feature")) for el in driver.find_elements(By.CSS_SELECTOR, ".ts-strip")]
 
@@ -262,8 +275,7 @@ def test_feature_pages_heatmaps_sit_on_the_planted_patches(server, world, browse
 
     # label search: species_a -> feature 0 first (it fires exactly on species_a images)
     browser.find_element(By.XPATH, "//div[@role='radiogroup']//p[text()='label']").click()
-    search = wait(browser).until(EC.presence_of_element_located((By.XPATH, "//input[@aria-label='Search labels']")))
-    search.send_keys("species_a", Keys.ENTER)
+    type_into(browser, "//input[@aria-label='Search labels']", "species_a", Keys.ENTER)
     wait(browser, 30).until(lambda d: "Feature 0" in d.find_element(By.TAG_NAME, "body").text)
     wait_idle(browser)
     picked = [el.get_attribute("value") for el in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSelectbox"] input')]
