@@ -11,6 +11,7 @@ from traitscope.cli_config import parse_count
 from traitscope.demo.pipeline import DemoConfig
 from traitscope.errors import TraitscopeError
 from traitscope.finetune.augment import AugmentConfig
+from traitscope.finetune.grids_cli import GridsConfig
 from traitscope.finetune.trainer import FinetuneConfig
 
 
@@ -29,6 +30,8 @@ def test_counts_read_suffixes_and_refuse_what_is_not_a_whole_count():
 def test_no_option_gives_the_dataclass_defaults():
     assert parse("demo").cfg == DemoConfig()
     assert parse("finetune", "--images", "x", "--out", "y").cfg == FinetuneConfig()
+    assert parse("grids", "--shards", "S", "--out", "O").cfg == GridsConfig(shards="S", out="O")
+    assert not parse("grids", "--shards", "S", "--out", "O", "--no-normalize").cfg.normalize
 
 
 def test_counts_comma_lists_bools_optionals_and_nested_configs_from_the_command_line():
@@ -40,7 +43,8 @@ def test_counts_comma_lists_bools_optionals_and_nested_configs_from_the_command_
     assert parse("finetune", "--images", "x", "--out", "y", "--normalize-orientation").cfg.normalize_orientation
 
 
-@pytest.mark.parametrize("command, classes", [("demo", [DemoConfig]), ("finetune", [FinetuneConfig, AugmentConfig])])
+@pytest.mark.parametrize("command, classes", [("demo", [DemoConfig]), ("finetune", [FinetuneConfig, AugmentConfig]),
+                                              ("grids", [GridsConfig])])
 def test_help_shows_every_field_with_its_docstring_and_default(command, classes, capsys):
     assert main([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
@@ -52,7 +56,7 @@ def test_help_shows_every_field_with_its_docstring_and_default(command, classes,
             assert f"--{f.name.replace('_', '-')}" in text and doc[:40] in text, (f.name, doc)
     if command == "demo":
         assert "(default: 400_000)" in text and "(default: 8,16,32)" in text
-    else:
+    elif command == "finetune":
         assert "--no-normalize-orientation" in text and "(default: efficientnet-lite0)" in text
 
 

@@ -1,9 +1,10 @@
-"""FinetuneConfig and AugmentConfig check their own values (one clear error naming the option)."""
+"""FinetuneConfig, AugmentConfig and GridsConfig check their own values (one clear error naming the option)."""
 
 import pytest
 
 from traitscope.errors import TraitscopeError
 from traitscope.finetune.augment import AugmentConfig
+from traitscope.finetune.grids_cli import GridsConfig
 from traitscope.finetune.trainer import FinetuneConfig
 
 
@@ -21,3 +22,10 @@ def test_the_defaults_are_valid():
 def test_an_impossible_setting_is_refused_by_name(changes, needle):
     with pytest.raises(TraitscopeError, match=needle):
         FinetuneConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("changes, needle", [({"n": 0}, "--n"), ({"cell": 4}, "--cell"), ({"limit": -1}, "--limit")])
+def test_grids_refuses_an_impossible_setting_by_name(changes, needle):
+    GridsConfig(shards="S", out="O").validate()
+    with pytest.raises(TraitscopeError, match=needle):
+        GridsConfig(shards="S", out="O", **changes).validate()

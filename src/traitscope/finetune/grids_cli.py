@@ -18,10 +18,13 @@ Bonferroni over attributes (`traitscope.features.enrichment.top_image_enrichment
 
 import argparse
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from simple_parsing import field
 
+from traitscope.cli_config import add_config
 from traitscope.errors import TraitscopeError
 from traitscope.features.enrichment import top_image_enrichment
 from traitscope.features.ranking import RANKINGS
@@ -30,40 +33,59 @@ from traitscope.finetune import grids
 from traitscope.shards.store import Shards
 
 
+@dataclass
+class GridsConfig:
+    """What `traitscope grids` draws; every field is also a command-line option."""
+
+    shards: str = field(default="", required=True)
+    """Shard folder with image-level (cls) rows."""
+    run: str | None = None
+    """SAE run folder (trained on those cls rows): also draw its features."""
+    out: str = field(default="", required=True)
+    """Output folder for the PNGs and tables."""
+    n: int = grids.N_TOP
+    """Top images per unit (16: a 4x4 grid)."""
+    layer: int | None = None
+    """Layer of the dense embedding (default: the run's, else the deepest stored)."""
+    normalize: bool = True
+    """L2-normalise each image's vector before ranking (--no-normalize: rank raw values, by max activation)."""
+    limit: int | None = None
+    """Draw at most this many grids per kind (default: all units)."""
+    cell: int = 128
+    """Pixels per image in a grid."""
+
+    def validate(self) -> None:
+        """Raise TraitscopeError naming the first impossible setting."""
+        for flag, value, low in (("--n", self.n, 1), ("--cell", self.cell, 8), ("--limit", self.limit, 0)):
+            if value is not None and value < low:
+                raise TraitscopeError(f"{flag} must be at least {low}, not {value}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", required=True, help="shard folder with image-level (cls) rows")
-    parser.add_argument("--run", help="SAE run folder (trained on those cls rows): also draw its features")
-    parser.add_argument("--out", required=True, help="output folder for the PNGs and tables")
-    parser.add_argument("--n", type=int, default=grids.N_TOP, help="top images per unit (default: 16, a 4x4 grid)")
-    parser.add_argument("--layer", type=int, help="layer of the dense embedding (default: the run's, else the deepest stored)")
-    parser.add_argument("--no-normalize", dest="normalize", action="store_false",
-                        help="rank raw values instead of L2-normalising each image's vector first")
-    parser.add_argument("--limit", type=int, help="draw at most this many grids per kind (default: all units)")
-    parser.add_argument("--cell", type=int, default=128, help="pixels per image in a grid (default: 128)")
+    add_config(parser, GridsConfig, dest="cfg")
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag, value, low in (("--n", args.n, 1), ("--cell", args.cell, 8), ("--limit", args.limit, 0)):
-        if value is not None and value < low:
-            raise TraitscopeError(f"{flag} must be at least {low}, not {value}")
-    shards = Shards(args.shards)
-    out_dpath = check_out_dpath(args.out)
+    cfg = args.cfg
+    cfg.validate()
+    shards = Shards(cfg.shards)
+    out_dpath = check_out_dpath(cfg.out)
     out_dpath.mkdir(parents=True, exist_ok=True)
-    layer = args.layer
-    if layer is None and args.run:
-        layer = grids.run_layer(args.run)
+    layer = cfg.layer
+    if layer is None and cfg.run:
+        layer = grids.run_layer(cfg.run)
     layer = grids.default_layer(shards) if layer is None else shards.resolve(layer)
 
-    by = "normalised" if args.normalize else "max"
+    by = "normalised" if cfg.normalize else "max"
     print(f"{RANKINGS[by]} (layer {layer})")
-    tops = [grids.dense_top_images(shards, layer, args.n, by)]
-    if args.run:
-        tops.append(grids.sae_top_images(shards, args.run, args.n, by, layer))
-    images = grids.ShardImages(shards, cell=args.cell)
+    tops = [grids.dense_top_images(shards, layer, cfg.n, by)]
+    if cfg.run:
+        tops.append(grids.sae_top_images(shards, cfg.run, cfg.n, by, layer))
+    images = grids.ShardImages(shards, cell=cfg.cell)
     drawn = {}
     for top in tops:
         units = top.full_units() if top.kind == "dense" else np.flatnonzero(top.rows_un[:, 0] >= 0)
-        fpaths = grids.save_grids(top, images, out_dpath, units[:args.limit])
+        fpaths = grids.save_grids(top, images, out_dpath, units[:cfg.limit])
         drawn[top.kind] = {"n_units": top.n_units, "n_with_images": len(units), "n_grids": len(fpaths)}
         print(f"{len(fpaths)} {top.kind} grids in {out_dpath / top.kind} "
               f"({top.n_units} units, {len(units)} with top images)")
@@ -80,23 +102,23 @@ def run(args: argparse.Namespace) -> int:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        summary = grids.enrichment_summary(rows, min_top=max(1, args.n // 2))
+        summary = grids.enrichment_summary(rows, min_top=max(1, cfg.n // 2))
         for kind, s in summary.items():
             if not s["n_units"]:
                 print(f"enrichment ({kind}): no unit has {s['min_top']} or more top images")
                 continue
             print(f"enrichment ({kind}, {s['n_units']} units with >= {s['min_top']} top images): mean lift of the best "
                   f"attribute {s['mean_best_lift']:.2f}, {100 * s['frac_significant']:.0f}% significant "
-                  f"(hypergeometric p over the top {args.n} images, Bonferroni over {len(names)} attributes, "
+                  f"(hypergeometric p over the top {cfg.n} images, Bonferroni over {len(names)} attributes, "
                   f"alpha {s['alpha']})")
         print(f"table: {out_dpath / 'enrichment.csv'}")
     atomic_write_json(out_dpath / "grids.json", {
         "format": "traitscope-grids/1",
         "shards": {"hash": shards.hash, "path": str(shards.dpath.resolve()), "normalize": shards.manifest.get("normalize")},
-        "run": str(Path(args.run).resolve()) if args.run else None,
+        "run": str(Path(cfg.run).resolve()) if cfg.run else None,
         "layer": layer,
-        "n": args.n,
-        "normalize_before_ranking": args.normalize,
+        "n": cfg.n,
+        "normalize_before_ranking": cfg.normalize,
         "ranking": {"by": by, "label": RANKINGS[by]},
         "grids": drawn,
         "enrichment": summary,
