@@ -21,8 +21,8 @@ loader (seed 0), so both see the same batches in the same order.
 Printed per SAE: held-out NMSE (squared error over the held-out tokens' total sum of squares around
 their mean), L0, and the dead fraction: latents that fire on no training token (one pass over all
 of them with the final SAE). With --ablate, traitscope's settings are varied one at a time (learning
-rate, its schedule, AuxK window, decoder-bias start) and sparsify's input scale, to find where a gap
-comes from. Shards and runs are cached under --work: a rerun only scores.
+rate, its schedule, AuxK window and weight, decoder-bias start; "before": the defaults before issue 12)
+and sparsify's input scale, to find where a gap comes from. Shards and runs are cached under --work: a rerun only scores.
 """
 
 import argparse
@@ -49,14 +49,19 @@ DATA = (REPO.parent / "shared" / "data").resolve()
 SETS = {"camvid": DATA / "camvid_train" / "images", "fish": DATA / "fishvista_demo"}
 MODEL, LAYER, D_SAE, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 6144, 32, 0.1, 0
 
-# One change at a time from traitscope's defaults (--ablate).
+# One change at a time from traitscope's defaults (--ablate); lr_scale multiplies the default learning rate.
+# "before" is the recipe before issue 12 (the TopK paper's lr 2e-4 / sqrt(d_sae / 2^14), AuxK weight 1/32
+# after 10M tokens without firing: off in these runs).
 ABLATIONS = {
     "defaults": {},
-    "lr-x4": {"lr_scale": 4.0},
-    "lr-x10": {"lr_scale": 10.0},
-    "lr-x10-no-decay": {"lr_scale": 10.0, "lr_decay": "none"},
-    "lr-x10-auxk-64k": {"lr_scale": 10.0, "dead_tokens": 65_536},
-    "lr-x10-median": {"lr_scale": 10.0, "b_dec_init": "median"},
+    "before": {"lr_scale": 0.1, "dead_tokens": 10_000_000, "auxk_alpha": 1 / 32},
+    "lr-div10": {"lr_scale": 0.1},
+    "lr-div2": {"lr_scale": 0.5},
+    "no-auxk": {"dead_tokens": 10_000_000},
+    "auxk-1/32": {"auxk_alpha": 1 / 32},
+    "auxk-64k": {"dead_tokens": 65_536},
+    "no-decay": {"lr_decay": "none"},
+    "median": {"b_dec_init": "median"},
 }
 
 
@@ -179,6 +184,8 @@ def main() -> None:
     parser.add_argument("--ablate", nargs="?", const="all", default="",
                         help=f"also vary traitscope's settings one at a time: 'all' or some of {', '.join(ABLATIONS)} "
                              "(comma-separated); 'all' also scales sparsify's inputs")
+    parser.add_argument("--no-sparsify", action="store_true",
+                        help="train traitscope's SAEs only (to explore ablations; every comparison needs sparsify's row)")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "traitscope-bench-sparsify"),
                         help="cache of shards and runs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -208,8 +215,9 @@ def main() -> None:
               f"{len(split.val_rows)} held-out images ({shards.dpath})", file=sys.stderr)
         for n_tokens in map(parse_count, args.tokens.split(",")):
             for batch_size in map(int, args.batch_size.split(",")):
-                rows = {"sparsify (defaults)": run_sparsify(split, n_tokens, batch_size, train_nd)}
-                if args.ablate == "all":
+                rows = {} if args.no_sparsify else {"sparsify (defaults)": run_sparsify(split, n_tokens, batch_size,
+                                                                                        train_nd)}
+                if args.ablate == "all" and not args.no_sparsify:
                     scale = float(1 / train_nd.pow(2).sum(1).mean().sqrt())
                     rows["sparsify, inputs scaled to E|x|^2 = 1"] = run_sparsify(split, n_tokens, batch_size,
                                                                                   train_nd, scale)

@@ -131,10 +131,10 @@ def test_cli_trains_a_grid_in_one_pass_and_prints_each_run_folder(shards, tmp_pa
     out = tmp_path / "runs"
     argv = ["train", "--shards", str(shards.dpath), "--layer", str(LAYER), "--sae", "topk", "--k", "2,4",
             "--d-sae", "64", "--tokens", "40k", "--batch-size", "256", "--out", str(out), "--quiet",
-            "--checkpoint-every", "20k", "--val-tokens", "2k", "--threads", "1"]
+            "--checkpoint-every", "20k", "--val-tokens", "2k", "--threads", "1", "--dead-tokens", "40k"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "AuxK stays off in 2 SAE(s)" in printed  # the default dead-latent window is 10M tokens
+    assert "AuxK stays off in 2 SAE(s)" in printed  # the dead-latent window is not shorter than the budget
     run_dpaths = sorted(out.iterdir())
     assert len(run_dpaths) == 2
     for dpath in run_dpaths:
