@@ -122,6 +122,8 @@ class _Option(FieldWrapper):
                 options.pop("nargs", None)  # one value: `--image-size` alone is an error, `--ks 8,16` one list
         if options.get("default") not in (None, "") and not options.get("required"):
             options["help"] = f"{options.get('help') or ''} (default: {show_default(options['default'])})".lstrip()
+        if options.get("help"):  # a docstring is text, not an argparse format ('under 1% in' is a '% i' conversion)
+            options["help"] = options["help"].replace("%", "%%")
         self._arg_options = options
         return options
 
