@@ -66,9 +66,9 @@ def test_sparse_gradients_equal_dense_autograd(variant):
     _, idx = torch.where(dead[None], pre, torch.tensor(-1e9)).topk(8, dim=1)
     f_aux = (pre * torch.zeros(64, 96).scatter_(1, idx, 1)).relu()
     aux = min(int(dead.sum()) / 8, 1) * ((f_aux @ sae.W_dec - e) ** 2).sum() / sst
-    (loss + aux / 32).backward()
+    (loss + sae.params.auxk_alpha * aux).backward()
 
-    assert torch.allclose(out.loss, loss + aux / 32, rtol=1e-5)
+    assert torch.allclose(out.loss, loss + sae.params.auxk_alpha * aux, rtol=1e-5)
     for name, p in sae.named_parameters():
         assert torch.allclose(sparse_grads[name], p.grad, atol=1e-5, rtol=1e-4), name
 

@@ -1,17 +1,9 @@
 """Sparse autoencoder variants, one module each, behind a registry."""
 
-import importlib
-
+# Each variant module registers its variant when imported; in this order, which `traitscope train --help` keeps.
+from traitscope.sae import relu, topk, batchtopk, matryoshka, jumprelu  # noqa: F401  isort: skip
 from traitscope.sae.base import (SAE, ForwardOutput, SAEConfig, SAEParams, build_sae, describe_params, load_sae, register, variant_class,
                                  variants)
-
-VARIANT_MODULES = ["relu", "topk", "batchtopk", "matryoshka", "jumprelu"]
-for _name in VARIANT_MODULES:
-    try:
-        importlib.import_module(f"traitscope.sae.{_name}")
-    except ModuleNotFoundError as _err:
-        if _err.name != f"traitscope.sae.{_name}":
-            raise
 
 __all__ = ["SAE", "ForwardOutput", "SAEConfig", "SAEParams", "build_sae", "describe_params", "load_sae", "register", "variant_class",
            "variants"]
