@@ -6,7 +6,7 @@ images -> backbones -> shards -> sae / train -> features -> viz -> app, with fin
 Each stage imports only the stages below it (pyproject.toml's import-linter contracts, checked by
 tests/test_imports.py; no import circle either, not even through an import inside a function):
 
-    cli                               the `traitscope` command: wires every stage's CLI module
+    cli                               the `traitscope` command: wires the stages' CLI modules (entry-point group traitscope.commands)
     app | demo | finetune | interop   workflows and adapters, independent of each other
     features                          evaluation: inference, metrics tables, alignment, rankings, enrichment
     train                             the training loop

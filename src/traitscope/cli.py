@@ -1,7 +1,9 @@
 """`traitscope` console command: one subcommand per pipeline stage.
 
-Each stage module exposes `add_arguments(parser)` and `run(args) -> int`; this file only wires them,
-so adding a command means adding a line to COMMANDS.
+Each command is a module with `add_arguments(parser)` and `run(args) -> int`, named in the entry-point
+group `traitscope.commands` of pyproject.toml; this file only wires them. Adding a command means adding
+its module, its line in that group and its one-line help in HELP (kept here so that `traitscope --help`
+imports no stage, hence no torch). Another package can add a command through the same group.
 
 Whatever goes wrong ends in one line on stderr: exit 2 for a problem with the input or the machine
 (bad value, damaged file, full disk, a second writer), 1 for a bug. `--debug` (or TRAITSCOPE_DEBUG=1)
@@ -10,35 +12,47 @@ prints the traceback too.
 
 import argparse
 import errno
-import importlib
 import os
 import re
 import sys
 import traceback
+from importlib.metadata import EntryPoint, entry_points
 
 from traitscope.cli_config import ConfigParser
 from traitscope.errors import TraitscopeError
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "shards": ("traitscope.shards.cli", "run a vision backbone over images and store activations"),
-    "train": ("traitscope.train.cli", "train sparse autoencoders on stored activations"),
-    "pareto": ("traitscope.features.pareto_cli", "compare runs on sparsity vs reconstruction error"),
-    "inference": ("traitscope.features.cli", "compute every feature's activations over a dataset"),
-    "align": ("traitscope.features.align_cli", "score features against known trait labels"),
-    "match": ("traitscope.features.match_cli", "pair the features of two SAEs on the same model and layer"),
-    "export-features": ("traitscope.features.export_cli",
-                        "per-image feature values (max, mean, peak patch and position) as CSV / Parquet"),
-    "app": ("traitscope.app.cli", "browse features in a web app"),
-    "ratings": ("traitscope.app.ratings_cli", "summarise a saved blind-test ratings file"),
-    "finetune": ("traitscope.finetune.cli", "contrastive + orientation fine-tuning of a backbone"),
-    "grids": ("traitscope.finetune.grids_cli", "4x4 grids of top images per dimension / feature"),
-    "demo": ("traitscope.demo.cli", "the whole workflow on an embedded default, with a report"),
-    "import": ("traitscope.interop.import_cli", "turn a saev, SAELens or sparsify SAE into a run folder"),
-    "export": ("traitscope.interop.export_cli", "write a run's SAE as a SAELens or sparsify folder"),
-    "pull": ("traitscope.interop.pull_cli", "get an SAE from the Hugging Face hub (as a run folder with --out)"),
-    "push": ("traitscope.interop.push_cli", "upload a run folder to the Hugging Face hub with a model card"),
+COMMAND_GROUP = "traitscope.commands"
+"""The entry-point group that names each subcommand's module (pyproject.toml)."""
+
+HELP: dict[str, str] = {
+    "shards": "run a vision backbone over images and store activations",
+    "train": "train sparse autoencoders on stored activations",
+    "pareto": "compare runs on sparsity vs reconstruction error",
+    "inference": "compute every feature's activations over a dataset",
+    "align": "score features against known trait labels",
+    "match": "pair the features of two SAEs on the same model and layer",
+    "export-features": "per-image feature values (max, mean, peak patch and position) as CSV / Parquet",
+    "app": "browse features in a web app",
+    "ratings": "summarise a saved blind-test ratings file",
+    "finetune": "contrastive + orientation fine-tuning of a backbone",
+    "grids": "4x4 grids of top images per dimension / feature",
+    "demo": "the whole workflow on an embedded default, with a report",
+    "import": "turn a saev, SAELens or sparsify SAE into a run folder",
+    "export": "write a run's SAE as a SAELens or sparsify folder",
+    "pull": "get an SAE from the Hugging Face hub (as a run folder with --out)",
+    "push": "upload a run folder to the Hugging Face hub with a model card",
 }
+"""Each command's one-line help, in the order `traitscope --help` lists them."""
+
+
+def commands() -> dict[str, EntryPoint]:
+    """The installed commands, in HELP's order (then any other package's); refused when the installed
+    metadata predates one of ours (an install made before the command was added)."""
+    found = {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
+    if missing := [name for name in HELP if name not in found]:
+        raise TraitscopeError(f"traitscope's installed metadata lacks the command(s) {', '.join(missing)} (entry-point "
+                              f"group {COMMAND_GROUP}); reinstall it, e.g. `pip install -e .` in its source folder")
+    return {name: found[name] for name in [*HELP, *sorted(found.keys() - HELP.keys())]}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -48,10 +62,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="print the Python traceback of an error (or set TRAITSCOPE_DEBUG=1)")
     parser = argparse.ArgumentParser(prog="traitscope", description=__doc__.splitlines()[0], parents=[debug])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ConfigParser)
-    for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
+    for name, entry in commands().items():
+        p = sub.add_parser(name, help=HELP.get(name), description=HELP.get(name), parents=[debug])
         if name == command:
-            module = importlib.import_module(module_name)
+            module = entry.load()
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
     return parser
@@ -61,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+        parser = build_parser(command)
+    except TraitscopeError as err:
+        say(f"traitscope: error: {err}")
+        return 2
+    try:
+        args = parser.parse_args(argv)
     except SystemExit as done:  # --help, or a bad option (argparse printed one `error:` line)
         return int(done.code or 0)
     try:
