@@ -154,21 +154,20 @@ def main() -> None:
              "--ratings", str(root / "ratings")])
         import streamlit as st
 
+        def open_first_feature(timeout: float) -> tuple[AppTest, float]:
+            """A fresh script run on the first feature's page, and its wall-clock seconds."""
+            at = AppTest.from_file(str(MAIN), default_timeout=timeout)
+            at.query_params.update({"page": "Features", "run": "bench-run", "feature": str(int(features[0]))})
+            t0 = time.perf_counter()
+            at.run()
+            assert not at.exception, at.exception
+            return at, time.perf_counter() - t0
+
         load_before = load_average()
-        at = AppTest.from_file(str(MAIN), default_timeout=1800)
-        at.query_params.update({"page": "Features", "run": "bench-run", "feature": str(int(features[0]))})
-        t0 = time.perf_counter()
-        at.run()
-        t_first_page = time.perf_counter() - t0
-        assert not at.exception, at.exception
+        at, t_first_page = open_first_feature(1800)
         st.cache_resource.clear()  # a server restart: Streamlit's caches go, the cache folder stays
         st.cache_data.clear()
-        at = AppTest.from_file(str(MAIN), default_timeout=600)
-        at.query_params.update({"page": "Features", "run": "bench-run", "feature": str(int(features[0]))})
-        t0 = time.perf_counter()
-        at.run()
-        t_restart_page = time.perf_counter() - t0
-        assert not at.exception, at.exception
+        at, t_restart_page = open_first_feature(600)
         page_times, page_cpu = [], []
         for f in features[1:11]:
             t0, c0 = time.perf_counter(), time.process_time()
