@@ -484,3 +484,10 @@ def test_a_variant_parameter_applies_to_the_variants_that_have_it():
     runs = expand_grid({"k_aux": 64}, {"variant": ["topk", "relu"], "k": [16, 32], "l1_coeff": [1.0]})
     assert runs == [{"variant": "topk", "k_aux": 64, "k": 16}, {"variant": "topk", "k_aux": 64, "k": 32},
                     {"variant": "relu", "l1_coeff": 1.0}]
+
+
+def test_the_default_learning_rate_scales_with_the_square_root_of_the_batch():
+    at_4096 = RunSettings(k=8, d_sae=4096).resolved(64).lr
+    assert at_4096 == pytest.approx(2e-3 / math.sqrt(4096 / 2 ** 14))
+    assert RunSettings(k=8, d_sae=4096).resolved(64, batch_size=1024).lr == pytest.approx(at_4096 / 2)
+    assert RunSettings(k=8, d_sae=4096, lr=1e-3).resolved(64, batch_size=1024).lr == 1e-3  # given: kept

@@ -37,8 +37,8 @@ class SAEParams:
         return ""
 
     def default_lr(self, d_sae: int) -> float:
-        """Adam's peak learning rate when none is given: 2e-4 / √(d_sae / 16384), the scaling of Gao et
-        al. 2024."""
+        """Adam's peak learning rate for batches of 4096 tokens when none is given (the trainer scales it
+        by √(batch / 4096)): 2e-4 / √(d_sae / 16384), the scaling of Gao et al. 2024."""
         return 2e-4 / math.sqrt(d_sae / 2 ** 14)
 
     @property

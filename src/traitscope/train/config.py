@@ -9,6 +9,7 @@ The docstring under each field is also the command line's help.
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from pathlib import Path
 
@@ -109,6 +110,11 @@ class TrainConfig:
                 raise TraitscopeError(message)
 
 
+REFERENCE_BATCH = 4096
+"""Batch size the variants' default learning rates are for; other sizes scale it by the square root of
+the ratio (Adam's square-root rule: at 1024 tokens half the rate, measured in docs/training.md)."""
+
+
 @dataclasses.dataclass(init=False)
 class RunSettings:
     """Settings of one SAE: its variant and size, the variant's own parameters, and the optimiser.
@@ -124,8 +130,8 @@ class RunSettings:
     expansion: float | None = field(default=None, type=comma_list(float), metavar="X[,X...]")
     """d_sae as a multiple of d_model (default 16 when d_sae is not given)."""
     lr: float | None = field(default=None, type=comma_list(float), metavar="LR[,LR...]")
-    """Peak learning rate of Adam (default: the variant's; 2e-3 / sqrt(d_sae / 16384) for the TopK family,
-    5e-5 for relu)."""
+    """Peak learning rate of Adam (default: the variant's rate for batches of 4096 tokens, times
+    sqrt(batch size / 4096); for the TopK family 2e-3 / sqrt(d_sae / 16384) at 4096, 5e-5 for relu)."""
     lr_warmup: int = 1000
     """Steps of linear learning-rate warm-up (at most a tenth of the steps)."""
     lr_decay: str = "linear"
@@ -156,8 +162,9 @@ class RunSettings:
             raise TypeError(f"give the {variant} parameters as params or by name, not both")
         self.params = params if params is not None else make_params(variant, values)
 
-    def resolved(self, d_model: int) -> "RunSettings":
-        """A copy with every default filled in for inputs of width d_model; impossible values refused."""
+    def resolved(self, d_model: int, batch_size: int = REFERENCE_BATCH) -> "RunSettings":
+        """A copy with every default filled in for inputs of width d_model, trained in batches of
+        batch_size tokens; impossible values refused."""
         s = dataclasses.replace(self)
         if s.d_sae is not None and s.expansion is not None and s.d_sae != round(s.expansion * d_model):
             raise TraitscopeError(f"give d_sae or expansion, not both (d_sae={s.d_sae}, expansion={s.expansion} "
@@ -172,7 +179,7 @@ class RunSettings:
         except TraitscopeError as err:
             raise TraitscopeError(f"{s.variant}: {err}") from None
         if s.lr is None:
-            s.lr = s.params.default_lr(s.d_sae)
+            s.lr = s.params.default_lr(s.d_sae) * math.sqrt(batch_size / REFERENCE_BATCH)
         checks = [(s.lr > 0, f"lr must be > 0, not {s.lr}"), (s.lr_warmup >= 0, "lr_warmup must be >= 0"),
                   (s.lr_decay in ("linear", "cosine", "none"), f"lr_decay must be linear, cosine or none, not {s.lr_decay!r}"),
                   (0 <= s.decay_start <= 1, "decay_start must be between 0 and 1"),

@@ -121,7 +121,7 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo, locks: contextli
     shards = Shards(cfg.shards)
     layer = cfg.layer if cfg.layer is not None else shards.layers[-1]
     split = TokenSplit(shards, layer, cfg.token_kind, cfg.val_frac, cfg.seed, cfg.val_split)
-    resolved = [s.resolved(split.d_model) for s in settings]  # refuses impossible settings up front
+    resolved = [s.resolved(split.d_model, cfg.batch_size) for s in settings]  # refuses impossible settings up front
     identities = [run_identity(cfg, s, shards.hash, split.layer) for s in resolved]
     dpaths = [Path(cfg.out) / (cfg.name or f"{s.label()}-{identity_hash(i)}") for s, i in zip(resolved, identities)]
     if len(set(dpaths)) != len(dpaths):
