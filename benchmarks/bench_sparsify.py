@@ -60,6 +60,9 @@ ABLATIONS = {
     "no-auxk": {"dead_tokens": 10_000_000},
     "auxk-1/32": {"auxk_alpha": 1 / 32},
     "auxk-64k": {"dead_tokens": 65_536},
+    "auxk-8k": {"dead_tokens": 8192},
+    "auxk-1/2": {"auxk_alpha": 1 / 2},
+    "kaux-dmodel": {"k_aux": 384},
     "no-decay": {"lr_decay": "none"},
     "median": {"b_dec_init": "median"},
 }
@@ -151,7 +154,7 @@ def run_traitscope(shards: Shards, split: TokenSplit, n_tokens: int, batch_size:
     all SAEs in one pass over the data."""
     cfg = TrainConfig(shards=str(shards.dpath), layer=LAYER, tokens=n_tokens, batch_size=batch_size, seed=SEED,
                       val_frac=VAL_FRAC, out=str(work_dpath / "runs"), checkpoint_every=10**12)
-    default_lr = RunSettings(d_sae=D_SAE, k=K).resolved(split.d_model).lr
+    default_lr = RunSettings(d_sae=D_SAE, k=K).resolved(split.d_model, batch_size).lr
     settings = []
     for change in ablations.values():
         change = dict(change)
