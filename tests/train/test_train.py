@@ -152,6 +152,7 @@ def test_cli_trains_a_grid_in_one_pass_and_prints_each_run_folder(shards, tmp_pa
         lines = [json.loads(ln) for ln in (dpath / "metrics.jsonl").read_text().splitlines()]
         assert {"step", "tokens", "loss", "nmse", "l0", "dead_frac", "dense_frac", "tokens_per_s"} <= set(lines[-1])
         assert (dpath / "curves.png").read_bytes()[:4] == b"\x89PNG"
+        assert (dpath / "checkpoint").is_dir() and not (dpath / "checkpoint.old").exists()  # one copy kept
     # a rerun finds the finished runs
     assert main(argv) == 0
     assert printed.count("new") == 2 and capsys.readouterr().out.count("already trained") >= 2

@@ -559,12 +559,14 @@ def evaluate(sae: SAE, split: TokenSplit, batch_size: int, max_tokens: int) -> d
 
 
 def finish_run(cfg: TrainConfig, run: Run, split: TokenSplit, shards: Shards) -> None:
-    """Validation metrics, metrics.json and curves.png (the SAE was saved with the last checkpoint)."""
+    """Validation metrics, metrics.json and curves.png (the SAE was saved with the last checkpoint); the
+    previous checkpoint, kept only in case the last was damaged, goes."""
     metrics = evaluate(folded_sae(run), split, cfg.batch_size, cfg.val_tokens)
     metrics["tokens_trained"] = run.step * cfg.batch_size
     metrics["dead_frac_train"] = dead_frac(run, metrics["tokens_trained"], split.n_train_tokens)
     plot_curves(run.folder.read_log(), run.folder.curves_fpath, title=run.dpath.name)
     run.folder.write_metrics(metrics)
+    shutil.rmtree(run.dpath / "checkpoint.old", ignore_errors=True)
 
 
 # --- small helpers ---
