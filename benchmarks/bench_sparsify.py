@@ -2,14 +2,14 @@
 trained in this script on the same tokens, in the same order, scored on the same held-out images.
 
     pip install eai-sparsify==1.3.3        # the peer, from PyPI by name (not a traitscope dependency)
-    python benchmarks/bench_sparsify.py [--data camvid,fish] [--tokens 512k] [--ablate [NAMES]] [--batch-size 4096]
+    python benchmarks/bench_sparsify.py [--data camvid,fish] [--tokens 512k] [--ablate [NAMES]] [--batch-size 4096] [--d-sae 6144]
 
 Data: real photos beside the project (../shared/data): `camvid_train/images` (367 street scenes) and
 `fishvista_demo` (110 museum fish photos), each run through the offline DINOv2 ViT-S/14
 (`dinov2-vits14-saliency-offline`, layer -2, 256 patch tokens of 384 dims per image) with
 `traitscope shards`; 10% of the images are held out (traitscope's own split, seed 0).
 
-Both SAEs: TopK, 6144 latents, k = 32, batches of --batch-size tokens from traitscope's shuffled
+Both SAEs: TopK, 6144 latents (--d-sae), k = 32, batches of --batch-size tokens from traitscope's shuffled
 loader (seed 0), so both see the same batches in the same order.
 - sparsify: `SparseCoder` with the recipe of sparsify's own `Trainer` at its defaults (signum: sign
   SGD in a schedule-free wrapper, momentum 0.95, lr 5e-3 / sqrt(latents / 2^14), no schedule; decoder
@@ -26,7 +26,6 @@ and sparsify's input scale, to find where a gap comes from. Shards and runs are 
 """
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
@@ -34,7 +33,6 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -47,7 +45,7 @@ from traitscope.train.loader import ShuffledLoader, TokenSplit
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO.parent / "shared" / "data").resolve()
 SETS = {"camvid": DATA / "camvid_train" / "images", "fish": DATA / "fishvista_demo"}
-MODEL, LAYER, D_SAE, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 6144, 32, 0.1, 0
+MODEL, LAYER, D_SAE, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 6144, 32, 0.1, 0  # D_SAE: --d-sae
 
 # One change at a time from traitscope's defaults (--ablate); lr_scale multiplies the default learning rate.
 # "before" is the recipe before issue 12 (the TopK paper's lr 2e-4 / sqrt(d_sae / 2^14), AuxK weight 1/32
@@ -114,7 +112,7 @@ def score(encode_decode, split: TokenSplit, train_nd: torch.Tensor, d_sae: int, 
     return Score(sse / sst, n_active / n_tokens, float((~fired_s).float().mean()), seconds)
 
 
-def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor,
+def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor, d_sae: int,
                  input_scale: float = 1.0) -> Score:
     """sparsify's SparseCoder trained with its Trainer's default recipe on traitscope's batches."""
     from schedulefree import ScheduleFreeWrapper
@@ -122,8 +120,8 @@ def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: to
     from sparsify.sign_sgd import SignSGD
 
     torch.manual_seed(SEED)
-    sae = SparseCoder(split.d_model, SparseCoderConfig(num_latents=D_SAE, k=K), torch.device("cpu"), dtype=torch.float32)
-    opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (D_SAE / 2**14) ** 0.5)]), momentum=0.95)
+    sae = SparseCoder(split.d_model, SparseCoderConfig(num_latents=d_sae, k=K), torch.device("cpu"), dtype=torch.float32)
+    opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (d_sae / 2**14) ** 0.5)]), momentum=0.95)
     opt.train()
     n_steps = -(-n_tokens // batch_size)
     t0 = time.perf_counter()
@@ -145,23 +143,23 @@ def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: to
         enc = sae.encode(x_bd * input_scale)
         return sae.decode(enc.top_acts, enc.top_indices) / input_scale, enc.top_indices[enc.top_acts > 0]
 
-    return score(encode_decode, split, train_nd, D_SAE, seconds)
+    return score(encode_decode, split, train_nd, d_sae, seconds)
 
 
 def run_traitscope(shards: Shards, split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor,
-                   work_dpath: Path, ablations: dict[str, dict]) -> dict[str, Score]:
+                   work_dpath: Path, ablations: dict[str, dict], d_sae: int) -> dict[str, Score]:
     """`traitscope train` (its Python entry point) with default settings but the ones in `ablations`,
     all SAEs in one pass over the data."""
     cfg = TrainConfig(shards=str(shards.dpath), layer=LAYER, tokens=n_tokens, batch_size=batch_size, seed=SEED,
                       val_frac=VAL_FRAC, out=str(work_dpath / "runs"), checkpoint_every=10**12)
-    default_lr = RunSettings(d_sae=D_SAE, k=K).resolved(split.d_model, batch_size).lr
+    default_lr = RunSettings(d_sae=d_sae, k=K).resolved(split.d_model, batch_size).lr
     settings = []
     for change in ablations.values():
         change = dict(change)
         lr_scale = change.pop("lr_scale", None)
         if lr_scale is not None:
             change["lr"] = default_lr * lr_scale
-        settings.append(RunSettings(d_sae=D_SAE, k=K, **change))
+        settings.append(RunSettings(d_sae=d_sae, k=K, **change))
     t0 = time.perf_counter()
     results = train(cfg, settings, echo=lambda *a, **k: print(*a, file=sys.stderr, **k))
     seconds = (time.perf_counter() - t0) / len(settings)
@@ -175,7 +173,7 @@ def run_traitscope(shards: Shards, split: TokenSplit, n_tokens: int, batch_size:
             codes_bs = sae.encode(x_bd)
             return sae.decode(codes_bs), (codes_bs > 0).nonzero()[:, 1]
 
-        scores[name] = score(encode_decode, split, train_nd, D_SAE, seconds)
+        scores[name] = score(encode_decode, split, train_nd, d_sae, seconds)
     return scores
 
 
@@ -192,6 +190,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "traitscope-bench-sparsify"),
                         help="cache of shards and runs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--d-sae", type=int, default=D_SAE, help=f"latents of both SAEs (default {D_SAE})")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -219,15 +218,16 @@ def main() -> None:
         for n_tokens in map(parse_count, args.tokens.split(",")):
             for batch_size in map(int, args.batch_size.split(",")):
                 rows = {} if args.no_sparsify else {"sparsify (defaults)": run_sparsify(split, n_tokens, batch_size,
-                                                                                        train_nd)}
+                                                                                        train_nd, args.d_sae)}
                 if args.ablate == "all" and not args.no_sparsify:
                     scale = float(1 / train_nd.pow(2).sum(1).mean().sqrt())
                     rows["sparsify, inputs scaled to E|x|^2 = 1"] = run_sparsify(split, n_tokens, batch_size,
-                                                                                  train_nd, scale)
+                                                                                  train_nd, args.d_sae, scale)
                 for name, s in run_traitscope(shards, split, n_tokens, batch_size, train_nd, work_dpath,
-                                              ablations).items():
+                                              ablations, args.d_sae).items():
                     rows[f"traitscope ({name})"] = s
-                lines.append(f"\n{data}, {n_tokens:,} tokens, batch {batch_size} ({-(-n_tokens // batch_size)} steps)")
+                lines.append(f"\n{data}, {args.d_sae} latents, {n_tokens:,} tokens, batch {batch_size} "
+                             f"({-(-n_tokens // batch_size)} steps)")
                 lines.append(f"{'SAE':48s} {'val NMSE':>9s} {'L0':>6s} {'dead':>7s} {'s/run':>6s}")
                 for name, s in rows.items():
                     lines.append(f"{name:48s} {s.nmse:9.4f} {s.l0:6.1f} {s.dead_frac:7.2%} {s.seconds:6.0f}")
