@@ -55,6 +55,7 @@ ABLATIONS = {
     "before": {"lr_scale": 0.1, "dead_tokens": 10_000_000, "auxk_alpha": 1 / 32},
     "lr-div10": {"lr_scale": 0.1},
     "lr-div2": {"lr_scale": 0.5},
+    "lr-div4": {"lr_scale": 0.25},
     "no-auxk": {"dead_tokens": 10_000_000},
     "auxk-1/32": {"auxk_alpha": 1 / 32},
     "auxk-64k": {"dead_tokens": 65_536},
