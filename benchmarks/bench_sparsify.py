@@ -18,10 +18,13 @@ loader (seed 0), so both see the same batches in the same order.
 - traitscope: `traitscope.train.train` with default `RunSettings` but d_sae and k, default
   `TrainConfig` but the budget, batch size and a 10% hold-out.
 
+Printed per data set: its size and how many directions its tokens use (the participation ratio of the
+covariance's eigenvalues, and the principal directions holding 90% of the variance).
 Printed per SAE: held-out NMSE (squared error over the held-out tokens' total sum of squares around
 their mean), L0, and the dead fraction: latents that fire on no training token (one pass over all
 of them with the final SAE). With --ablate, traitscope's settings are varied one at a time (learning
-rate, its schedule, AuxK window and weight, decoder-bias start; "before": the defaults before issue 12)
+rate, its schedule, AuxK window and weight, decoder-bias start, Adam β2, the TopK family's other
+variants; "before": the defaults before issue 12)
 and sparsify's input scale, to find where a gap comes from. Shards and runs are cached under --work: a rerun only scores.
 """
 
@@ -64,6 +67,9 @@ ABLATIONS = {
     "kaux-dmodel": {"k_aux": 384},
     "no-decay": {"lr_decay": "none"},
     "median": {"b_dec_init": "median"},
+    "beta2-0.99": {"beta2": 0.99},
+    "batchtopk": {"variant": "batchtopk"},
+    "matryoshka": {"variant": "matryoshka"},
 }
 
 
@@ -92,6 +98,13 @@ def training_tokens(split: TokenSplit) -> torch.Tensor:
     """Every training token once (float32), for counting dead latents."""
     with ShuffledLoader(split, split.n_train_tokens, SEED, prefetch=False, stream=7) as loader:
         return next(loader)
+
+
+def spread(x_nd: torch.Tensor) -> tuple[float, int]:
+    """How many directions the tokens use: the participation ratio of the covariance's eigenvalues,
+    (Σλ)² / Σλ², and the number of principal directions that hold 90% of the variance."""
+    eig = torch.linalg.eigvalsh(torch.cov(x_nd.double().T)).clamp_min(0).flip(0)
+    return float(eig.sum() ** 2 / (eig ** 2).sum()), int((eig.cumsum(0) < 0.9 * eig.sum()).sum()) + 1
 
 
 @torch.inference_mode()
@@ -214,8 +227,10 @@ def main() -> None:
         shards = make_shards(SETS[data], work_dpath)
         split = TokenSplit(shards, LAYER, "patches", VAL_FRAC, SEED)
         train_nd = training_tokens(split)
+        ratio, dims_90 = spread(train_nd)
         print(f"{data}: {shards.n_images} images, {split.n_train_tokens:,} training tokens, "
-              f"{len(split.val_rows)} held-out images ({shards.dpath})", file=sys.stderr)
+              f"{len(split.val_rows)} held-out images ({shards.dpath}); participation ratio {ratio:.1f}, "
+              f"{dims_90} principal directions hold 90% of the variance", file=sys.stderr)
         for n_tokens in map(parse_count, args.tokens.split(",")):
             for batch_size in map(int, args.batch_size.split(",")):
                 rows = {} if args.no_sparsify else {"sparsify (defaults)": run_sparsify(split, n_tokens, batch_size,
