@@ -20,7 +20,7 @@ and scoring, and whether each SAE beats each baseline scored the same way. Rerun
 the trained runs and the inference folders. Measured on 2 idle CPU cores: 6.4 minutes with the
 offline DINOv2-S, 2.8 with `--model efficientnet-lite0` (figures in docs/alignment.md).
 
-    python benchmarks/study_camvid.py [--data DIR] [--out DIR] [--tokens N] [--d-sae N] [--k K] [--model M] [--layer L]
+    python benchmarks/study_camvid.py [--data DIR] [--out DIR] [--tokens N] [--d-sae N] [--k K] [--model M] [--layer L] [--seed S]
 """
 
 import argparse
@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--model", default="dinov2-vits14-saliency-offline",
                         help="backbone (default: the offline DINOv2-S; efficientnet-lite0 is the offline CNN)")
     parser.add_argument("--layer", default="-2", help="layer whose patch tokens are modelled (default -2)")
+    parser.add_argument("--seed", default="0", help="seed of the SAEs' initialisation and data order (the held-out "
+                                                    "frames stay the same)")
     args = parser.parse_args()
     if not (args.data / "images").is_dir() or not (args.data / "masks").is_dir():
         sys.exit(f"{args.data} has no images/ and masks/ folders (the CamVid set of ../shared/data)")
@@ -65,9 +67,11 @@ def main() -> None:
     shards = Path(cli("shards", "--images", str(args.data / "images"), "--masks", str(args.data / "masks"),
                       "--model", args.model, "--layers", args.layer, "--tokens", "patches",
                       "--out", str(args.out / "shards")).strip().splitlines()[-1])
-    runs_dpath = args.out / f"runs-{shards.name}-{args.tokens}-{args.d_sae}-k{args.k}"
+    runs_dpath = args.out / (f"runs-{shards.name}-{args.tokens}-{args.d_sae}-k{args.k}"
+                             + (f"-seed{args.seed}" if args.seed != "0" else ""))  # one run per variant
     cli("train", "--shards", str(shards), "--sae", ",".join(VARIANTS), "--d-sae", args.d_sae, "--k", args.k,
-        "--tokens", args.tokens, "--val-frac", "0.2", "--val-split", "contiguous", "--out", str(runs_dpath), "--quiet")
+        "--tokens", args.tokens, "--val-frac", "0.2", "--val-split", "contiguous", "--seed", args.seed,
+        "--out", str(runs_dpath), "--quiet")
     runs = {}
     for run in sorted(p for p in runs_dpath.iterdir() if (p / "sae.safetensors").is_file()):
         cli("align", "--run", str(run), "--shards", str(shards), "--quiet")
@@ -82,7 +86,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
     first = next(iter(runs.values()))
     print(f"\nCamVid patch labels, held-out AP of each class's best single feature; {args.model} layer "
           f"{args.layer}, {args.tokens} tokens, {args.d_sae} latents, "
-          f"k={args.k}; 20% of the frames held out in 5 contiguous runs; {seconds / 60:.1f} minutes in all\n")
+          f"k={args.k}, seed {args.seed}; 20% of the frames held out in 5 contiguous runs; {seconds / 60:.1f} minutes in all\n")
     cols = [(f"{v} {title.split()[1]}", v, "sae", s) for v in runs for s, cols in COLUMNS.items()
             for m, title in cols if m == "sae"]
     cols += [(title, None, m, s) for s, cols in COLUMNS.items() for m, title in cols if m != "sae"]
@@ -113,7 +117,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
         both = [out.get(f"{name}/{s}") for s in ("dense", "sparse")]
         print(f"  {name:16s} " + " | ".join(f"{v[0]:.3f} / {v[1]:.0%}" if v else "-" for v in both))
     print(json.dumps({"bench": "camvid", "model": args.model, "layer": args.layer, "tokens": args.tokens,
-                      "d_sae": args.d_sae, "k": args.k,
+                      "d_sae": args.d_sae, "k": args.k, "seed": args.seed,
                       "minutes": round(seconds / 60, 1), "mean_ap_coverage": out}))
 
 
