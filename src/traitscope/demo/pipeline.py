@@ -29,6 +29,7 @@ from traitscope.train.config import RunSettings, TrainConfig
 from traitscope.train.trainer import train
 
 OFFLINE_MODEL = "dinov2-vits14-saliency-offline"
+K_VARIANTS = ("topk", "batchtopk", "matryoshka")
 
 
 @dataclasses.dataclass
@@ -57,20 +58,33 @@ class DemoConfig:
     batch_size: int = 1024
     """Tokens per optimiser step (1024: ~390 steps at half the default rate of 4096, held-out NMSE of k = 16
     0.160 with 12% of latents dead; at 4096, 0.165 with 18%: docs/training.md)."""
+    variant: str = "matryoshka"
+    """SAE variant of the sweep, one run per k of --ks (Matryoshka: on the synthetic traits its k = 16 run
+    beats TopK's in both scorings, and in reconstruction: docs/alignment.md)."""
     ks: tuple[int, ...] = field(default=(8, 16, 32), type=comma_list(int))
-    """TopK sparsities of the sweep."""
+    """Sparsities (k) of the sweep."""
     l1: float = 5.0
     """λ of the one ReLU/L1 SAE of the sweep (trained at lr 5e-4: L1 SAEs need more steps than small data gives)."""
-    align_k: int = 16
-    """The TopK run (by k) whose features are scored against the traits and drawn in the report."""
+    align_k: int | None = None
+    """The run of the sweep (by k) whose features are scored against the traits and drawn in the report
+    (default: the middle of --ks, 16 for the default sweep)."""
     val_frac: float = 0.2
     """Share of images held out: every reported metric and AP is measured on them."""
+
+    @property
+    def scored_k(self) -> int:
+        """k of the run whose features are scored."""
+        return self.align_k if self.align_k is not None else sorted(self.ks)[len(self.ks) // 2]
 
     def validate(self) -> None:
         """Raise TraitscopeError naming the first impossible setting."""
         checks = [(self.n_images >= 10, f"--n-images must be at least 10, not {self.n_images}"),
                   (0 < self.val_frac < 1, f"--val-frac must lie between 0 and 1 (exclusive), not {self.val_frac:g}"),
+                  (self.variant in K_VARIANTS, f"--variant must be one of {', '.join(K_VARIANTS)} (the variants "
+                                               f"with a k), not {self.variant!r}"),
                   (self.ks and all(k >= 1 for k in self.ks), f"--ks must be positive counts, not {self.ks}"),
+                  (self.align_k in (None, *self.ks), f"--align-k {self.align_k} is not one of --ks "
+                                                      f"{','.join(map(str, self.ks))}"),
                   (self.batch_size >= 1 and self.tokens >= 1, "--batch-size and --tokens must be at least 1")]
         for ok, message in checks:
             if not ok:
@@ -122,7 +136,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
     train_cfg = TrainConfig(shards=str(shards.dpath), layer=cfg.layer, token_kind="patches", tokens=cfg.tokens,
                             batch_size=cfg.batch_size, seed=cfg.seed, val_frac=cfg.val_frac, out=str(runs_dpath),
                             checkpoint_every=cfg.tokens // 4)
-    settings = [RunSettings(variant="topk", k=k, expansion=cfg.expansion) for k in cfg.ks]
+    settings = [RunSettings(variant=cfg.variant, k=k, expansion=cfg.expansion) for k in cfg.ks]
     settings.append(RunSettings(variant="relu", l1_coeff=cfg.l1, expansion=cfg.expansion, lr=5e-4))
     results = train(train_cfg, settings, echo=echo)
     failed = [r for r in results if r.status not in ("trained", "already trained")]
@@ -138,7 +152,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> DemoResult:
 
     step(4, "inference for every run; held-out metrics and trait alignment next to the baselines")
     inferences = {r.dpath: run_inference(r.dpath, shards.dpath)[0] for r in results}
-    chosen = next((r for r, s in zip(results, settings) if s.variant == "topk" and s.params.k == cfg.align_k), results[0])
+    chosen = results[cfg.ks.index(cfg.scored_k)]
     inputs = open_inputs(chosen.dpath, shards.dpath)
     inf = inferences[chosen.dpath]
     baselines, info = baselines_for(inputs, inf, progress=True)

@@ -206,7 +206,8 @@ frontier are not beaten on both at once.</p>
 <img class="plot" src="pareto.png">
 {pareto}
 <h2>Held-out reconstruction: {html.escape(best.dpath.name)} against baselines</h2>
-<p>The run scored from here on is the TopK SAE with k = {cfg.align_k}, chosen before looking at any score.
+<p>The run scored from here on is the {html.escape(cfg.variant)} SAE with k = {cfg.scored_k}, chosen before looking at
+any score.
 Baselines need no SAE: the dense dimensions themselves, PCA and k-means fitted on training tokens.</p>
 {metrics}
 {second_half}<h2>Explore further</h2>
