@@ -33,7 +33,7 @@ from pathlib import Path
 from traitscope.features.alignment import COLUMNS, headline, read_alignment, summarise
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid_train"
-VARIANTS = ("topk", "matryoshka")
+VARIANTS = ("topk", "matryoshka", "archetypal")
 
 
 def cli(*args: str) -> str:

@@ -105,7 +105,8 @@ class SAE(torch.nn.Module):
     """The training loss is a mean over the batch's tokens (else a sum divided by the batch's spread,
     Σ‖x − mean(x)‖²): data-parallel training weighs each process's share of the batch accordingly."""
     unit_norm_decoder: ClassVar[bool] = True
-    """Decoder rows are kept at unit norm during training (the ReLU/L1 variant weights its L1 instead)."""
+    """Decoder rows are kept at unit norm during training (the ReLU/L1 variant weights its L1 instead, the
+    archetypal one keeps its rows near the data's hull); a saved SAE has unit rows either way."""
     input_scaled: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
     """Parameters and buffers in input units: divided by the input scale when it is folded in."""
 
@@ -170,10 +171,20 @@ class SAE(torch.nn.Module):
         raise NotImplementedError
 
     # --- training-time constraints ---
+    def training_form_(self) -> None:
+        """Put the SAE in the form the trainer trains and checkpoints, before its optimiser is made (and
+        on the copy folded for saving). A variant that trains its dictionary through a parametrisation
+        (archetypal) registers it here, and its state dict then holds the parametrisation's tensors;
+        folding the input scale (`fold_input_scale_`) gives the plain form back. Nothing by default."""
+
     @torch.no_grad()
     def init_b_dec_(self, b_dec_d: torch.Tensor) -> None:
         """Start the decoder bias at a data statistic (mean or geometric median of the inputs)."""
         self.b_dec.copy_(b_dec_d)
+
+    def init_from_data_(self, sample_nd: torch.Tensor) -> None:
+        """Start-up from a sample of (scaled) training tokens, after the decoder bias: a variant whose
+        dictionary depends on the data (archetypal) builds it here. Nothing by default."""
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:

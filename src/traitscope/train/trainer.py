@@ -369,6 +369,7 @@ def init_from_data(cfg: TrainConfig, runs: list[Run], split: TokenSplit, device:
             centres[how] = sample_nd.mean(0) if how == "mean" else geometric_median(sample_nd)
         run.scale = scale
         run.sae.init_b_dec_(centres[how])
+        run.sae.init_from_data_(sample_nd)
 
 
 def geometric_median(x_nd: torch.Tensor, n_iter: int = 100, tol: float = 1e-7) -> torch.Tensor:
@@ -400,6 +401,7 @@ def open_run(cfg: TrainConfig, s: RunSettings, identity: dict, dpath: Path, shar
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     sae = build_sae(s.sae_config(d_model)).to(device)
+    sae.training_form_()
     opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(s.beta1, s.beta2), **adam_impl(device))
     run = Run(dpath, s, identity, sae, opt, torch.zeros(s.d_sae, dtype=torch.long, device=device), writes=writes)
     if run.folder.is_run:
@@ -524,8 +526,9 @@ def read_checkpoint(run: Run, ckpt: Path) -> tuple[dict, dict]:
 
 
 def folded_sae(run: Run) -> SAE:
-    """A copy of the SAE that takes raw activations (input scale folded in, unit-norm decoder rows)."""
+    """A plain copy of the SAE that takes raw activations (input scale folded in, unit-norm decoder rows)."""
     sae = build_sae(SAEConfig(**run.sae.cfg.to_dict())).to(run.since_fired_s.device)
+    sae.training_form_()
     sae.load_state_dict(run.sae.state_dict())
     sae.fold_input_scale_(run.scale)
     if not sae.unit_norm_decoder:
