@@ -37,10 +37,10 @@ KMEANS_EPOCHS = 3
 @dataclasses.dataclass
 class ArchetypalParams(TopKParams):
     n_anchors: int | None = None
-    """Archetypal: data points (k-means centroids) whose convex hull holds the decoder atoms (default
+    """Data points (k-means centroids) whose convex hull holds the decoder atoms (default
     d_sae, at most 4096; at most the start-up sample's 65,536 tokens)."""
     delta: float = 0.1
-    """Archetypal: how far an atom may leave the hull, in units of a typical token's norm (0: none)."""
+    """How far an atom may leave the hull, in units of a typical token's norm (0: none)."""
 
     def resolved(self, d_model: int, d_sae: int) -> "ArchetypalParams":
         params = super().resolved(d_model, d_sae)
