@@ -11,8 +11,9 @@ tokens have unit mean squared norm, so δ is in units of a typical token's norm.
 
 The constraint exists only in training (`torch.nn.utils.parametrize` on W_dec, registered by
 `training_form_`; checkpoints hold its logits, Λ and C). Folding the input scale materialises the
-dictionary, so a saved archetypal SAE is a plain one (W_enc, b_enc, W_dec, b_dec; unit decoder rows,
-like every saved SAE) that inference, alignment, the app and the exporters read like a TopK SAE.
+dictionary, so a saved archetypal SAE is a plain one (W_enc, b_enc, W_dec, b_dec) that inference,
+alignment and the app read like a TopK SAE. Its decoder rows keep the norms they were trained with:
+unlike ReLU codes, a TopK selection would change if latents were rescaled to unit rows.
 """
 
 import dataclasses
@@ -71,7 +72,7 @@ class HullDictionary(torch.nn.Module):
 class ArchetypalSAE(TopKSAE):
     variant = "archetypal"
     Params = ArchetypalParams
-    unit_norm_decoder = False  # rows are convex mixes (+ Λ), not unit vectors; saved ones are made unit
+    unit_norm_decoder = False  # rows are convex mixes (+ Λ), not unit vectors, in training and once saved
 
     @property
     def trains_hull(self) -> bool:
@@ -100,7 +101,7 @@ class ArchetypalSAE(TopKSAE):
     @torch.no_grad()
     def init_from_data_(self, sample_nd: torch.Tensor) -> None:
         """C: k-means centroids of the sample (relative to b_dec); each atom starts near one centroid
-        (taken in a random order, cycled when d_sae > n_anchors) and the encoder on the atoms' directions."""
+        (taken in a random order, cycled when d_sae > n_anchors)."""
         n_anchors = self.params.n_anchors
         if len(sample_nd) < n_anchors:
             raise TraitscopeError(f"archetypal SAE: n_anchors={n_anchors} needs as many start-up tokens, the "
@@ -116,8 +117,10 @@ class ArchetypalSAE(TopKSAE):
         self.logits_sn.zero_().scatter_(1, own_n[:, None], bump)
         self.logits_sn.add_(torch.randn_like(self.logits_sn), alpha=0.1)  # atoms that share an anchor differ
         self.relax_sd.zero_()
+        # The encoder starts on the atoms' directions, over k: the k atoms a token first picks are nearly
+        # parallel (neighbouring centroids), and at full scale they would add up to about k times the token.
         atoms_sd = self.W_dec
-        self.W_enc.copy_((atoms_sd / atoms_sd.norm(dim=1, keepdim=True).clamp_min(1e-12)).T)
+        self.W_enc.copy_((atoms_sd / atoms_sd.norm(dim=1, keepdim=True).clamp_min(1e-12)).T / self.params.k)
 
     def forward(self, x_bd: torch.Tensor, dead_s: torch.Tensor | None = None, progress: float = 1.0) -> ForwardOutput:
         with parametrize.cached():  # W_dec = w·C + Λ computed once a step, not at every use
@@ -134,7 +137,11 @@ class ArchetypalSAE(TopKSAE):
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:
         """The dictionary is materialised first (C and Λ are in training units), then folded like any
-        SAE's: the result is a plain dictionary."""
+        SAE's: the result is a plain dictionary with the same decoder rows."""
         if self.trains_hull:
             parametrize.remove_parametrizations(self, "W_dec", leave_parametrized=True)
         super().fold_input_scale_(scale)
+
+    def unit_decoder_rows_(self) -> None:
+        """Left undone: TopK compares pre-activations across latents, so rescaling latents would change
+        which k a token keeps. A saved archetypal SAE keeps its atoms' norms (those of w·C + Λ)."""
