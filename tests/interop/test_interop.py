@@ -186,7 +186,7 @@ def test_sparsify_matches_sparsify_formula(tmp_path):
 
 def trained_like(variant, seed=0):
     torch.manual_seed(seed)
-    sae = build_sae(SAEConfig(variant, D, S, k=K if variant in ("topk", "batchtopk", "matryoshka") else None))
+    sae = build_sae(SAEConfig(variant, D, S, k=K if variant in ("topk", "batchtopk", "matryoshka", "archetypal") else None))
     with torch.no_grad():
         sae.W_enc.normal_()
         sae.b_enc.normal_(std=0.5)
@@ -197,7 +197,8 @@ def trained_like(variant, seed=0):
 
 
 @pytest.mark.parametrize("variant,fmt", [("topk", "saelens"), ("relu", "saelens"), ("batchtopk", "saelens"),
-                                         ("matryoshka", "saelens"), ("jumprelu", "saelens"), ("topk", "sparsify")])
+                                         ("matryoshka", "saelens"), ("jumprelu", "saelens"), ("topk", "sparsify"),
+                                         ("archetypal", "saelens"), ("archetypal", "sparsify")])
 def test_export_round_trip_is_exact(tmp_path, variant, fmt):
     sae = trained_like(variant)
     out = tmp_path / fmt

@@ -26,7 +26,7 @@ import torch
 from traitscope.errors import TraitscopeError
 from traitscope.files import atomic_save_safetensors, atomic_write_json
 from traitscope.interop.foreign import ForeignSAE
-from traitscope.interop.tensors import build_foreign, load_safetensors, need, read_json_file
+from traitscope.interop.tensors import build_foreign, load_safetensors, need, read_json_file, topk_at_inference
 from traitscope.sae import SAE
 
 CFG_FNAME, WEIGHTS_FNAME = "cfg.json", "sae_weights.safetensors"
@@ -113,11 +113,13 @@ def _token_kind(hook) -> str | None:
 
 
 def saelens_architecture(sae: SAE) -> str:
-    """standard (relu), topk, or jumprelu for an SAE that is a JumpReLU at inference (it has a threshold)."""
-    arch = {"relu": "standard", "topk": "topk"}.get(sae.cfg.variant) or ("jumprelu" if hasattr(sae, "threshold") else None)
+    """standard (relu), topk (`topk_at_inference`), or jumprelu for an SAE that is a JumpReLU at inference
+    (it has a threshold)."""
+    arch = ("standard" if sae.cfg.variant == "relu" else "topk" if topk_at_inference(sae)
+            else "jumprelu" if hasattr(sae, "threshold") else None)
     if arch is None:
-        raise TraitscopeError(f"SAELens has no architecture for {sae.cfg.variant} SAEs (it reads relu, topk and "
-                              "JumpReLU ones: jumprelu, batchtopk, matryoshka)")
+        raise TraitscopeError(f"SAELens has no architecture for {sae.cfg.variant} SAEs (it reads relu, topk, archetypal "
+                              "and JumpReLU ones: jumprelu, batchtopk, matryoshka)")
     return arch
 
 

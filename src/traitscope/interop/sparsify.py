@@ -14,7 +14,7 @@ from pathlib import Path
 from traitscope.errors import TraitscopeError
 from traitscope.files import atomic_save_safetensors, atomic_write_json
 from traitscope.interop.foreign import ForeignSAE
-from traitscope.interop.tensors import build_foreign, load_safetensors, need, read_json_file
+from traitscope.interop.tensors import build_foreign, load_safetensors, need, read_json_file, topk_at_inference
 from traitscope.sae import SAE
 
 CFG_FNAME, WEIGHTS_FNAME = "cfg.json", "sae.safetensors"
@@ -50,11 +50,12 @@ def read_sparsify(dpath: Path) -> ForeignSAE:
 def write_sparsify(sae: SAE, dpath: Path, metadata: dict | None = None) -> None:
     """Write a TopK SAE as a sparsify folder (sparsify's `SparseCoder.load_from_disk` reads it; it drops
     the `traitscope` key of cfg.json, which says where the SAE belongs)."""
-    if sae.cfg.variant != "topk":
+    if not topk_at_inference(sae):
         raise TraitscopeError(f"sparsify SAEs are TopK only; this is a {sae.cfg.variant} SAE (export it to saelens)")
     tensors = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()}
-    cfg = {"activation": "topk", "expansion_factor": max(1, sae.d_sae // sae.d_model), "normalize_decoder": True,
+    cfg = {"activation": "topk", "expansion_factor": max(1, sae.d_sae // sae.d_model),
+           "normalize_decoder": sae.unit_norm_decoder,
            "num_latents": sae.d_sae, "k": int(sae.params.k), "multi_topk": False, "skip_connection": False,
            "transcode": False, "d_in": sae.d_model}
     if metadata:

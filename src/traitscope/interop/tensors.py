@@ -11,6 +11,13 @@ from safetensors.torch import load_file
 
 from traitscope.errors import TraitscopeError
 from traitscope.sae import SAE, SAEConfig, build_sae
+from traitscope.sae.topk import TopKSAE
+
+
+def topk_at_inference(sae: SAE) -> bool:
+    """Whether a saved SAE encodes as a TopK SAE: topk, and variants that keep its encoder and constrain
+    only their training (archetypal); BatchTopK and Matryoshka are JumpReLUs at inference."""
+    return isinstance(sae, TopKSAE) and not hasattr(sae, "threshold")
 
 
 def read_json_file(fpath: Path) -> dict:
