@@ -5,7 +5,7 @@ of three drives, per-pixel masks of 11 classes):
 
 1. `traitscope shards --masks` — patch tokens of the offline DINOv2-S (layer -2), each patch labelled
    with the classes its pixels show;
-2. `traitscope train --val-split contiguous --val-frac 0.2` — TopK and Matryoshka SAEs in one pass.
+2. `traitscope train --val-split contiguous --val-frac 0.2` — TopK, Matryoshka and archetypal SAEs in one pass.
    Neighbouring frames are near-duplicates, so the held-out 20% are 5 runs of neighbouring frames
    spread over the drives, not a random draw (which would score features on twins of the frames they
    were chosen on);
