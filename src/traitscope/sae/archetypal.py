@@ -32,7 +32,8 @@ MAX_DEFAULT_ANCHORS = 4096
 INIT_WEIGHT = 0.75
 """Share of its softmax weight an atom starts with on its own anchor (the rest spread over the others)."""
 KMEANS_EPOCHS = 3
-"""Passes of k-means over the start-up sample (at thousands of centroids, more barely moves them)."""
+"""Passes of k-means over the start-up sample (MiniBatchKMeans' max_iter): the start-up took 19 s for 3072
+centroids of CamVid's 65,536 sample tokens on 2 busy CPU cores."""
 
 
 @dataclasses.dataclass
