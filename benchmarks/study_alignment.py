@@ -8,7 +8,7 @@ prints the summary tables; nothing in it is tuned to the result.
 
 Data: 1000 synthetic images (seed 0), patch tokens of block 10 of 12 (layer -2) of the offline
 saliency-fine-tuned DINOv2 ViT-S/14, 5% of the images held out (every AP below is measured on them).
-SAEs, trained in one pass: TopK, Matryoshka (prefixes 128, 512, 2048, 4096) and archetypal, k = 32, 4096
+SAEs, trained in one pass: TopK and Matryoshka (prefixes 128, 512, 2048, 4096), k = 32, 4096
 latents, 4M training tokens (about 16 epochs). About 30 minutes on 2 CPU cores; `--tokens` shortens it.
 
     python benchmarks/study_alignment.py [--out DIR] [--tokens N]
@@ -31,8 +31,7 @@ from traitscope.train.trainer import train
 MODEL = "dinov2-vits14-saliency-offline"
 N_IMAGES, LAYER, K, D_SAE = 1000, -2, 32, 4096
 SETTINGS = [RunSettings(variant="topk", k=K, d_sae=D_SAE),
-            RunSettings(variant="matryoshka", k=K, d_sae=D_SAE, prefixes=[128, 512, 2048, D_SAE]),
-            RunSettings(variant="archetypal", k=K, d_sae=D_SAE)]
+            RunSettings(variant="matryoshka", k=K, d_sae=D_SAE, prefixes=[128, 512, 2048, D_SAE])]
 
 
 def main() -> None:

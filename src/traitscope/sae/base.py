@@ -106,7 +106,8 @@ class SAE(torch.nn.Module):
     Σ‖x − mean(x)‖²): data-parallel training weighs each process's share of the batch accordingly."""
     unit_norm_decoder: ClassVar[bool] = True
     """Decoder rows are kept at unit norm during training (the ReLU/L1 variant weights its L1 instead, the
-    archetypal one keeps its rows near the data's hull); a saved SAE has unit rows either way."""
+    archetypal one keeps its rows near the data's hull). A saved SAE has unit rows, except an archetypal
+    one (see `ArchetypalSAE.unit_decoder_rows_`)."""
     input_scaled: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
     """Parameters and buffers in input units: divided by the input scale when it is folded in."""
 
