@@ -36,6 +36,7 @@ from simple_parsing.docstring import get_attribute_docstring
 
 from traitscope.cli_config import add_config, comma_list, parse_count, show_default
 from traitscope.errors import TraitscopeError
+from traitscope.runs import RunFolder
 from traitscope.sae import variants
 from traitscope.train.config import RunSettings, TrainConfig, load_sweep, plan_runs, setting_names, variant_fields
 
@@ -146,7 +147,6 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-
 DEAD_HINT_FRAC = 0.05
 """Share of latents silent at the end of training above which `train` suggests a lower rate."""
 
@@ -158,8 +158,6 @@ def dead_latent_hint(dpath, metrics: dict) -> str:
     sample's dead share from 16% to 6.6% at 6,144 latents and from 27% to 2.3% at 1,536."""
     if metrics.get("dead_frac_train", 0) < DEAD_HINT_FRAC:
         return ""
-    from traitscope.runs import RunFolder
-
     lr = RunFolder(dpath).read_config().get("train", {}).get("lr")
     rate = f" (--lr {lr / 2:.2g})" if isinstance(lr, (int, float)) else ""
     return (f"  note: {metrics['dead_frac_train']:.0%} of its latents stopped firing in training; half the learning "

@@ -526,7 +526,8 @@ def read_checkpoint(run: Run, ckpt: Path) -> tuple[dict, dict]:
 
 
 def folded_sae(run: Run) -> SAE:
-    """A plain copy of the SAE that takes raw activations (input scale folded in, unit-norm decoder rows)."""
+    """A plain copy of the SAE that takes raw activations (input scale folded in; unit-norm decoder rows
+    unless the variant keeps its atoms' norms)."""
     sae = build_sae(SAEConfig(**run.sae.cfg.to_dict())).to(run.since_fired_s.device)
     sae.training_form_()
     sae.load_state_dict(run.sae.state_dict())
