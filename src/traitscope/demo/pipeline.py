@@ -25,11 +25,10 @@ from traitscope.features.pareto import RunPoint, find_points, mark_frontier, plo
 from traitscope.images import open_source
 from traitscope.sae.metrics import Metrics
 from traitscope.shards.build import build_shards, use_geometry
-from traitscope.train.config import RunSettings, TrainConfig
+from traitscope.train.config import RunSettings, TrainConfig, variant_fields
 from traitscope.train.trainer import train
 
 OFFLINE_MODEL = "dinov2-vits14-saliency-offline"
-K_VARIANTS = ("topk", "batchtopk", "matryoshka")
 
 
 @dataclasses.dataclass
@@ -78,9 +77,10 @@ class DemoConfig:
 
     def validate(self) -> None:
         """Raise TraitscopeError naming the first impossible setting."""
+        k_variants = variant_fields()["k"][1]  # the registered variants that take a k
         checks = [(self.n_images >= 10, f"--n-images must be at least 10, not {self.n_images}"),
                   (0 < self.val_frac < 1, f"--val-frac must lie between 0 and 1 (exclusive), not {self.val_frac:g}"),
-                  (self.variant in K_VARIANTS, f"--variant must be one of {', '.join(K_VARIANTS)} (the variants "
+                  (self.variant in k_variants, f"--variant must be one of {', '.join(k_variants)} (the variants "
                                                f"with a k), not {self.variant!r}"),
                   (self.ks and all(k >= 1 for k in self.ks), f"--ks must be positive counts, not {self.ks}"),
                   (self.align_k in (None, *self.ks), f"--align-k {self.align_k} is not one of --ks "
