@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,6 +342,18 @@ def test_resumed_run_ends_with_the_same_weights(shards, tmp_path):
         for key in wa:
             assert torch.equal(wa[key], wb[key]), (a.dpath.name, key)
         assert a.metrics == b.metrics
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_its_log_afresh(shards, tmp_path):
+    """No checkpoint means the rerun starts at step 0: the lines the killed process logged go."""
+    cfg = cfg_for(shards, tmp_path / "r", tokens=20_000, log_every=4)
+    (first,) = train(cfg, [RunSettings(variant="topk", k=3, d_sae=64)], echo=lambda *a: None)
+    for name in ("checkpoint", "checkpoint.old"):
+        shutil.rmtree(first.dpath / name, ignore_errors=True)
+    (first.dpath / "metrics.json").unlink()  # what a kill before the first checkpoint leaves
+    (again,) = train(cfg, [RunSettings(variant="topk", k=3, d_sae=64)], echo=lambda *a: None)
+    steps = [json.loads(line)["step"] for line in (again.dpath / "metrics.jsonl").read_text().splitlines()]
+    assert steps and steps == sorted(set(steps))
 
 
 @pytest.mark.slow

@@ -480,7 +480,9 @@ def load_checkpoint(run: Run, device: torch.device) -> None:
     """Restore weights, Adam state, counters and the loader position (no checkpoint: start afresh).
     A damaged checkpoint falls back to the previous one (checkpoint.old), with a line saying so."""
     found = [p for p in (run.dpath / "checkpoint", run.dpath / "checkpoint.old") if p.is_dir()]
-    if not found:
+    if not found:  # killed before its first checkpoint: it starts again from step 0
+        if run.writes:
+            truncate_log(run.folder.log_fpath, 0)
         return
     problems = []
     for ckpt in found:
