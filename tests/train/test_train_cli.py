@@ -51,6 +51,12 @@ def test_a_sweep_file_takes_the_command_line_as_shared_settings(tmp_path):
         plan("--sweep", str(sweep), "--k", "8")
     with pytest.raises(TraitscopeError, match="on the command line but"):
         plan("--sweep", str(sweep), "--tokens", "6k")
+    sweep.write_text(json.dumps([{"sae": "topk", "d_sae": "2k", "k": "16", "lr_warmup": "1k", "layer": "-2"}]))
+    cfg, (s,) = plan("--sweep", str(sweep))  # every whole-number field reads a count
+    assert (s.d_sae, s.params.k, s.lr_warmup, cfg.layer) == (2_000, 16, 1_000, -2)
+    sweep.write_text(json.dumps([{"sae": "topk", "k": "many"}]))
+    with pytest.raises(TraitscopeError, match="k: 'many' is not a valid value"):
+        plan("--sweep", str(sweep))
 
 
 def test_help_shows_every_setting_with_its_docstring(capsys):

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing
 from pathlib import Path
 
@@ -271,10 +272,10 @@ def coerce(name: str, value):
         if "bool" in text:
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         if "int" in text and "float" not in text:
-            return parse_count(value) if name in ("d_sae", "k", "k_aux") else int(value)
+            return int(value) if re.fullmatch(r"\s*-?\d+\s*", str(value)) else parse_count(value)  # '4k' too
         if "float" in text:
             return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, TraitscopeError):
         raise TraitscopeError(f"{name}: {value!r} is not a valid value") from None
     return value
 
