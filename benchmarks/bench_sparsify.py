@@ -23,7 +23,7 @@ covariance's eigenvalues, and the principal directions holding 90% of the varian
 Printed per SAE: held-out NMSE (squared error over the held-out tokens' total sum of squares around
 their mean), L0, and the dead fraction: latents that fire on no training token (one pass over all
 of them with the final SAE). With --ablate, traitscope's settings are varied one at a time (learning
-rate, its schedule, AuxK window and weight, decoder-bias start, Adam β2, the TopK family's other
+rate, its schedule, AuxK window, weight and leak, decoder-bias start, Adam β2, the TopK family's other
 variants; "before": the defaults before issue 12)
 and sparsify's input scale, to find where a gap comes from. Shards and runs are cached under --work: a rerun only scores.
 """
@@ -52,10 +52,10 @@ MODEL, LAYER, D_SAE, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 6
 
 # One change at a time from traitscope's defaults (--ablate); lr_scale multiplies the default learning rate.
 # "before" is the recipe before issue 12 (the TopK paper's lr 2e-4 / sqrt(d_sae / 2^14), AuxK weight 1/32
-# after 10M tokens without firing: off in these runs).
+# after 10M tokens without firing: off in these runs; and a plain ReLU on its coefficients).
 ABLATIONS = {
     "defaults": {},
-    "before": {"lr_scale": 0.1, "dead_tokens": 10_000_000, "auxk_alpha": 1 / 32},
+    "before": {"lr_scale": 0.1, "dead_tokens": 10_000_000, "auxk_alpha": 1 / 32, "auxk_leak": 0},
     "lr-div10": {"lr_scale": 0.1},
     "lr-div2": {"lr_scale": 0.5},
     "lr-div4": {"lr_scale": 0.25},
@@ -65,6 +65,9 @@ ABLATIONS = {
     "auxk-8k": {"dead_tokens": 8192},
     "auxk-1/2": {"auxk_alpha": 1 / 2},
     "kaux-dmodel": {"k_aux": 384},
+    "auxk-relu": {"auxk_leak": 0},
+    "auxk-leak-0.03": {"auxk_leak": 0.03},
+    "auxk-leak-0.3": {"auxk_leak": 0.3},
     "no-decay": {"lr_decay": "none"},
     "median": {"b_dec_init": "median"},
     "beta2-0.99": {"beta2": 0.99},

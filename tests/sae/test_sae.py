@@ -64,13 +64,27 @@ def test_sparse_gradients_equal_dense_autograd(variant):
     loss = sum(((r - x) ** 2).sum() / sst for r in recon) / len(prefixes)
     e = (x - recon[-1]).detach()
     _, idx = torch.where(dead[None], pre, torch.tensor(-1e9)).topk(8, dim=1)
-    f_aux = (pre * torch.zeros(64, 96).scatter_(1, idx, 1)).relu()
+    f_aux = torch.nn.functional.leaky_relu(pre * torch.zeros(64, 96).scatter_(1, idx, 1), sae.params.auxk_leak)
     aux = min(int(dead.sum()) / 8, 1) * ((f_aux @ sae.W_dec - e) ** 2).sum() / sst
     (loss + sae.params.auxk_alpha * aux).backward()
 
     assert torch.allclose(out.loss, loss + sae.params.auxk_alpha * aux, rtol=1e-5)
     for name, p in sae.named_parameters():
         assert torch.allclose(sparse_grads[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.1])
+def test_auxk_reaches_a_dead_latent_that_is_negative_on_every_token_only_when_it_leaks(leak):
+    """Under a plain ReLU such a latent gets no gradient and can never come back (docs/training.md)."""
+    sae = make("topk", k_aux=4, auxk_leak=leak)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        sae.b_enc[0] = -100.0  # latent 0: negative on every token
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[:3] = True
+    sae(x, dead_s=dead).loss.backward()
+    reached = sae.W_enc.grad[:, 0].abs().sum() > 0
+    assert bool(reached) == (leak > 0)
 
 
 def test_relu_loss_weights_l1_by_decoder_norms():

@@ -5,7 +5,9 @@
 
 AuxK: the residual e = x − x̂ is reconstructed from the k_aux largest pre-activations among *dead*
 latents (no firing for a while); its normalised error pulls dead latents back towards useful
-directions. This class also holds the sparse training pass the whole TopK family shares (see
+directions. Its coefficients pass a leaky ReLU (slope `auxk_leak` below zero): a latent whose
+pre-activation is negative on every token still gets a gradient (docs/training.md, "Dead latents on
+low-dimensional data"). This class also holds the sparse training pass the whole TopK family shares (see
 `traitscope.sae.sparse`): one dense GEMM for the pre-activations, everything else on the selected
 entries only.
 """
@@ -28,6 +30,9 @@ class TopKParams(SAEParams):
     """Dead latents used by the AuxK loss per token (default d_model / 2)."""
     auxk_alpha: float = 1 / 8
     """Weight of the AuxK loss (0 turns it off)."""
+    auxk_leak: float = 0.1
+    """Slope of AuxK's coefficients below zero (0: a plain ReLU, under which a latent negative on every token
+    gets no gradient and stays dead)."""
 
     def resolved(self, d_model: int, d_sae: int) -> "TopKParams":
         if not 1 <= self.k <= d_sae:
@@ -36,6 +41,8 @@ class TopKParams(SAEParams):
             raise TraitscopeError(f"k_aux must be >= 1, not {self.k_aux}")
         if self.auxk_alpha < 0:
             raise TraitscopeError(f"auxk_alpha must be >= 0, not {self.auxk_alpha}")
+        if not 0 <= self.auxk_leak < 1:
+            raise TraitscopeError(f"auxk_leak must be in [0, 1), not {self.auxk_leak}")
         return dataclasses.replace(self)
 
     def label(self) -> str:
@@ -128,7 +135,8 @@ class TopKSAE(SAE):
         k_use = min(k_aux, n_dead)
         with torch.no_grad():
             values, sel = topk_selection(pre_bs.index_select(1, dead_idx), k_use, dead_idx, self.d_sae)
-        acts = encode_at(values.float(), xc_bd, self.W_enc, self.b_enc, self.b_dec, sel).relu()
+        acts = torch.nn.functional.leaky_relu(encode_at(values.float(), xc_bd, self.W_enc, self.b_enc, self.b_dec, sel),
+                                              self.params.auxk_leak)
         e_hat_bd = decode_sparse(acts, self.W_dec, sel)
         return min(n_dead / k_aux, 1.0) * ((e_hat_bd - e_bd) ** 2).sum() / sst
 

@@ -205,12 +205,18 @@ class RunSettings:
         """Every setting by name, the variant's parameters beside the common ones, as run identities
         hash them: a run made before variants owned their parameters keeps its identity (and folder)."""
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
-        return {**common, **IDENTITY_V1, **dataclasses.asdict(self.params)}
+        own = {k: v for k, v in dataclasses.asdict(self.params).items() if LATER_PARAMS.get(k, ...) != v}
+        return {**common, **IDENTITY_V1, **own}
 
 
 IDENTITY_V1 = {"k": None, "l1_coeff": None, "prefixes": None, "l1_warmup": 0.05, "k_aux": None, "auxk_alpha": 1 / 32}
 """Per-variant settings every run identity held before variants owned their parameters, with the value
 it held where the variant did not use one; kept so that those runs' folders are found and resumed."""
+
+
+LATER_PARAMS = {"auxk_leak": 0}
+"""Variant parameters added later, with the value every run made before them had: left out of the
+identity at that value, so that those runs' folders are found and resumed."""
 
 
 def variant_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
