@@ -63,6 +63,7 @@ ABLATIONS = {
     "auxk-1/32": {"auxk_alpha": 1 / 32},
     "auxk-64k": {"dead_tokens": 65_536},
     "auxk-8k": {"dead_tokens": 8192},
+    "auxk-1/4": {"auxk_alpha": 1 / 4},
     "auxk-1/2": {"auxk_alpha": 1 / 2},
     "kaux-dmodel": {"k_aux": 384},
     "auxk-relu": {"auxk_leak": 0},
