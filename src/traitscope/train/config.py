@@ -203,7 +203,8 @@ class RunSettings:
 
     def flat(self) -> dict:
         """Every setting by name, the variant's parameters beside the common ones, as run identities
-        hash them: a run made before variants owned their parameters keeps its identity (and folder)."""
+        hash them: a run made before variants owned their parameters, or before a parameter was added
+        (LATER_PARAMS), keeps its identity (and folder)."""
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
         own = {k: v for k, v in dataclasses.asdict(self.params).items() if LATER_PARAMS.get(k, ...) != v}
         return {**common, **IDENTITY_V1, **own}
