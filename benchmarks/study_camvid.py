@@ -71,11 +71,13 @@ def main() -> None:
                       "--out", str(args.out / "shards")).strip().splitlines()[-1])
     runs_dpath = args.out / (f"runs-{shards.name}-{args.tokens}-{args.d_sae}-k{args.k}"
                              + (f"-seed{args.seed}" if args.seed != "0" else ""))  # one run per variant
-    cli("train", "--shards", str(shards), "--sae", args.variants, "--d-sae", args.d_sae, "--k", args.k,
-        "--tokens", args.tokens, "--val-frac", "0.2", "--val-split", "contiguous", "--seed", args.seed,
-        "--out", str(runs_dpath), "--quiet")
+    out = cli("train", "--shards", str(shards), "--sae", args.variants, "--d-sae", args.d_sae, "--k", args.k,
+              "--tokens", args.tokens, "--val-frac", "0.2", "--val-split", "contiguous", "--seed", args.seed,
+              "--out", str(runs_dpath), "--quiet")
+    # the runs of this command (the folder may also hold runs made with other defaults before)
+    made = [Path(line.split()[0]) for line in out.splitlines() if " trained: " in line]
     runs = {}
-    for run in sorted(p for p in runs_dpath.iterdir() if (p / "sae.safetensors").is_file()):
+    for run in made:
         cli("align", "--run", str(run), "--shards", str(shards), "--quiet")
         variant = json.loads((run / "config.json").read_text())["sae"]["variant"]
         runs[variant] = read_alignment(run / "inference" / shards.name / "alignment.csv")
