@@ -75,7 +75,7 @@ def main() -> None:
               "--tokens", args.tokens, "--val-frac", "0.2", "--val-split", "contiguous", "--seed", args.seed,
               "--out", str(runs_dpath), "--quiet")
     # the runs of this command (the folder may also hold runs made with other defaults before)
-    made = [Path(line.split()[0]) for line in out.splitlines() if " trained: " in line]
+    made = [Path(line.split("  ")[0]) for line in out.splitlines() if " trained: " in line]  # "PATH  trained: …"
     runs = {}
     for run in made:
         cli("align", "--run", str(run), "--shards", str(shards), "--quiet")
