@@ -1,16 +1,17 @@
 """Loader speed: shuffled training batches from `ShuffledLoader` against a plain sequential read of
 the same shard files, same run, same page-cache state.
 
-Random float32 activations (800 images x 256 patches x d_model 384, 315 MB in 8 shard files) are
-written with `write_arrays` to a temp dir and flushed to disk. The loader is timed in its steady state
+Random activations (800 images x 256 patches x d_model 384 in 8 shard files; float32, 315 MB, then
+float16, the default storage, read as float32 batches and as stored) are written with `write_arrays`
+to a temp dir and flushed to disk. The loader is timed in its steady state
 (block buffers allocated): an epoch of shuffled batches of 4096 float32 rows (chunked reads, shuffle
 buffer, validation rows dropped), read with prefetch off, so that all of its work falls inside its own
 window and none runs beside the other side's (a background reader refills its two-block lead
 whenever the caller is elsewhere: that made the old figures depend on how idle the second core was).
 
 The floor, *sequential read*: the loader's own chunks, in file order, each copied once into memory
-the size of the loader's block (cycled): the same reads into the same amount of memory, without the
-shuffle. For reference, a sequential read into one reused chunk-sized buffer (it stays in the CPU
+the size of the loader's block (cycled), in the batches' dtype: the same reads into the same amount
+of memory, without the shuffle. For reference, a sequential read into one reused chunk-sized buffer (it stays in the CPU
 cache, which no shuffle buffer can) is printed too, with the loader's share of it.
 
 Each of `--repeats` rounds times the three back to back (in a rotating order); a figure is the
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 from traitscope.shards.store import write_arrays
-from traitscope.train.loader import ShuffledLoader, TokenSplit
+from traitscope.train.loader import ShuffledLoader, TokenSplit, tensor_view
 
 D_MODEL, BATCH = 384, 4096
 N_IMAGES, GRID = 800, (16, 16)
@@ -84,7 +85,8 @@ def _rate(fn, n_tokens: int) -> Rate:
 
 def sequential_rate(split: TokenSplit, chunk_rows: int = 8192, buf: np.ndarray | None = None) -> Rate:
     """Plain sequential read of every shard file in chunks of `chunk_rows` rows, one after the other
-    into `buf` (cycled; default: one reused chunk-sized buffer, which stays in the CPU cache)."""
+    into `buf` (cycled; default: one reused chunk-sized buffer, which stays in the CPU cache). A `buf`
+    of another dtype than the shards' is filled by torch's cast, as the loader casts."""
     buf = np.empty((chunk_rows, split.d_model), dtype=split.dtype) if buf is None else buf
 
     def read() -> None:
@@ -93,7 +95,10 @@ def sequential_rate(split: TokenSplit, chunk_rows: int = 8192, buf: np.ndarray |
             for start in range(0, len(rows), chunk_rows):
                 part = rows[start:start + chunk_rows]
                 at = 0 if at + len(part) > len(buf) else at
-                np.copyto(buf[at:at + len(part)], part)
+                if buf.dtype == part.dtype:
+                    np.copyto(buf[at:at + len(part)], part)
+                else:
+                    torch.from_numpy(buf[at:at + len(part)]).copy_(tensor_view(part))
                 at += len(part)
 
     return _rate(read, sum(len(rows) for rows in split.arrays[0].maps))
@@ -169,7 +174,7 @@ def loader_figures(shards, repeats: int, batch_size: int = BATCH, as_stored: boo
     # its two-block lead there, on their time)
     with ShuffledLoader(split, batch_size, seed=0, as_stored=as_stored, prefetch=False) as loader:
         shuffled_rate(loader, 3 * epoch_batches // 2)  # its block buffers allocated
-        block_nd = np.ones((loader.capacity, split.d_model), dtype=split.dtype)  # so is the floor's (touched)
+        block_nd = np.ones((loader.capacity, split.d_model), dtype=loader.out_dtype)  # so is the floor's (touched)
         for r in range(repeats):  # back to back, in a rotating order
             for side in np.roll(list(sides), r):
                 if cache == "cold":
@@ -177,7 +182,7 @@ def loader_figures(shards, repeats: int, batch_size: int = BATCH, as_stored: boo
                 if side == "seq":
                     sides[side].append(sequential_rate(split, loader.chunk_rows, block_nd))
                 elif side == "cached":
-                    sides[side].append(sequential_rate(split, loader.chunk_rows))
+                    sides[side].append(sequential_rate(split, loader.chunk_rows, block_nd[:loader.chunk_rows]))
                 else:
                     sides[side].append(shuffled_rate(loader, epoch_batches))
     seqs, cached, shufs = sides["seq"], sides["cached"], sides["shuf"]
@@ -267,6 +272,11 @@ def main() -> None:
         shards = make_shards(Path(tmp))
         f = loader_figures(shards, args.repeats, cache=args.cache)
         print_figures(f, N_IMAGES * GRID[0] * GRID[1])
+        half = make_shards(Path(tmp) / "float16", dtype=np.float16)  # the default storage
+        for as_stored, what in ((False, "float16 shards, float32 batches (a CPU trainer)"),
+                                (True, "float16 shards and batches (as `train` takes them on a GPU)")):
+            print_figures(loader_figures(half, args.repeats, as_stored=as_stored, cache=args.cache),
+                          N_IMAGES * GRID[0] * GRID[1], what)
         if args.saev_python:
             rate = saev_tokens_per_s(args.saev_python, shards, Path(tmp))
             print(f"  saev 0.1 loader   {rate:12,.0f} tokens/s   = {rate / f.sequential:.1%} of sequential "
