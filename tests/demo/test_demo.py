@@ -5,8 +5,9 @@ import re
 import pytest
 
 from traitscope.cli import main
-from traitscope.demo.report import alignment_verdict
+from traitscope.demo.report import alignment_verdict, mostly_dead_note
 from traitscope.features.alignment import MethodSummary
+from traitscope.features.pareto import RunPoint
 from locations import FISH
 
 
@@ -53,6 +54,16 @@ def test_the_report_says_whether_the_sae_beats_every_baseline():
     assert "is beaten by kmeans" in alignment_verdict(by("dense", sae=(0.4, 0.3), kmeans=(0.5, 0.4)))
 
 
+
+
+def test_the_report_explains_a_run_most_of_whose_latents_are_dead():
+    def point(run, k, dead):
+        return RunPoint(run, "matryoshka", k, None, 3072, k, 0.19, dead, dead, True, f"k={k}")
+
+    assert mostly_dead_note([point("a", 16, 0.08), point("b", 32, 0.03)]) == ""
+    note = mostly_dead_note([point("a", 8, 0.7734375), point("b", 16, 0.08)])
+    assert "a (k=8): 2,376 of 3,072" in note and "b (k=16)" not in note
+    assert "wider than the data uses" in note
 
 
 @pytest.mark.skipif(not FISH.is_dir(), reason=f"{FISH} is absent")
