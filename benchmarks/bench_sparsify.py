@@ -62,8 +62,9 @@ ABLATIONS = {
     "no-auxk": {"dead_tokens": 10_000_000},
     "auxk-1/32": {"auxk_alpha": 1 / 32},
     "auxk-64k": {"dead_tokens": 65_536},
-    "auxk-8k": {"dead_tokens": 8192},
-    "auxk-1/4": {"auxk_alpha": 1 / 4},
+    "auxk-16k-1/8": {"dead_tokens": 16_384, "auxk_alpha": 1 / 8},  # the defaults of 1 December 2026
+    "auxk-16k": {"dead_tokens": 16_384},
+    "auxk-1/8": {"auxk_alpha": 1 / 8},
     "auxk-1/2": {"auxk_alpha": 1 / 2},
     "kaux-dmodel": {"k_aux": 384},
     "auxk-relu": {"auxk_leak": 0},

@@ -28,7 +28,7 @@ class TopKParams(SAEParams):
     """Active latents per token."""
     k_aux: int | None = None
     """Dead latents used by the AuxK loss per token (default d_model / 2)."""
-    auxk_alpha: float = 1 / 8
+    auxk_alpha: float = 1 / 4
     """Weight of the AuxK loss (0 turns it off)."""
     auxk_leak: float = 0.1
     """Slope of AuxK's coefficients below zero (0: a plain ReLU, under which a latent negative on every token

@@ -147,10 +147,10 @@ class RunSettings:
     """Clip the gradient norm to this (0: no clipping)."""
     b_dec_init: str = "mean"
     """Initial decoder bias: the data's mean or geometric median ('median')."""
-    dead_tokens: Count = 16_384
-    """A latent is dead after this many tokens without firing (AuxK then trains it). At the TopK family's
-    default learning rate this short window kept the dead share under 1% in runs of 125 steps
-    (docs/training.md)."""
+    dead_tokens: Count = 8192
+    """A latent is dead after this many tokens without firing (AuxK then trains it). With AuxK's weight of
+    1/4 this short window kept the dead share under 1% in runs of 125 steps on both sets of
+    docs/training.md ("Against sparsify")."""
     params: SAEParams | None = field(default=None, cmd=False)
     """The variant's own parameters (its Params; defaults where not given)."""
 
