@@ -155,10 +155,10 @@ def dead_latent_hint(dpath, metrics: dict) -> str:
     """A line naming the two levers when many latents died ('' when few did): half the learning rate,
     or fewer latents.
 
-    Measured (docs/training.md, "Dead latents on low-dimensional data"): with the leaky AuxK, half the rate
-    took the fish sample's dead share at 1,536 latents from 6.4% to 0.8%; on the demo's synthetic set at
-    k = 8, where 77% of 3,072 latents die, half the rate lets more die, and 768 latents reconstruct as
-    well with 10% dead."""
+    Measured (docs/training.md, "Dead latents on low-dimensional data"): with AuxK at weight 1/8, half the
+    rate took the fish sample's dead share at 1,536 latents from 6.4% to 0.8%; on the demo's synthetic set
+    at k = 8, where 77% of 3,072 latents died, half the rate let more die, and 768 latents reconstructed as
+    well with 10% dead (with today's AuxK: 86% of 3,072 and 5% of 768)."""
     if metrics.get("dead_frac_train", 0) < DEAD_HINT_FRAC:
         return ""
     lr = RunFolder(dpath).read_config().get("train", {}).get("lr")
