@@ -62,7 +62,7 @@ ABLATIONS = {
     "no-auxk": {"dead_tokens": 10_000_000},
     "auxk-1/32": {"auxk_alpha": 1 / 32},
     "auxk-64k": {"dead_tokens": 65_536},
-    "auxk-16k-1/8": {"dead_tokens": 16_384, "auxk_alpha": 1 / 8},  # the defaults of 1 December 2026
+    "auxk-16k-1/8": {"dead_tokens": 16_384, "auxk_alpha": 1 / 8},  # AuxK's defaults until 2 December 2026
     "auxk-16k": {"dead_tokens": 16_384},
     "auxk-1/8": {"auxk_alpha": 1 / 8},
     "auxk-1/2": {"auxk_alpha": 1 / 2},

@@ -54,8 +54,6 @@ def test_the_report_says_whether_the_sae_beats_every_baseline():
     assert "is beaten by kmeans" in alignment_verdict(by("dense", sae=(0.4, 0.3), kmeans=(0.5, 0.4)))
 
 
-
-
 def test_the_report_explains_a_run_most_of_whose_latents_are_dead():
     def point(run, k, dead):
         return RunPoint(run, "matryoshka", k, None, 3072, k, 0.19, dead, dead, True, f"k={k}")
