@@ -350,7 +350,7 @@ def _compute(inputs: RunInputs, out_dpath: Path, top_n: int, chunk_tokens: int, 
         for first_row, acts_np in _chunks(inputs, chunk_tokens):
             n_img = acts_np.shape[0] // n_p
             x_bd = torch.from_numpy(acts_np).to(device=device, dtype=torch.float32)
-            if not torch.isfinite(x_bd.sum()):  # torch's cast and sum: numpy's float16 ones cost 25 times more
+            if not torch.isfinite(x_bd.sum()):  # after torch's cast: numpy's float16 sum took 0.74 µs per token
                 _raise_non_finite(inputs, first_row, acts_np)
             tok, feat, vals = sae.encode_sparse(x_bd)  # a feature fires where its code is positive
             valid = inputs.valid_tokens(first_row, first_row + n_img)

@@ -158,7 +158,7 @@ def dead_latent_hint(dpath, metrics: dict) -> str:
     Measured (docs/training.md, "Dead latents on low-dimensional data"): with AuxK at weight 1/8, half the
     rate took the fish sample's dead share at 1,536 latents from 6.4% to 0.8%; on the demo's synthetic set
     at k = 8, where 77% of 3,072 latents died, half the rate let more die, and 768 latents reconstructed as
-    well with 10% dead (with today's AuxK: 86% of 3,072 and 5% of 768)."""
+    well with 10% dead (with AuxK at 1/4 on an 8k window: 86% of 3,072 and 5% of 768)."""
     if metrics.get("dead_frac_train", 0) < DEAD_HINT_FRAC:
         return ""
     lr = RunFolder(dpath).read_config().get("train", {}).get("lr")

@@ -406,8 +406,8 @@ class ShuffledLoader:
 
 
 def tensor_view(rows: np.ndarray) -> torch.Tensor:
-    """A tensor sharing a read-only memory map's rows, for torch's float16 cast and sum (numpy's cost
-    25 and 12 times more here); nothing writes to it."""
+    """A tensor sharing a read-only memory map's rows, for torch's float16 cast and sum (numpy's took 27
+    and 12 times longer here: 0.77 and 0.74 µs per token); nothing writes to it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         return torch.from_numpy(rows)
