@@ -21,12 +21,12 @@ def tagged(tmp_path_factory):
 
 
 def test_a_batch_holds_random_patches_of_every_image_of_its_block(tagged):
-    """Chunks of 5 images, 10 chunks (50 images) per block: each batch of 256 tokens draws from all of
-    its block's images about equally (as a uniform shuffle of the block would), and the patches it takes
-    of one image are spread over the image, not a run of neighbours."""
+    """Chunks of 5 images, 20 chunks (100 images, 1 MB of float16) per block: each batch of 256 tokens
+    draws from all of its block's images about equally (as a uniform shuffle of the block would), and the
+    patches it takes of one image are spread over the image, not a run of neighbours."""
     split = TokenSplit(tagged, LAYER, "patches", val_frac=0.1, seed=0)
     with ShuffledLoader(split, 256, seed=0, chunk_rows=5 * N_PATCHES, buffer_mb=1) as loader:
-        assert (loader.chunks_per_block, loader.blocks_per_epoch) == (10, 4)
+        assert (loader.chunks_per_block, loader.blocks_per_epoch) == (20, 2)
         block_images = [{int(c.start + split.arrays[0].offsets[c.file]) // N_PATCHES + i for i in range(5)}
                         for c in loader.block_chunks(0, 0)]
         images_of_block = set().union(*block_images) - set(split.val_rows.tolist())
@@ -37,8 +37,8 @@ def test_a_batch_holds_random_patches_of_every_image_of_its_block(tagged):
             images, patches = batch[:, 0].astype(int), batch[:, 1].astype(int)
             assert set(images) <= images_of_block
             per_image = np.bincount(images, minlength=N_IMAGES)[sorted(images_of_block)]
-            assert (per_image > 0).mean() > 0.9  # nearly every image of the block (a uniform draw: 99.7%)
-            assert per_image.max() <= 16  # 256 / 45 = 5.7 tokens per image on average
+            assert (per_image > 0).mean() > 0.85  # nearly every image of the block (a uniform draw: 94%)
+            assert per_image.max() <= 12  # 256 / 90 = 2.8 tokens per image on average
             spans = [np.ptp(patches[images == i]) for i in np.unique(images) if (images == i).sum() >= 4]
             assert np.mean(spans) > N_PATCHES / 2  # 4+ random patches of 64 span ~40; a run of neighbours ~5
 

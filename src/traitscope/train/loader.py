@@ -224,7 +224,7 @@ class ShuffledLoader:
         self.chunk_list = split.chunks(chunk_rows)
         if not self.chunk_list:
             raise TraitscopeError("no training tokens left after the validation split")
-        chunk_bytes = chunk_rows * split.d_model * self.out_dtype.itemsize
+        chunk_bytes = chunk_rows * split.d_model * split.dtype.itemsize
         most = max(1, min(len(self.chunk_list), (buffer_mb << 20) // max(1, chunk_bytes)))
         self.blocks_per_epoch = -(-len(self.chunk_list) // most)
         self.chunks_per_block = -(-len(self.chunk_list) // self.blocks_per_epoch)  # even blocks
@@ -235,7 +235,6 @@ class ShuffledLoader:
         self._blocks: Iterator | None = None
         self._ready: queue.Queue = queue.Queue(maxsize=1)
         self._spare: queue.SimpleQueue = queue.SimpleQueue()  # block memory no batch refers to any more
-        self._scratch: np.ndarray | None = None  # a chunk cast to the batches' dtype
         self.n_buffers = 0
         """Block buffers allocated so far: four for a trainer that drops each batch before the next but one."""
         self._checked: set[Chunk] = set()  # chunks found free of NaN/Inf (the files do not change)
@@ -277,13 +276,8 @@ class ShuffledLoader:
         return np.arange(chunk.stop - chunk.start) if mask is None else np.flatnonzero(mask)
 
     def _read_chunk(self, chunk: Chunk) -> np.ndarray:
-        """The chunk's rows, checked: its memory map, or a copy in the batches' dtype if they differ."""
+        """The chunk's rows (its memory map), checked."""
         src = np.asarray(self.split.arrays[chunk.source].maps[chunk.file][chunk.start:chunk.stop])
-        if src.dtype != self.out_dtype:  # cast into a scratch buffer
-            if self._scratch is None or len(self._scratch) < len(src):
-                self._scratch = np.empty((max(len(src), self.chunk_rows), src.shape[1]), self.out_dtype)
-            torch.from_numpy(self._scratch[:len(src)]).copy_(tensor_view(src))
-            src = self._scratch[:len(src)]
         if chunk not in self._checked:
             if not torch.isfinite(tensor_view(src).sum(dtype=torch.float32)):
                 self._raise_non_finite(chunk, src, self.split.train_mask(chunk))
@@ -295,11 +289,11 @@ class ShuffledLoader:
         try:
             raw = self._spare.get_nowait()
         except queue.Empty:
-            raw = mmap.mmap(-1, self.capacity * self.split.d_model * self.out_dtype.itemsize)
+            raw = mmap.mmap(-1, self.capacity * self.split.d_model * self.split.dtype.itemsize)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 raw.madvise(mmap.MADV_HUGEPAGE)  # 512 times fewer page faults on first use
             self.n_buffers += 1
-        flat = np.frombuffer(raw, dtype=self.out_dtype)  # every batch view refers to this array
+        flat = np.frombuffer(raw, dtype=self.split.dtype)  # every batch view refers to this array
         weakref.finalize(flat, _keep_spare, self._spare, raw)
         return flat.reshape(self.capacity, self.split.d_model)
 
@@ -372,23 +366,21 @@ class ShuffledLoader:
                 if block == self.blocks_per_epoch:
                     epoch, block = epoch + 1, 0
         self.state = LoaderState(epoch, block, offset)
-        if self.rows is not None or self.pin_memory:
-            return self._assemble(parts)
-        if len(parts) == 1 and parts[0].dtype == self.out_dtype:
+        if len(parts) == 1 and parts[0].dtype == self.out_dtype and self.rows is None and not self.pin_memory:
             return torch.from_numpy(parts[0])
-        return torch.from_numpy(np.concatenate(parts, dtype=self.out_dtype))
+        return self._assemble(parts)
 
     def _assemble(self, parts: list[np.ndarray]) -> torch.Tensor:
-        """Rows `self.rows` of the batch made of `parts`, in one copy (into pinned memory if asked)."""
+        """Rows `self.rows` of the batch made of `parts`, in one copy, cast by torch (in the caller's
+        thread) to the batches' dtype, into pinned memory if asked."""
         lo, hi, _ = (self.rows or slice(0, self.batch_size)).indices(self.batch_size)
         out = torch.empty((max(0, hi - lo), self.split.d_model), dtype=torch.from_numpy(np.empty(0, self.out_dtype)).dtype,
                           pin_memory=self.pin_memory)
-        out_nd = out.numpy()
         first = 0  # the batch row where the current part starts
         for part in parts:
             a, b = max(lo, first), min(hi, first + len(part))
             if a < b:
-                out_nd[a - lo:b - lo] = part[a - first:b - first]
+                out[a - lo:b - lo].copy_(tensor_view(part[a - first:b - first]))
             first += len(part)
         return out
 
