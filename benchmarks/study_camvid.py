@@ -106,7 +106,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
         any_row = next(r for r in first if r.label == label)
         print(f"| {label}{' (dominant)' if any_row.dominant else ''} | {any_row.base_rate:.3f} | "
               + " | ".join(cells) + " |")
-    print("\nmean AP / coverage (classes with AP >= 0.5), dense scores | sparse scores:")
+    print("\nmean AP / coverage (classes with AP >= 0.5), dense scores | sparse scores | sets of sparse features:")
     out = {}
     for variant, rows in runs.items():
         summaries = summarise(rows)
@@ -115,10 +115,10 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
                 continue
             name = f"{variant} sae" if s.method == "sae" else s.method
             out[f"{name}/{s.scoring}"] = [round(s.mean_ap, 3), round(s.coverage, 3)]
-        for line in headline(summaries, "patch"):
+        for line in headline(summaries, "patch", tuple(COLUMNS)):
             print(f"  {variant}: {line}")
     for name in dict.fromkeys(k.split("/")[0] for k in out):
-        both = [out.get(f"{name}/{s}") for s in ("dense", "sparse")]
+        both = [out.get(f"{name}/{s}") for s in COLUMNS]
         print(f"  {name:16s} " + " | ".join(f"{v[0]:.3f} / {v[1]:.0%}" if v else "-" for v in both))
     print(json.dumps({"bench": "camvid", "model": args.model, "layer": args.layer, "tokens": args.tokens,
                       "d_sae": args.d_sae, "k": args.k, "seed": args.seed,

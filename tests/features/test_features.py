@@ -277,7 +277,7 @@ def test_alignment_finds_the_planted_feature(tmp_path):
         assert sae_trait.feature == "0" and sae_trait.ap > 0.95
         assert sae_trait.purity == min(16, sae_trait.n_pos) / 16  # every top patch is a trait patch
     assert {(m, s) for (_, label, m, s) in by if label == "trait"} == {
-        (m, s) for m in ("sae", "dense", "pca", "kmeans") for s in ("dense", "sparse")} | {("probe", "dense")}
+        (m, s) for m in ("sae", "dense", "pca", "kmeans") for s in ("dense", "sparse", "set")} | {("probe", "dense")}
     assert by["patch", "trait", "probe", "dense"].ap > 0.9
     assert by["patch", "background", "sae", "sparse"].dominant and not sae_trait.dominant
     summary = {(s.level, s.method, s.scoring): s for s in summarise(rows)}
@@ -286,6 +286,36 @@ def test_alignment_finds_the_planted_feature(tmp_path):
     assert by["image", "many_traits", "sae", "dense"].feature == "0"
     train, held = split_rows(inputs)
     assert len(held) == 6 and len(np.intersect1d(train, held)) == 0
+
+
+def test_a_trait_split_over_two_features_is_found_by_their_set(tmp_path):
+    """A trait carried by two directions (half its patches each: 'red circles' and 'red squares' for
+    'red'), one SAE latent per direction: either latent alone finds half the trait; the set of the two
+    finds all of it, and the set grows no further (the other latents are noise)."""
+    rng = np.random.default_rng(0)
+    n_images, n_p, d = 80, 16, 16
+    v, w = np.linalg.qr(rng.normal(size=(d, 2)))[0].T
+    kind = rng.choice(3, size=(n_images, n_p), p=[0.7, 0.15, 0.15])  # 0: none, 1: along v, 2: along w
+    acts = rng.normal(size=(n_images, n_p, d)) + 6 * (kind == 1)[..., None] * v + 6 * (kind == 2)[..., None] * w
+    shards = make_shards(tmp_path / "shards", acts, grid=(4, 4), patch_labels=(kind > 0)[..., None],
+                         label_names={"patch": ["trait"]})
+    sae = topk_sae(d, 24, k=2, seed=0)
+    with torch.no_grad():
+        sae.W_enc.mul_(0.05)
+        sae.W_enc[:, 0], sae.W_enc[:, 1] = torch.from_numpy(v).float(), torch.from_numpy(w).float()
+        sae.b_enc.zero_()
+        sae.b_enc[:2] = -3
+        sae.b_dec.zero_()
+    run = save_run(tmp_path / "run", sae, shards)
+    inputs = open_inputs(run, shards.dpath)
+    inf, _ = run_inference(run, shards.dpath, progress=False, inputs=inputs)
+    rows = align(inputs, inf, fit_baselines(inputs.acts[:].astype(np.float32), pca_k=2, n_clusters=24))
+    by = {(r.method, r.scoring): r for r in rows if r.label == "trait"}
+    single, joint = by["sae", "sparse"], by["sae", "set"]
+    assert single.feature in ("0", "1") and single.ap < 0.8
+    assert sorted(joint.feature.split("+")) == ["0", "1"] and joint.ap > 0.95 and joint.train_ap > single.train_ap
+    summary = {(s.method, s.scoring): s for s in summarise(rows)}
+    assert summary["sae", "set"].mean_ap > summary["sae", "sparse"].mean_ap + 0.2
 
 
 def test_enrichment_counts(random_case):

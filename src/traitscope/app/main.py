@@ -958,13 +958,17 @@ def page_plots(runs: list[Run], dataset: Dataset) -> None:
         rows = pd.read_csv(align_fpath)
         if {"level", "method", "ap", "dominant"} <= set(rows.columns):
             kept = rows[~rows["dominant"].astype(str).str.lower().isin(["true", "1"])]
-            summary = kept.groupby(["level", "method"], sort=False)["ap"].mean().reset_index(name="mean AP")
+            keys = ["level", "method"] + (["scoring"] if "scoring" in rows.columns else [])
+            summary = kept.groupby(keys, sort=False)["ap"].mean().reset_index(name="mean AP")
+            summary["scored"] = summary["method"] + (" · " + summary["scoring"] if "scoring" in keys else "")
             st.altair_chart(alt.Chart(summary).mark_bar().encode(
-                x=alt.X("mean AP", scale=alt.Scale(domain=[0, 1])), y=alt.Y("method", sort=None), row="level",
-                tooltip=["level", "method", "mean AP"]), width="stretch")
+                x=alt.X("mean AP", scale=alt.Scale(domain=[0, 1])), y=alt.Y("scored", sort=None, title=None),
+                row="level", color=alt.Color("scoring:N") if "scoring" in keys else alt.value("steelblue"),
+                tooltip=[*keys, "mean AP"]), width="stretch")
         st.dataframe(rows, hide_index=True, height=240)
-        st.caption("Per label: the best single feature chosen on training images, scored by average precision on "
-                   "held-out images, for the SAE and each baseline (alignment.csv, `traitscope align`).")
+        st.caption("Per label: the best single feature (scoring dense or sparse; 'set': the best few sparse features "
+                   "together) chosen on training images, scored by average precision on held-out images, for the SAE "
+                   "and each baseline (alignment.csv, `traitscope align`). Compare like with like: one scoring at a time.")
     elif dataset.labels()[0]:
         st.caption(f"Not computed yet: `traitscope align --run {run.dpath} --shards {dataset.dpath}`.")
     else:

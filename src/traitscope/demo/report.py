@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from traitscope.backbones import Preprocess
-from traitscope.features.alignment import COLUMNS, compare, headline, summarise
+from traitscope.features.alignment import COLUMNS, HEADLINE, SET_SIZE, compare, headline, summarise
 from traitscope.features.ranking import RANKINGS
 from traitscope.images.source import load_image
 from traitscope.runs import RunFolder
@@ -62,7 +62,8 @@ def alignment_verdict(summaries: list) -> str:
     if not lines:
         return ""
     text = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    if any(c.outcome != "beats" for c in compare(summaries) if c.level == "patch"):
+    text += "".join(f"<li>Secondary view. {html.escape(line)}</li>" for line in headline(summaries, "patch", ("set",)))
+    if any(c.outcome != "beats" for c in compare(summaries) if c.level == "patch" and c.scoring in HEADLINE):
         text += ("<li>Where the SAE does not beat a baseline: the demo trains small SAEs briefly on few images; "
                  "longer training on more images, wider dictionaries and Matryoshka SAEs are the levers. "
                  "<code>python benchmarks/study_alignment.py</code> runs a larger study (1000 images) and prints "
@@ -131,11 +132,11 @@ of {model['n_layers']} (patch tokens, d_model {shards.d_model(shards.layers[0])}
     summary_rows = []
     for method in dict.fromkeys(s.method for s in summaries):
         row = [method]
-        for scoring in ("dense", "sparse"):
+        for scoring in COLUMNS:
             s = by.get((method, scoring))
             row += [s.mean_ap, "n/a" if np.isnan(s.coverage) else f"{s.coverage:.0%}"] if s else ["", ""]
         summary_rows.append(row + [next(s.n_labels for s in summaries if s.method == method)])
-    summary = _table(["method", "dense: mean AP", "dense: coverage", "sparse: mean AP", "sparse: coverage", "labels"],
+    summary = _table(["method", *(f"{s}: {what}" for s in COLUMNS for what in ("mean AP", "coverage")), "labels"],
                      summary_rows)
     verdict = alignment_verdict(summaries)
 
@@ -171,7 +172,10 @@ patch: the SAE's pre-activations, the dense dimensions, PCA projections and k-me
 codes, the dense dimensions and PCA projections keeping each patch's L0 largest signed values (L0 = the
 SAE's mean active latents per patch), and the k-means hard assignment.
 The probe (logistic regression on the dense activations) is a ceiling, not a competitor. Dominant labels
-(background) are left out of the means: their AP is high by base rate alone.</p>
+(background) are left out of the means: their AP is high by base rate alone. A secondary view, <b>sets</b>,
+gives each label its best {SET_SIZE} sparse features together (a patch scores the largest of them, each
+scaled to its training maximum; for k-means, a union of clusters), for a trait the dictionary has split
+into several features.</p>
 {summary}
 {verdict}
 <h3>Per label ({html.escape(best.dpath.name)})</h3>

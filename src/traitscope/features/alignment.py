@@ -30,6 +30,13 @@ with no positive in the training or held-out data (AP undefined).
 
 Dense and PCA directions have no preferred sign: both signs are candidates (feature `-i` is the
 negation of dimension / component i). SAE and k-means features are used as they are.
+
+A secondary view, *sets* (scoring 'set'), asks how well a label is found by a few features together,
+for when a dictionary splits a trait into several (red circles, red squares, ... for 'red'): up to
+SET_SIZE sparse features, an item scoring the largest of their scores, each scaled to its largest
+value on the training sample (the k-means baseline's set is a union of clusters). Sets grow greedily
+from the best single feature, adding the one of the label's SET_POOL best features that raises the
+training AP most, while one does. The single best feature stays the headline.
 """
 
 import csv
@@ -57,6 +64,10 @@ DOMINANT_RATE = 0.5
 SELECT_IMAGES = 8192
 EVAL_TOKENS = 500_000
 CHUNK_TOKENS = 8192
+SET_SIZE = 3
+"""Most features in a set (the secondary view)."""
+SET_POOL = 16
+"""A set's candidates: the label's features with the highest training AP on their own."""
 
 
 class LabelScore(NamedTuple):
@@ -75,10 +86,10 @@ class LabelScore(NamedTuple):
     """'sae', 'dense', 'pca', 'kmeans' or 'probe'."""
     scoring: str
     """'dense' (every item ranked: SAE pre-activations, dimensions, projections, k-means −distance, the
-    probe) or 'sparse' (only where a feature fires: SAE codes, top-L0 dimensions / projections,
-    k-means hard assignment)."""
+    probe), 'sparse' (only where a feature fires: SAE codes, top-L0 dimensions / projections,
+    k-means hard assignment) or 'set' (a few sparse features together; see the module doc)."""
     feature: str
-    """Chosen feature index ('-i': negated dimension / component); '' for the probe."""
+    """Chosen feature index ('-i': negated dimension / component; a set: 'i+j+k'); '' for the probe."""
     train_ap: float
     """AP of the chosen feature on the training sample (the selection criterion)."""
     ap: float
@@ -91,7 +102,7 @@ class MethodSummary(NamedTuple):
     level: str
     method: str
     scoring: str
-    """'dense' or 'sparse' (see `LabelScore.scoring`)."""
+    """'dense', 'sparse' or 'set' (see `LabelScore.scoring`)."""
     mean_ap: float
     coverage: float
     """Share of (non-dominant, scorable) labels whose held-out AP >= 0.5."""
@@ -165,37 +176,79 @@ def sparse_average_precision(items: torch.Tensor, features: torch.Tensor, values
     return out
 
 
-def best_features(block: Callable[[int, int], torch.Tensor], n_candidates: int,
-                  y_nl: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """For each label: the candidate feature with the highest AP (ties: lowest index), and that AP.
+def best_features(block: Callable[[int, int], torch.Tensor], n_candidates: int, y_nl: torch.Tensor,
+                  n_best: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """For each label: the `n_best` candidate features with the highest AP, best first (ties: lowest
+    index first), and their APs, as (n_best, n_labels) arrays.
 
     `block(start, stop)` gives the (n, stop - start) scores of a range of candidates. -1 / NaN for
-    labels without positives.
+    labels without positives (and past the last candidate).
     """
     n = y_nl.shape[0]
     width = max(1, (1 << 22) // max(n, 1))
-    best_ap = np.full(y_nl.shape[1], -1.0)
-    best_idx = np.full(y_nl.shape[1], -1, dtype=np.int64)
+    best_ap = np.full((0, y_nl.shape[1]), -1.0)
+    best_idx = np.zeros((0, y_nl.shape[1]), dtype=np.int64)
     for start in range(0, n_candidates, width):
         stop = min(start + width, n_candidates)
-        idx, ap = _argmax_ap(average_precision_matrix(block(start, stop).float(), y_nl))
-        better = ap > best_ap
-        best_ap[better], best_idx[better] = ap[better], start + idx[better]
-    return best_idx, np.where(best_ap < 0, np.nan, best_ap)
+        ap = np.nan_to_num(average_precision_matrix(block(start, stop).float(), y_nl).numpy(), nan=-1.0)
+        idx = np.broadcast_to(np.arange(start, stop)[:, None], ap.shape)
+        best_idx, best_ap = _top(np.concatenate([best_idx, idx]), np.concatenate([best_ap, ap]), n_best)
+    return _pad(best_idx, best_ap, n_best)
 
 
-def _argmax_ap(ap_fl: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per label: the first feature with the highest AP, and that AP (-1 where undefined)."""
-    ap = np.nan_to_num(ap_fl.numpy(), nan=-1.0)
-    idx = ap.argmax(0)
-    return idx, ap[idx, np.arange(ap.shape[1])]
+def _top(idx: np.ndarray, ap: np.ndarray, n_best: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per label (column): the n_best rows of highest AP, earlier rows first among ties."""
+    order = np.argsort(-ap, axis=0, kind="stable")[:n_best]
+    return np.take_along_axis(idx, order, 0), np.take_along_axis(ap, order, 0)
+
+
+def _pad(idx: np.ndarray, ap: np.ndarray, n_best: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_best, n_labels) arrays, -1 / NaN where AP is undefined or candidates ran out."""
+    short = n_best - len(idx)
+    idx = np.concatenate([idx, np.full((short, idx.shape[1]), -1)]) if short > 0 else idx
+    ap = np.concatenate([ap, np.full((short, ap.shape[1]), -1.0)]) if short > 0 else ap
+    return np.where(ap < 0, -1, idx), np.where(ap < 0, np.nan, ap)
 
 
 def best_sparse_features(items: torch.Tensor, features: torch.Tensor, values: torch.Tensor, n_features: int,
-                         y_nl: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+                         y_nl: torch.Tensor, n_best: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """`best_features` for non-negative sparse scores (an SAE's codes, a baseline's top-L0 codes)."""
-    idx, ap = _argmax_ap(sparse_average_precision(items, features, values, n_features, y_nl))
-    return np.where(ap < 0, -1, idx), np.where(ap < 0, np.nan, ap)
+    ap = np.nan_to_num(sparse_average_precision(items, features, values, n_features, y_nl).numpy(), nan=-1.0)
+    idx = np.broadcast_to(np.arange(n_features)[:, None], ap.shape)
+    return _pad(*_top(idx, ap, n_best), n_best)
+
+
+def triplet_columns(items: torch.Tensor, features: torch.Tensor, values: torch.Tensor, n_items: int,
+                    idx: np.ndarray) -> torch.Tensor:
+    """(n_items, len(idx)) dense scores of features `idx` (distinct) from sparse (item, feature, value) triplets."""
+    where = torch.full((int(features.max()) + 1 if len(features) else 1,), -1, dtype=torch.long)
+    idx_t = torch.as_tensor(idx, dtype=torch.long)
+    where[idx_t[idx_t < len(where)]] = torch.arange(len(idx))[idx_t < len(where)]
+    out = torch.zeros(n_items, len(idx))
+    col = where[features]
+    keep = col >= 0
+    out[items[keep], col[keep]] = values[keep].float()
+    return out
+
+
+def grow_set(columns_nm: torch.Tensor, y_n: torch.Tensor, size: int = SET_SIZE) -> tuple[list[int], float]:
+    """A label's set: positions among the columns (column 0 the best single feature), and its AP.
+
+    Each column (non-negative scores on the training items) is scaled to its largest value; the set's
+    score is the largest scaled score of its columns. The set grows greedily while a column raises its AP.
+    """
+    scaled = columns_nm / columns_nm.amax(0).clamp(min=1e-30)
+    chosen, combined = [0], scaled[:, 0]
+    best = float(average_precision_matrix(combined[:, None], y_n[:, None])[0, 0])
+    while len(chosen) < min(size, scaled.shape[1]):
+        ap = average_precision_matrix(torch.maximum(combined[:, None], scaled), y_n[:, None])[:, 0]
+        ap[chosen] = -1.0
+        j = int(ap.argmax())
+        if not ap[j] > best + 1e-9:
+            break
+        chosen.append(j)
+        combined, best = torch.maximum(combined, scaled[:, j]), float(ap[j])
+    return chosen, best
 
 
 def heldout_scores(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
@@ -234,10 +287,13 @@ class _Method(NamedTuple):
     n_features: int
     """Base features; with `signed`, candidate n_features + i is the negation of feature i."""
     signed: bool
-    select: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
-    """training labels (n_train, n_labels) -> per label the best candidate (-1: none) and its AP."""
+    select: Callable[[torch.Tensor, int], tuple[np.ndarray, np.ndarray]]
+    """(training labels (n_train, n_labels), n_best) -> per label the n_best candidates, best first
+    (-1: none), and their APs, as (n_best, n_labels) arrays."""
     held: Callable[[np.ndarray], np.ndarray]
     """candidate indices -> (n_held, len(indices)) held-out scores."""
+    train: Callable[[np.ndarray], torch.Tensor] | None = None
+    """Sparse scorings: candidate indices (distinct) -> (n_train, len(indices)) training scores, for sets."""
 
     def name(self, idx: int) -> str:
         return f"-{idx - self.n_features}" if idx >= self.n_features else str(idx)
@@ -245,7 +301,7 @@ class _Method(NamedTuple):
 
 def _dense_method(b: Baseline, block: Callable[[int, int], torch.Tensor],
                   held: Callable[[np.ndarray], np.ndarray]) -> _Method:
-    return _Method(b.n_features, b.signed, lambda y: best_features(block, b.n_candidates, y), held)
+    return _Method(b.n_features, b.signed, lambda y, n_best: best_features(block, b.n_candidates, y, n_best), held)
 
 
 def _with_negations(scores: Callable[[slice], torch.Tensor], n_features: int) -> Callable[[int, int], torch.Tensor]:
@@ -356,8 +412,9 @@ def _patch_level(inputs: RunInputs, scorers: list[Baseline], l0: int, select_tok
         sparse = lambda x, b=b: b.sparse_scores(x, l0)  # noqa: E731
         triplets = _triplets(sparse, x_train)
         methods[b.name, "sparse"] = _Method(
-            b.n_features, b.signed, lambda y, b=b, t=triplets: best_sparse_features(*t, b.n_candidates, y),
-            lambda idx, sparse=sparse: chunked(lambda x: sparse(x)[:, torch.as_tensor(idx)]))
+            b.n_features, b.signed, lambda y, n_best, b=b, t=triplets: best_sparse_features(*t, b.n_candidates, y, n_best),
+            lambda idx, sparse=sparse: chunked(lambda x: sparse(x)[:, torch.as_tensor(idx)]),
+            lambda idx, t=triplets: triplet_columns(*t, len(x_train), idx))
     return _Level("patch", labels, label_arr[idx_train], label_arr[idx_held], methods,
                   (x_train.numpy(), x_held.numpy()))
 
@@ -382,14 +439,19 @@ def _image_level(inputs: RunInputs, inf: Inference, scorers: list[Baseline], l0:
                             torch.from_numpy(sae_train.col.astype(np.int64)),
                             torch.from_numpy(sae_train.data.astype(np.float32)))
                 methods[b.name, scoring] = _Method(
-                    b.n_features, False, lambda y, t=triplets, n=b.n_features: best_sparse_features(*t, n, y),
-                    lambda idx, h=sae_held: h[:, idx].toarray())
+                    b.n_features, False,
+                    lambda y, n_best, t=triplets, n=b.n_features: best_sparse_features(*t, n, y, n_best),
+                    lambda idx, h=sae_held: h[:, idx].toarray(),
+                    lambda idx, t=triplets: triplet_columns(*t, len(train_rows), idx))
                 continue
             train_pooled = _pooled(inputs, train_rows, cand, "max")
             methods[b.name, scoring] = _dense_method(
                 b, lambda s0, s1, t=train_pooled: t[:, s0:s1],
                 lambda idx, cand=cand: _pooled(inputs, held_rows, lambda x: cand(x)[:, torch.as_tensor(idx)],
                                                "max").numpy())
+            if scoring == "sparse":
+                methods[b.name, scoring] = methods[b.name, scoring]._replace(
+                    train=lambda idx, t=train_pooled: t[:, torch.as_tensor(idx)])
     probe_x = (_pooled(inputs, train_rows, lambda x: x, "mean").numpy(),
                _pooled(inputs, held_rows, lambda x: x, "mean").numpy())
     return _Level("image", labels, y_all[train_rows], y_all[held_rows], methods, probe_x)
@@ -429,21 +491,56 @@ def align(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_t
             return LabelScore(level.name, name, _is_dominant(name, float(base_train[j])), float(base_held[j]),
                               int(y_held[:, j].sum()), method, scoring, feature, float(train_ap), ap, purity)
 
+        set_rows = []
         for (method, scoring), m in level.methods.items():
-            idx, train_ap = m.select(torch.from_numpy(y_train))
+            pool, pool_ap = m.select(torch.from_numpy(y_train), SET_POOL if m.train else 1)
+            idx, train_ap = pool[0], pool_ap[0]
             valid = idx >= 0
             held = np.full((len(y_held), len(level.labels)), np.nan)
             if valid.any():
                 held[:, valid] = m.held(idx[valid])
             rows += [row(j, method, scoring, m.name(int(idx[j])) if valid[j] else "", train_ap[j],
                          held[:, j] if valid[j] else None) for j in range(len(level.labels))]
+            if m.train:
+                sets = [_grow(m, pool[:, j], y_train[:, j]) if valid[j] else None for j in range(len(level.labels))]
+                held_sets = _held_sets(m, sets)
+                set_rows += [row(j, method, "set", "+".join(m.name(int(i)) for i in sets[j][0]), sets[j][1],
+                                 held_sets[j]) if sets[j] else row(j, method, "set", "", np.nan, None)
+                             for j in range(len(level.labels))]
             bar.update(1)
+        rows += set_rows
         probe = _probe(level.probe_x[0], y_train, level.probe_x[1])
         rows += [row(j, "probe", "dense", "", np.nan, None if np.isnan(probe[:, j]).any() else probe[:, j])
                  for j in range(len(level.labels))]
         bar.update(1)
     bar.close()
     return rows
+
+
+class _Set(NamedTuple):
+    features: np.ndarray
+    """Candidate indices, in the order they joined."""
+    train_ap: float
+    scale: np.ndarray
+    """Each feature's largest score on the training items."""
+
+
+def _grow(m: _Method, pool: np.ndarray, y_n: np.ndarray) -> _Set:
+    """A label's set, grown from its pool of best features (best first) on the training items."""
+    pool = pool[pool >= 0]
+    columns = m.train(pool)
+    chosen, train_ap = grow_set(columns, torch.from_numpy(y_n))
+    return _Set(pool[chosen], train_ap, columns[:, chosen].amax(0).clamp(min=1e-30).numpy())
+
+
+def _held_sets(m: _Method, sets: list[_Set | None]) -> list[np.ndarray | None]:
+    """Each set's held-out scores (the largest scaled score of its features), from one pass over the
+    held-out items for every feature of every set."""
+    used = np.unique(np.concatenate([s.features for s in sets if s] or [np.zeros(0, np.int64)]))
+    if not len(used):
+        return [None] * len(sets)
+    held = m.held(used)
+    return [(held[:, np.searchsorted(used, s.features)] / s.scale).max(1) if s else None for s in sets]
 
 
 def summarise(rows: list[LabelScore]) -> list[MethodSummary]:
@@ -486,13 +583,19 @@ def compare(summaries: list[MethodSummary]) -> list[Comparison]:
 
 SCORING_TEXT = {"dense": "Dense scores (SAE pre-activations; dense dimensions, PCA projections, k-means −distance)",
                 "sparse": "Sparse scores (SAE codes; dense dimensions and PCA projections kept at the SAE's L0 per "
-                          "token, k-means hard assignment)"}
+                          "token, k-means hard assignment)",
+                "set": f"Sets of up to {SET_SIZE} features (sparse scores, an item scoring the largest of its "
+                       "features' scores, each scaled to its largest on the training items; k-means: a union of clusters)"}
+HEADLINE = ("dense", "sparse")
+"""The scorings of the headline: the single best feature (sets are a secondary view)."""
 
 
-def headline(summaries: list[MethodSummary], level: str) -> list[str]:
-    """One plain sentence per scoring: does the SAE beat each baseline scored the same way?"""
+def headline(summaries: list[MethodSummary], level: str, scorings: tuple[str, ...] = HEADLINE) -> list[str]:
+    """One plain sentence per scoring of the headline (or of `scorings`): does the SAE beat each
+    baseline scored the same way?"""
     lines = []
-    for scoring, text in SCORING_TEXT.items():
+    for scoring in scorings:
+        text = SCORING_TEXT[scoring]
         comps = [c for c in compare(summaries) if c.level == level and c.scoring == scoring]
         if not comps or not comps[0].sae.n_labels:
             continue
@@ -517,7 +620,9 @@ def _count_of(n: int, total: int, noun: str) -> str:
 COLUMNS = {"dense": (("sae", "sae pre-act"), ("dense", "dense"), ("pca", "pca"), ("kmeans", "kmeans −dist"),
                      ("probe", "probe")),
            "sparse": (("sae", "sae codes"), ("dense", "dense top-L0"), ("pca", "pca top-L0"),
-                      ("kmeans", "kmeans hard"))}
+                      ("kmeans", "kmeans hard")),
+           "set": (("sae", "sae set"), ("dense", "dense top-L0 set"), ("pca", "pca top-L0 set"),
+                   ("kmeans", "kmeans clusters"))}
 """Per scoring: (method, column title) of the per-label tables, in order."""
 
 
@@ -560,21 +665,24 @@ def alignment_markdown(rows: list[LabelScore]) -> str:
         lines += [f"## {level}-level labels", "", *verdicts, *([""] if verdicts else []),
                   f"Summary over {level}-level labels (not dominant, with held-out positives); coverage is the share "
                   "with AP >= 0.5:", "",
-                  "| method | dense: mean AP | dense: coverage | sparse: mean AP | sparse: coverage | labels |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| method | " + " | ".join(f"{s}: mean AP | {s}: coverage" for s in COLUMNS) + " | labels |",
+                  "| --- | " + "---: | " * (2 * len(COLUMNS)) + "---: |"]
         for method in dict.fromkeys(s.method for s in summaries):
-            d, sp = by.get((method, "dense")), by.get((method, "sparse"))
-            cells = [_fmt(x.mean_ap) if x else "" for x in (d, sp)], [_fmt(x.coverage, ".0%") if x else "" for x in (d, sp)]
-            n = (d or sp).n_labels
-            lines.append(f"| {method} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | {cells[1][1]} | {n} |")
-        lines.append("")
+            got = [by.get((method, scoring)) for scoring in COLUMNS]
+            cells = [f"{_fmt(x.mean_ap)} | {_fmt(x.coverage, '.0%')}" if x else " | " for x in got]
+            n = next(x for x in got if x).n_labels
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
+        sets = headline(summaries, level, ("set",))
+        lines += ["", *(f"Secondary view. {h}" for h in sets), *([""] if sets else [])]
         for scoring, columns in COLUMNS.items():
             cols = [(m, title) for m, title in columns if (m, scoring) in {(r.method, r.scoring) for r in at}]
             if not cols:
                 continue
             lines += [f"### {level}-level, {SCORING_TEXT[scoring][0].lower() + SCORING_TEXT[scoring][1:]}", "",
-                      "Held-out AP / purity@16 of each label's best single feature (chosen on training images; "
-                      "feature index in brackets, `-i`: negated)"
+                      ("Held-out AP / purity@16 of each label's best set of features (chosen on training images; "
+                       "feature indices in brackets, `-i`: negated)" if scoring == "set" else
+                       "Held-out AP / purity@16 of each label's best single feature (chosen on training images; "
+                       "feature index in brackets, `-i`: negated)")
                       + ("; the probe is a logistic regression on the dense activations (the ceiling)."
                          if any(m == "probe" for m, _ in cols) else "."), ""]
             for dominant in (False, True):
