@@ -114,7 +114,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
             if s.method != "sae" and variant != next(iter(runs)):
                 continue
             name = f"{variant} sae" if s.method == "sae" else s.method
-            out[f"{name}/{s.scoring}"] = [round(s.mean_ap, 3), round(s.coverage, 3)]
+            out[f"{name}/{s.scoring}"] = [s.mean_ap, s.coverage]
         for line in headline(summaries, "patch", tuple(COLUMNS)):
             print(f"  {variant}: {line}")
     for name in dict.fromkeys(k.split("/")[0] for k in out):
@@ -122,7 +122,8 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
         print(f"  {name:16s} " + " | ".join(f"{v[0]:.3f} / {v[1]:.0%}" if v else "-" for v in both))
     print(json.dumps({"bench": "camvid", "model": args.model, "layer": args.layer, "tokens": args.tokens,
                       "d_sae": args.d_sae, "k": args.k, "seed": args.seed,
-                      "minutes": round(seconds / 60, 1), "mean_ap_coverage": out}))
+                      "minutes": round(seconds / 60, 1),
+                      "mean_ap_coverage": {k: [round(x, 3) for x in v] for k, v in out.items()}}))
 
 
 if __name__ == "__main__":
