@@ -117,10 +117,11 @@ def average_precision_matrix(scores_nf: torch.Tensor, y_nl: torch.Tensor) -> tor
     The same value as `sklearn.metrics.average_precision_score` (tied scores form one threshold):
     AP = Σ_{positives i} precision(end of i's tie group) / n_pos, with items sorted by score, descending.
     The positives before the end of i's tie group are those whose tie group ends no later, so each
-    label needs only its positives' group ends (sorted): the work per label is n_pos, not n, per
-    feature. NaN for labels without positives.
+    label needs only its positives' group ends, sorted (a positive's count is the last place of its
+    group end there, plus one): the work per label is n_pos, not n, per feature. NaN for labels without
+    positives.
     """
-    n_feat, n = scores_nf.shape[1], scores_nf.shape[0]
+    n_feat = scores_nf.shape[1]
     s_sorted, order = torch.sort(scores_nf.T.contiguous(), dim=1, descending=True)  # (n_features, n)
     is_end = torch.ones_like(s_sorted, dtype=torch.bool)
     is_end[:, :-1] = s_sorted[:, :-1] != s_sorted[:, 1:]
@@ -131,8 +132,10 @@ def average_precision_matrix(scores_nf: torch.Tensor, y_nl: torch.Tensor) -> tor
     for j in range(y_nl.shape[1]):
         pos = (y_nl[:, j] > 0).nonzero().squeeze(1)
         if len(pos):
-            end = end_fn[:, pos].contiguous()  # (n_features, n_pos) 0-based group ends of the positives
-            tp = torch.searchsorted(end.sort(1).values, end, right=True)  # positives up to each one's group end
+            end = end_fn[:, pos].sort(1).values  # (n_features, n_pos) 0-based group ends of the positives, sorted
+            last = torch.ones_like(end, dtype=torch.bool)
+            last[:, :-1] = end[:, :-1] != end[:, 1:]
+            tp = _group_ends(last) + 1  # positives up to each one's group end: the last place of its value, plus one
             out[:, j] = (tp.double() / (end.double() + 1)).sum(1) / len(pos)
     return out
 
