@@ -31,7 +31,7 @@ from traitscope.app.data import (MIN_SUPPORT, Dataset, FeatureData, InferenceVie
                                  _cache_dpath, find_run_folders, label_cooccurrence, open_image_file, parse_int,
                                  sae_top_rows)
 from traitscope.errors import TraitscopeError
-from traitscope.features.alignment import alignment_markdown, read_alignment
+from traitscope.features.alignment import COLUMNS, alignment_markdown, read_alignment
 from traitscope.features.ranking import RANKINGS, grid_ranking
 from traitscope.viz import image_grid, overlay_heatmap
 
@@ -960,6 +960,9 @@ def page_plots(runs: list[Run], dataset: Dataset) -> None:
             kept = rows[~rows["dominant"].astype(str).str.lower().isin(["true", "1"])]
             keys = ["level", "method"] + (["scoring"] if "scoring" in rows.columns else [])
             summary = kept.groupby(keys, sort=False)["ap"].mean().reset_index(name="mean AP")
+            if "scoring" in keys:  # like next to like: every dense score, then every sparse one, then the sets
+                order = {scoring: i for i, scoring in enumerate(COLUMNS)}
+                summary = summary.sort_values("scoring", key=lambda s: s.map(order), kind="stable")
             summary["scored"] = summary["method"] + (" · " + summary["scoring"] if "scoring" in keys else "")
             st.altair_chart(alt.Chart(summary).mark_bar().encode(
                 x=alt.X("mean AP", scale=alt.Scale(domain=[0, 1])), y=alt.Y("scored", sort=None, title=None),
