@@ -17,7 +17,8 @@ of three drives, per-pixel masks of 11 classes):
    against dimensions / projections kept at the SAE's L0 and the k-means hard assignment).
 
 Prints the per-class table, mean AP / coverage (share of classes with held-out AP >= 0.5) per method
-and scoring, and whether each SAE beats each baseline scored the same way. Reruns reuse the shards,
+and scoring, and whether each SAE beats each baseline scored the same way; then the same for the
+secondary view, each class's best set of up to 3 sparse features. Reruns reuse the shards,
 the trained runs and the inference folders. Measured on 2 idle CPU cores: 6.4 minutes with the
 offline DINOv2-S, 2.8 with `--model efficientnet-lite0` (figures in docs/alignment.md).
 

@@ -224,13 +224,11 @@ def best_sparse_features(items: torch.Tensor, features: torch.Tensor, values: to
 def triplet_columns(items: torch.Tensor, features: torch.Tensor, values: torch.Tensor, n_items: int,
                     idx: np.ndarray) -> torch.Tensor:
     """(n_items, len(idx)) dense scores of features `idx` (distinct) from sparse (item, feature, value) triplets."""
-    where = torch.full((int(features.max()) + 1 if len(features) else 1,), -1, dtype=torch.long)
-    idx_t = torch.as_tensor(idx, dtype=torch.long)
-    where[idx_t[idx_t < len(where)]] = torch.arange(len(idx))[idx_t < len(where)]
+    order = np.argsort(idx)
+    sorted_idx = torch.as_tensor(np.asarray(idx)[order], dtype=features.dtype)
+    keep = torch.isin(features, sorted_idx)
     out = torch.zeros(n_items, len(idx))
-    col = where[features]
-    keep = col >= 0
-    out[items[keep], col[keep]] = values[keep].float()
+    out[items[keep], torch.as_tensor(order)[torch.searchsorted(sorted_idx, features[keep])]] = values[keep].float()
     return out
 
 
