@@ -44,22 +44,23 @@ def test_a_batch_holds_random_patches_of_every_image_of_its_block(tagged):
 
 
 def test_batches_held_by_the_caller_stay_intact(tagged):
-    """A batch is a view of its block's memory: the memory is reused only once no batch refers to it."""
+    """A batch is a view of its block's memory (batches as stored: a float32 batch of these float16
+    shards is a cast, a copy): the memory is reused only once no batch refers to it."""
     split = TokenSplit(tagged, LAYER, "patches", val_frac=0.1, seed=0)
-    with ShuffledLoader(split, 256, seed=0, chunk_rows=5 * N_PATCHES, buffer_mb=1) as loader:
+    with ShuffledLoader(split, 256, seed=0, chunk_rows=5 * N_PATCHES, buffer_mb=1, as_stored=True) as loader:
         held = [next(loader) for _ in range(3 * split.n_train_tokens // 256)]  # three epochs, every batch kept
     copies = [batch.clone() for batch in held]
-    with ShuffledLoader(split, 256, seed=0, chunk_rows=5 * N_PATCHES, buffer_mb=1) as loader:
+    with ShuffledLoader(split, 256, seed=0, chunk_rows=5 * N_PATCHES, buffer_mb=1, as_stored=True) as loader:
         assert all(torch.equal(next(loader), copy) for copy in copies)
     for batch, copy in zip(held, copies):
         assert torch.equal(batch, copy)
-    epoch = torch.cat(copies)[:split.n_train_tokens]
+    epoch = torch.cat(copies)[:split.n_train_tokens].float()
     assert len(np.unique(epoch[:, 0] * N_PATCHES + epoch[:, 1])) == split.n_train_tokens  # each token once
 
 
 def test_a_loader_whose_batches_are_dropped_reuses_four_buffers(tagged):
     split = TokenSplit(tagged, LAYER, "patches", val_frac=0.1, seed=0)
-    with ShuffledLoader(split, 256, seed=0, chunk_rows=5 * N_PATCHES, buffer_mb=1) as loader:
+    with ShuffledLoader(split, 256, seed=0, chunk_rows=5 * N_PATCHES, buffer_mb=1, as_stored=True) as loader:
         for _ in range(10 * split.n_train_tokens // 256):  # ten epochs, forty blocks
             x_bd = next(loader)
         assert loader.n_buffers <= 4  # reading, ready, in use, and the one the last batch still holds
