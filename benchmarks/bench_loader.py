@@ -12,9 +12,11 @@ whenever the caller is elsewhere: that made the old figures depend on how idle t
 The floor, *sequential read*: the loader's own chunks, in file order, each copied once into memory
 the size of the loader's block (cycled), in the batches' dtype: the same reads into the same amount
 of memory, without the shuffle. For reference, a sequential read into one reused chunk-sized buffer (it stays in the CPU
-cache, which no shuffle buffer can) is printed too, with the loader's share of it.
+cache, which no shuffle buffer can) is printed too, with the loader's share of it, and so is a
+sequential read into block-sized memory on as many threads as the loader's readers (the loader fills
+a block's chunks on several threads).
 
-Each of `--repeats` rounds times the three back to back (in a rotating order); a figure is the
+Each of `--repeats` rounds times the four back to back (in a rotating order); a figure is the
 median over rounds of the round's ratio, so that other work on the machine, which comes and goes,
 weighs on every side alike; the lowest and highest rounds and the 1-minute load average before and
 after are printed beside it. `--cache warm` (default): the files are in the page cache (a first read
@@ -40,6 +42,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -83,25 +86,33 @@ def _rate(fn, n_tokens: int) -> Rate:
     return Rate(n_tokens / wall, cpu / n_tokens * 1e9)
 
 
-def sequential_rate(split: TokenSplit, chunk_rows: int = 8192, buf: np.ndarray | None = None) -> Rate:
+def sequential_rate(split: TokenSplit, chunk_rows: int = 8192, buf: np.ndarray | None = None,
+                    threads: int = 1) -> Rate:
     """Plain sequential read of every shard file in chunks of `chunk_rows` rows, one after the other
     into `buf` (cycled; default: one reused chunk-sized buffer, which stays in the CPU cache). A `buf`
-    of another dtype than the shards' is filled by torch's cast, as the loader casts."""
+    of another dtype than the shards' is filled by torch's cast, as the loader casts. `threads` > 1:
+    that many threads read every threads-th chunk each, side by side."""
     buf = np.empty((chunk_rows, split.d_model), dtype=split.dtype) if buf is None else buf
+    parts, at = [], 0  # (chunk, where in buf)
+    for rows in split.arrays[0].maps:
+        for start in range(0, len(rows), chunk_rows):
+            part = rows[start:start + chunk_rows]
+            at = 0 if at + len(part) > len(buf) else at
+            parts.append((part, at))
+            at += len(part)
 
-    def read() -> None:
-        at = 0
-        for rows in split.arrays[0].maps:
-            for start in range(0, len(rows), chunk_rows):
-                part = rows[start:start + chunk_rows]
-                at = 0 if at + len(part) > len(buf) else at
-                if buf.dtype == part.dtype:
-                    np.copyto(buf[at:at + len(part)], part)
-                else:
-                    torch.from_numpy(buf[at:at + len(part)]).copy_(tensor_view(part))
-                at += len(part)
+    def read(share: list) -> None:
+        for part, at in share:
+            if buf.dtype == part.dtype:
+                np.copyto(buf[at:at + len(part)], part)
+            else:
+                torch.from_numpy(buf[at:at + len(part)]).copy_(tensor_view(part))
 
-    return _rate(read, sum(len(rows) for rows in split.arrays[0].maps))
+    def read_all() -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, [parts[t::threads] for t in range(threads)]))
+
+    return _rate(read_all if threads > 1 else lambda: read(parts), sum(len(rows) for rows in split.arrays[0].maps))
 
 
 def shuffled_rate(loader: ShuffledLoader, n_batches: int) -> Rate:
@@ -149,6 +160,12 @@ class LoaderFigures(NamedTuple):
     """Median tokens/s of a sequential read into one reused chunk-sized buffer (stays in the CPU cache)."""
     cached_ratio: float
     """Median over the rounds of shuffled / cached."""
+    readers: int
+    """The loader's reading threads."""
+    threaded: float
+    """Median tokens/s of the sequential read into block-sized memory by as many threads as the loader's readers."""
+    threaded_ratio: float
+    """Median over the rounds of shuffled / threaded."""
     n_train_tokens: int
     sequential_cpu_ns: float
     """Median CPU time per token of the sequential read."""
@@ -167,7 +184,7 @@ def loader_figures(shards, repeats: int, batch_size: int = BATCH, as_stored: boo
     split = TokenSplit(shards, shards.layers[0], "patches", val_frac=0.05, seed=0)
     epoch_batches = split.n_train_tokens // batch_size
     load_before = os.getloadavg()[0]
-    sides = {"seq": [], "cached": [], "shuf": []}
+    sides = {"seq": [], "cached": [], "threaded": [], "shuf": []}
     sequential_rate(split)  # warm the page cache (and the maps)
     # prefetch=False: the loader reads its blocks in the timed thread, so all of its work falls inside its
     # own window, and none of it runs beside the sequential reads (a background reader would refill
@@ -183,14 +200,18 @@ def loader_figures(shards, repeats: int, batch_size: int = BATCH, as_stored: boo
                     sides[side].append(sequential_rate(split, loader.chunk_rows, block_nd))
                 elif side == "cached":
                     sides[side].append(sequential_rate(split, loader.chunk_rows, block_nd[:loader.chunk_rows]))
+                elif side == "threaded":
+                    sides[side].append(sequential_rate(split, loader.chunk_rows, block_nd, loader.n_readers))
                 else:
                     sides[side].append(shuffled_rate(loader, epoch_batches))
-    seqs, cached, shufs = sides["seq"], sides["cached"], sides["shuf"]
+    seqs, cached, threaded, shufs = sides["seq"], sides["cached"], sides["threaded"], sides["shuf"]
     ratios = [b.tokens_per_s / a.tokens_per_s for a, b in zip(seqs, shufs)]
     return LoaderFigures(statistics.median(r.tokens_per_s for r in seqs), statistics.median(r.tokens_per_s for r in shufs),
                          statistics.median(ratios), min(ratios), max(ratios),
                          statistics.median(r.tokens_per_s for r in cached),
                          statistics.median(b.tokens_per_s / a.tokens_per_s for a, b in zip(cached, shufs)),
+                         loader.n_readers, statistics.median(r.tokens_per_s for r in threaded),
+                         statistics.median(b.tokens_per_s / a.tokens_per_s for a, b in zip(threaded, shufs)),
                          split.n_train_tokens, statistics.median(r.cpu_ns_per_token for r in seqs),
                          statistics.median(r.cpu_ns_per_token for r in shufs), (load_before, os.getloadavg()[0]), cache)
 
@@ -207,6 +228,8 @@ def print_figures(f: LoaderFigures, n_tokens: int, what: str = "float32") -> Non
     print(f"  CPU time per token: sequential {f.sequential_cpu_ns:.0f} ns, shuffled {f.shuffled_cpu_ns:.0f} ns")
     print(f"  (into one reused chunk-sized buffer, which stays in the CPU cache, a sequential read makes "
           f"{f.cached:,.0f} tokens/s: the loader is {f.cached_ratio:.0%} of that)")
+    print(f"  (the loader reads with {f.readers} threads; read by as many threads side by side, a sequential read "
+          f"makes {f.threaded:,.0f} tokens/s: the loader is {f.threaded_ratio:.0%} of that)")
     if max(f.load) > 2 * n_cpus:
         print("  the load average is above 2 per core: the figures mostly measure the other work; rerun later")
 
