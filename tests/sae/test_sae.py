@@ -257,6 +257,7 @@ def test_defaults_live_in_the_variant():
     assert build_sae(SAEConfig("relu", 16, 64)).params.l1_coeff == 5.0
     assert build_sae(SAEConfig("topk", 16, 64)).params.k == 32
     assert build_sae(SAEConfig("matryoshka", 16, 64, k=4)).params.prefixes == [4, 8, 16, 32, 64]
+    assert build_sae(SAEConfig("matryoshka", 16, 64, k=4, prefix_levels=7)).params.prefixes == [1, 2, 4, 8, 16, 32, 64]
     assert [cls.loss_per_token for cls in (variants()["relu"], variants()["topk"])] == [True, False]
 
 

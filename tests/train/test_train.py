@@ -493,13 +493,17 @@ def test_optional_loggers_are_asked_for_and_explain_a_missing_package(shards, tm
 def test_run_identities_and_names_are_those_of_runs_made_before():
     """Existing run folders keep their names (and resume): the hashes below were computed by the
     code before variants owned their parameters, when the TopK family's defaults were lr
-    2e-4 / sqrt(d_sae / 16384), dead_tokens 10M, auxk_alpha 1/32 and a plain ReLU in AuxK (auxk_leak 0)."""
+    2e-4 / sqrt(d_sae / 16384), dead_tokens 10M, auxk_alpha 1/32 and a plain ReLU in AuxK (auxk_leak 0),
+    and Matryoshka's default prefixes started at d_sae/16 (prefix_levels 5)."""
     cfg = TrainConfig(shards="x", tokens=1_000_000)
     cases = {"topk-k32-768-abce9e9991": RunSettings(lr=2e-4 / math.sqrt(768 / 2 ** 14), dead_tokens=10_000_000,
                                                     auxk_alpha=1 / 32, auxk_leak=0),
              "relu-l1_3-128-0a8d02d873": RunSettings(variant="relu", l1_coeff=3, d_sae=128, lr=2e-3,
                                                      dead_tokens=10_000_000),
              "matryoshka-k3-64-12b516a89b": RunSettings(variant="matryoshka", k=3, d_sae=64, prefixes=[8, 32, 64],
+                                                        dead_tokens=3000, lr=2e-4 / math.sqrt(64 / 2 ** 14),
+                                                        auxk_alpha=1 / 32, auxk_leak=0),
+             "matryoshka-k3-64-4e2383b9c6": RunSettings(variant="matryoshka", k=3, d_sae=64, prefix_levels=5,
                                                         dead_tokens=3000, lr=2e-4 / math.sqrt(64 / 2 ** 14),
                                                         auxk_alpha=1 / 32, auxk_leak=0),
              "batchtopk-k4-96-7acf37d728": RunSettings(variant="batchtopk", k=4, expansion=2, k_aux=16, auxk_alpha=0.1,

@@ -21,19 +21,26 @@ from traitscope.sae.sparse import Selection, decode_sparse, make_selection
 from traitscope.sae.topk import TopKParams
 
 
-def default_prefixes(d_sae: int) -> list[int]:
-    """d_sae/16, d_sae/8, d_sae/4, d_sae/2, d_sae (dropping sizes below 1 and repeats)."""
-    return sorted({max(1, d_sae >> shift) for shift in (4, 3, 2, 1, 0)})
+def default_prefixes(d_sae: int, levels: int = 5) -> list[int]:
+    """`levels` sizes halving from d_sae: d_sae/16, d_sae/8, d_sae/4, d_sae/2, d_sae for 5 (dropping sizes
+    below 1 and repeats)."""
+    return sorted({max(1, d_sae >> shift) for shift in range(levels)})
 
 
 @dataclasses.dataclass
 class MatryoshkaParams(TopKParams):
     prefixes: list[int] | None = None
-    """Nested dictionary sizes, the last equal to d_sae (default d_sae/16, /8, /4, /2, 1)."""
+    """Nested dictionary sizes, the last equal to d_sae (default: prefix_levels sizes halving from d_sae)."""
+    prefix_levels: int = 5
+    """Default prefixes: this many sizes halving from d_sae (5: d_sae/16 ... d_sae; 7: from d_sae/64).
+    Smaller first prefixes found more CamVid classes and fewer synthetic traits (docs/alignment.md)."""
 
     def resolved(self, d_model: int, d_sae: int) -> "MatryoshkaParams":
         params = super().resolved(d_model, d_sae)
-        prefixes = default_prefixes(d_sae) if self.prefixes is None else [int(v) for v in self.prefixes]
+        if self.prefix_levels < 1:
+            raise TraitscopeError(f"prefix_levels must be >= 1, not {self.prefix_levels}")
+        prefixes = (default_prefixes(d_sae, self.prefix_levels) if self.prefixes is None
+                    else [int(v) for v in self.prefixes])
         if (not prefixes or prefixes[-1] != d_sae or prefixes[0] < 1
                 or any(a >= b for a, b in zip(prefixes, prefixes[1:]))):
             raise TraitscopeError(f"prefixes {prefixes} must increase strictly from at least 1 and end at "

@@ -206,7 +206,8 @@ class RunSettings:
         hash them: a run made before variants owned their parameters, or before a parameter was added
         (LATER_PARAMS), keeps its identity (and folder)."""
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
-        own = {k: v for k, v in dataclasses.asdict(self.params).items() if LATER_PARAMS.get(k, ...) != v}
+        own = dataclasses.asdict(self.params)
+        own = {k: v for k, v in own.items() if LATER_PARAMS.get(k, ...) != v and own.get(DEFAULT_OF.get(k)) is None}
         return {**common, **IDENTITY_V1, **own}
 
 
@@ -215,9 +216,13 @@ IDENTITY_V1 = {"k": None, "l1_coeff": None, "prefixes": None, "l1_warmup": 0.05,
 it held where the variant did not use one; kept so that those runs' folders are found and resumed."""
 
 
-LATER_PARAMS = {"auxk_leak": 0}
+LATER_PARAMS = {"auxk_leak": 0, "prefix_levels": 5}
 """Variant parameters added later, with the value every run made before them had: left out of the
 identity at that value, so that those runs' folders are found and resumed."""
+
+
+DEFAULT_OF = {"prefix_levels": "prefixes"}
+"""Variant parameters that only choose another's default: left out of the identity when that one is given."""
 
 
 def variant_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
