@@ -6,8 +6,8 @@ The loader never holds the data set in memory. Each epoch visits the training ro
 most `chunk_rows` consecutive rows (one contiguous read each; each shard file cut evenly) in a seeded
 random order; a *block* of chunks fills the shuffle buffer, and every batch holds rows drawn at random
 from all of its chunks. A background thread (with helper threads) reads the next block while the
-trainer consumes the current one. Everything is a function of (seed, epoch, block), so the stream is the same on every
-run, and the position (epoch, block, offset) is all a checkpoint needs to continue it.
+trainer consumes the current one. Everything is a function of (seed, epoch, block), so the stream is
+the same on every run, and the position (epoch, block, offset) is all a checkpoint needs to continue it.
 
 Each chunk is checked for NaN/Inf the first time it loads (the files do not change); the error
 names the shard file and row.
