@@ -206,8 +206,9 @@ class RunSettings:
         hash them: a run made before variants owned their parameters, or before a parameter was added
         (LATER_PARAMS), keeps its identity (and folder)."""
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
-        own = dataclasses.asdict(self.params)
-        own = {k: v for k, v in own.items() if LATER_PARAMS.get(k, ...) != v and own.get(DEFAULT_OF.get(k)) is None}
+        params = dataclasses.asdict(self.params)
+        own = {k: v for k, v in params.items() if LATER_PARAMS.get(k, ...) != v
+               and not (k in DEFAULT_OF and params[DEFAULT_OF[k]] is not None)}
         return {**common, **IDENTITY_V1, **own}
 
 
