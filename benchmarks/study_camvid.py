@@ -22,7 +22,7 @@ secondary view, each class's best set of up to 3 sparse features. Reruns reuse t
 the trained runs and the inference folders. Measured on 2 idle CPU cores: 6.4 minutes with the
 offline DINOv2-S, 2.8 with `--model efficientnet-lite0` (figures in docs/alignment.md).
 
-    python benchmarks/study_camvid.py [--data DIR] [--out DIR] [--tokens N] [--d-sae N] [--k K] [--model M] [--layer L] [--variants V,...] [--seed S]
+    python benchmarks/study_camvid.py [--data DIR] [--out DIR] [--tokens N] [--d-sae N] [--k K] [--model M] [--layer L] [--resolution PX] [--variants V,...] [--seed S]
 """
 
 import argparse
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--model", default="dinov2-vits14-saliency-offline",
                         help="backbone (default: the offline DINOv2-S; efficientnet-lite0 is the offline CNN)")
     parser.add_argument("--layer", default="-2", help="layer whose patch tokens are modelled (default -2)")
+    parser.add_argument("--resolution", default=None, help="side of the model's square input in pixels (default: the "
+                                                           "model's own, 224)")
     parser.add_argument("--variants", default=VARIANTS, help=f"SAE variants, one run each (default {VARIANTS})")
     parser.add_argument("--seed", default="0", help="seed of the SAEs' initialisation and data order (the held-out "
                                                     "frames stay the same)")
@@ -69,6 +71,7 @@ def main() -> None:
     print(f"CamVid alignment benchmark: {args.data.resolve()}", flush=True)
     shards = Path(cli("shards", "--images", str(args.data / "images"), "--masks", str(args.data / "masks"),
                       "--model", args.model, "--layers", args.layer, "--tokens", "patches",
+                      *(["--resolution", args.resolution] if args.resolution else []),
                       "--out", str(args.out / "shards")).strip().splitlines()[-1])
     runs_dpath = args.out / (f"runs-{shards.name}-{args.tokens}-{args.d_sae}-k{args.k}"
                              + (f"-seed{args.seed}" if args.seed != "0" else ""))  # one run per variant
@@ -90,7 +93,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
     the summary per method and scoring, and the like-for-like verdicts."""
     first = next(iter(runs.values()))
     print(f"\nCamVid patch labels, held-out AP of each class's best single feature; {args.model} layer "
-          f"{args.layer}, {args.tokens} tokens, {args.d_sae} latents, "
+          f"{args.layer} at {args.resolution or 'its own'} px, {args.tokens} tokens, {args.d_sae} latents, "
           f"k={args.k}, seed {args.seed}; 20% of the frames held out in 5 contiguous runs; {seconds / 60:.1f} minutes in all\n")
     cols = [(f"{v} {title.split()[1]}", v, "sae", s) for v in runs for s, cols in COLUMNS.items()
             for m, title in cols if m == "sae"]
@@ -121,7 +124,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
     for name in dict.fromkeys(k.split("/")[0] for k in out):
         both = [out.get(f"{name}/{s}") for s in COLUMNS]
         print(f"  {name:16s} " + " | ".join(f"{v[0]:.3f} / {v[1]:.0%}" if v else "-" for v in both))
-    print(json.dumps({"bench": "camvid", "model": args.model, "layer": args.layer, "tokens": args.tokens,
+    print(json.dumps({"bench": "camvid", "model": args.model, "layer": args.layer, "resolution": args.resolution, "tokens": args.tokens,
                       "d_sae": args.d_sae, "k": args.k, "seed": args.seed,
                       "minutes": round(seconds / 60, 1),
                       "mean_ap_coverage": {k: [round(x, 3) for x in v] for k, v in out.items()}}))
