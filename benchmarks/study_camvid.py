@@ -3,8 +3,10 @@
 Runs the real command line, as a user would, on `../shared/data/camvid_train` (367 street-scene frames
 of three drives, per-pixel masks of 11 classes):
 
-1. `traitscope shards --masks` — patch tokens of the offline DINOv2-S (layer -2), each patch labelled
-   with the classes its pixels show;
+1. `traitscope shards --masks --resolution 448` — patch tokens of the offline DINOv2-S (layer -2), each
+   patch labelled with the classes its pixels show. The frames are 960 x 720 px; at the models' own 224
+   px a CNN's last stage has 48 tokens per frame, too few for small classes (and for k-means' 3072
+   centroids: docs/alignment.md);
 2. `traitscope train --val-split contiguous --val-frac 0.2` — TopK and Matryoshka SAEs in one pass
    (`--variants` names others, e.g. archetypal).
    Neighbouring frames are near-duplicates, so the held-out 20% are 5 runs of neighbouring frames
@@ -19,8 +21,8 @@ of three drives, per-pixel masks of 11 classes):
 Prints the per-class table, mean AP / coverage (share of classes with held-out AP >= 0.5) per method
 and scoring, and whether each SAE beats each baseline scored the same way; then the same for the
 secondary view, each class's best set of up to 3 sparse features. Reruns reuse the shards,
-the trained runs and the inference folders. Measured on 2 idle CPU cores: 6.4 minutes with the
-offline DINOv2-S, 2.8 with `--model efficientnet-lite0` (figures in docs/alignment.md).
+the trained runs and the inference folders. Measured on 2 idle CPU cores: 13.2 minutes with the
+offline DINOv2-S, 6.5 with `--model efficientnet-lite0` (figures in docs/alignment.md).
 
     python benchmarks/study_camvid.py [--data DIR] [--out DIR] [--tokens N] [--d-sae N] [--k K] [--model M] [--layer L] [--resolution PX] [--variants V,...] [--seed S]
 """
@@ -58,8 +60,8 @@ def main() -> None:
     parser.add_argument("--model", default="dinov2-vits14-saliency-offline",
                         help="backbone (default: the offline DINOv2-S; efficientnet-lite0 is the offline CNN)")
     parser.add_argument("--layer", default="-2", help="layer whose patch tokens are modelled (default -2)")
-    parser.add_argument("--resolution", default=None, help="side of the model's square input in pixels (default: the "
-                                                           "model's own, 224)")
+    parser.add_argument("--resolution", default="448", help="side of the model's square input in pixels (default 448: "
+                                                            "192 tokens per frame at a CNN's last stage, 48 at 224)")
     parser.add_argument("--variants", default=VARIANTS, help=f"SAE variants, one run each (default {VARIANTS})")
     parser.add_argument("--seed", default="0", help="seed of the SAEs' initialisation and data order (the held-out "
                                                     "frames stay the same)")
@@ -71,7 +73,7 @@ def main() -> None:
     print(f"CamVid alignment benchmark: {args.data.resolve()}", flush=True)
     shards = Path(cli("shards", "--images", str(args.data / "images"), "--masks", str(args.data / "masks"),
                       "--model", args.model, "--layers", args.layer, "--tokens", "patches",
-                      *(["--resolution", args.resolution] if args.resolution else []),
+                      "--resolution", args.resolution,
                       "--out", str(args.out / "shards")).strip().splitlines()[-1])
     runs_dpath = args.out / (f"runs-{shards.name}-{args.tokens}-{args.d_sae}-k{args.k}"
                              + (f"-seed{args.seed}" if args.seed != "0" else ""))  # one run per variant
@@ -93,7 +95,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
     the summary per method and scoring, and the like-for-like verdicts."""
     first = next(iter(runs.values()))
     print(f"\nCamVid patch labels, held-out AP of each class's best single feature; {args.model} layer "
-          f"{args.layer} at {args.resolution or 'its own'} px, {args.tokens} tokens, {args.d_sae} latents, "
+          f"{args.layer} at {args.resolution} px, {args.tokens} tokens, {args.d_sae} latents, "
           f"k={args.k}, seed {args.seed}; 20% of the frames held out in 5 contiguous runs; {seconds / 60:.1f} minutes in all\n")
     cols = [(f"{v} {title.split()[1]}", v, "sae", s) for v in runs for s, cols in COLUMNS.items()
             for m, title in cols if m == "sae"]
