@@ -341,3 +341,16 @@ def test_images_without_a_size_count_as_all_image_pixels():
     validity = patch_validity(pre, [None, (300, 100)], (8, 8))
     valid = validity.of_images(0, 2)
     assert valid[0].all() and not valid[1].all()
+
+
+def test_few_patch_tokens_per_image_earn_a_resolution_hint(long_photos, tmp_path, capsys):
+    """A CNN's last stage at 224 px has one token per 32 px (4x12 for these long photos): shards says so and
+    names the resolution with four times as many; at that resolution it says nothing."""
+    argv = ["shards", "--images", str(long_photos), "--model", "random-efficientnet-lite0", "--layers=-4,-2",
+            "--tokens", "patches", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(argv) == 0
+    hints = [line for line in capsys.readouterr().out.splitlines() if "patch tokens per image" in line]
+    assert len(hints) == 1 and hints[0].startswith("layer -2 has 4x12 patch tokens per image, one per 32 px"), hints
+    assert "--resolution 448 gives four times as many" in hints[0]  # the coarser of the two layers is named
+    assert main([*argv, "--resolution", "448"]) == 0
+    assert "patch tokens per image" not in capsys.readouterr().out

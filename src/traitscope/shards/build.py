@@ -33,6 +33,7 @@ values from the model itself are an error: nothing of that shard is kept.
 
 import contextlib
 import ctypes
+import math
 import multiprocessing
 import os
 import queue
@@ -642,6 +643,24 @@ def memory_line(plan: ShardPlan, source: ImageSource, backbone: Backbone, batch_
             f"{_mb(input_bytes)} as float32 ({_mb(input_bytes * batch_size)} per batch of {batch_size}); "
             f"{_mb(per_image)} of activations stored, {_mb(per_image * len(plan.records))} for "
             f"{len(plan.records)} images")
+
+
+COARSE_PATCHES = 64
+"""Fewer patch tokens per image than this (a CNN's last stage at 224 px has 49) earns a hint: on CamVid
+at 224 px, 48 per frame left the SAEs behind k-means, and 448 px turned that round (docs/alignment.md)."""
+
+
+def coarse_grid_hint(backbone: Backbone, layers: list[int]) -> str | None:
+    """A line suggesting a larger --resolution where one of `layers` (as the user named them) has few
+    patch tokens per image."""
+    grids = {layer: backbone.grid_at(backbone.resolve_layers([layer])[0]) for layer in layers}
+    layer = min(layers, key=lambda layer: math.prod(grids[layer]))
+    rows, cols = grids[layer]
+    if rows * cols >= COARSE_PATCHES:
+        return None
+    side = backbone.preprocess.input_hw[0] // rows
+    return (f"layer {layer} has {rows}x{cols} patch tokens per image, one per {side} px of the input; for traits "
+            f"smaller than that, --resolution {2 * backbone.preprocess.crop} gives four times as many")
 
 
 def _mb(n_bytes: float) -> str:

@@ -113,7 +113,7 @@ def parse_tokens(value: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from traitscope.backbones import default_model, load_backbone
     from traitscope.images import open_source
-    from traitscope.shards.build import build_shards, use_geometry
+    from traitscope.shards.build import build_shards, coarse_grid_hint, use_geometry
 
     if args.verify is not None:
         return verify(args.verify)
@@ -142,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         height, width = backbone.preprocess.input_hw
         dist.say(f"recording layers {','.join(map(str, layers))} of {backbone.name}{about} on {where} "
                  f"over {source.spec}, {backbone.preprocess.geometry} at {width}x{height} px")
+        if "patches" in token_kinds and (hint := coarse_grid_hint(backbone, layers)):
+            dist.say(hint)
 
         shards = build_shards(source, backbone, layers, args.out, token_kinds=token_kinds, dtype=args.dtype,
                               batch_size=batch_size, images_per_shard=args.images_per_shard, strict=args.strict,
