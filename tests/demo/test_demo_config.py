@@ -6,10 +6,10 @@ from traitscope.demo.pipeline import DemoConfig
 from traitscope.errors import TraitscopeError
 
 
-def test_the_defaults_are_valid_and_score_the_middle_k():
+def test_the_defaults_are_valid_and_score_the_largest_k():
     DemoConfig().validate()
-    assert DemoConfig().scored_k == 16 and DemoConfig(ks=(8,)).scored_k == 8
-    assert DemoConfig(ks=(32, 8, 16), align_k=32).scored_k == 32
+    assert DemoConfig().scored_k == 32 and DemoConfig(ks=(8,)).scored_k == 8
+    assert DemoConfig(ks=(32, 8, 16), align_k=16).scored_k == 16
 
 
 @pytest.mark.parametrize("changes, needle", [

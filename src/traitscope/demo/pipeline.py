@@ -59,21 +59,23 @@ class DemoConfig:
     0.160 with 12% of latents dead; at 4096, 0.165 with 18%: docs/training.md)."""
     variant: str = "matryoshka"
     """SAE variant of the sweep, one run per k of --ks (Matryoshka: on the synthetic traits its k = 16 run
-    beats TopK's in both scorings, and in reconstruction: docs/alignment.md)."""
+    beats TopK's in both scorings, and in reconstruction; its k = 32 run finds more traits still:
+    docs/alignment.md)."""
     ks: tuple[int, ...] = field(default=(8, 16, 32), type=comma_list(int))
     """Sparsities (k) of the sweep."""
     l1: float = 5.0
     """λ of the one ReLU/L1 SAE of the sweep (trained at lr 5e-4: L1 SAEs need more steps than small data gives)."""
     align_k: int | None = None
     """The run of the sweep (by k) whose features are scored against the traits and drawn in the report
-    (default: the middle of --ks, 16 for the default sweep)."""
+    (default: the largest of --ks, 32 for the default sweep: on the synthetic traits it covers 71% and 79%
+    at two seeds, where k = 16 covers 64%)."""
     val_frac: float = 0.2
     """Share of images held out: every reported metric and AP is measured on them."""
 
     @property
     def scored_k(self) -> int:
         """k of the run whose features are scored."""
-        return self.align_k if self.align_k is not None else sorted(self.ks)[len(self.ks) // 2]
+        return self.align_k if self.align_k is not None else max(self.ks)
 
     def validate(self) -> None:
         """Raise TraitscopeError naming the first impossible setting."""
