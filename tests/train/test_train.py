@@ -512,6 +512,10 @@ def test_run_identities_and_names_are_those_of_runs_made_before():
     for name, settings in cases.items():
         s = settings.resolved(48)
         assert f"{s.label()}-{identity_hash(run_identity(cfg, s, 'abc', 3))}" == name
+    # prefix_levels only chooses the default prefixes: given prefixes, any value leaves the identity alone
+    s = RunSettings(variant="matryoshka", k=3, d_sae=64, prefixes=[8, 32, 64], prefix_levels=7, dead_tokens=3000,
+                    lr=2e-4 / math.sqrt(64 / 2 ** 14), auxk_alpha=1 / 32, auxk_leak=0).resolved(48)
+    assert f"{s.label()}-{identity_hash(run_identity(cfg, s, 'abc', 3))}" == "matryoshka-k3-64-12b516a89b"
 
 
 def test_a_variant_parameter_applies_to_the_variants_that_have_it():
