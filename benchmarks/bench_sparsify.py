@@ -75,6 +75,9 @@ ABLATIONS = {
     "beta2-0.99": {"beta2": 0.99},
     "batchtopk": {"variant": "batchtopk"},
     "matryoshka": {"variant": "matryoshka"},
+    "matryoshka-lr-x1.5": {"variant": "matryoshka", "lr_scale": 1.5},
+    "matryoshka-lr-x2": {"variant": "matryoshka", "lr_scale": 2.0},
+    "matryoshka-3-levels": {"variant": "matryoshka", "prefix_levels": 3},
 }
 
 
