@@ -78,6 +78,9 @@ ABLATIONS = {
     "matryoshka-lr-x1.5": {"variant": "matryoshka", "lr_scale": 1.5},
     "matryoshka-lr-x2": {"variant": "matryoshka", "lr_scale": 2.0},
     "matryoshka-3-levels": {"variant": "matryoshka", "prefix_levels": 3},
+    "matryoshka-4-levels": {"variant": "matryoshka", "prefix_levels": 4},
+    "matryoshka-lr-x1.25": {"variant": "matryoshka", "lr_scale": 1.25},
+    "matryoshka-4-levels-lr-x1.25": {"variant": "matryoshka", "prefix_levels": 4, "lr_scale": 1.25},
 }
 
 
