@@ -50,7 +50,7 @@ DATA = (REPO.parent / "shared" / "data").resolve()
 SETS = {"camvid": DATA / "camvid_train" / "images", "fish": DATA / "fishvista_demo"}
 MODEL, LAYER, D_SAE, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 6144, 32, 0.1, 0  # D_SAE: --d-sae
 
-# Settings that differ from traitscope's defaults (--ablate): one change each, or a variant with one change of its own;
+# Settings that differ from traitscope's defaults (--ablate): one change each, or Matryoshka with changes of its own;
 # lr_scale multiplies the default learning rate.
 # "before" is the recipe before issue 12 (the TopK paper's lr 2e-4 / sqrt(d_sae / 2^14), AuxK weight 1/32
 # after 10M tokens without firing: off in these runs; and a plain ReLU on its coefficients).
