@@ -115,37 +115,41 @@ def average_precision_matrix(scores_nf: torch.Tensor, y_nl: torch.Tensor) -> tor
     """(n_features, n_labels) AP of every feature column against every (0/1) label column.
 
     The same value as `sklearn.metrics.average_precision_score` (tied scores form one threshold):
-    AP = Σ_{positives i} precision(end of i's tie group) / n_pos, with items sorted by score, descending.
-    The positives before the end of i's tie group are those whose tie group ends no later, so each
-    label needs only its positives' group ends, sorted (a positive's count is the last place of its
-    group end there, plus one): the work per label is n_pos, not n, per feature. NaN for labels without
-    positives.
+    AP = Σ_{positives i} precision(i's score as the threshold) / n_pos, where the precision is the
+    share of positives among the items scoring at least as high as i. Each feature's column is sorted
+    once to count, for every item, the items scoring at least as high (`at_least`, which falls as the
+    score rises); per label, sorting the positives' counts orders them by score and gives how many
+    positives score at least as high. So the work per label is n_pos, not n, per feature. Sorting is
+    numpy's (vectorised; several times faster than torch's on the CPU). NaN for labels without positives.
     """
-    n_feat = scores_nf.shape[1]
-    s_sorted, order = torch.sort(scores_nf.T.contiguous(), dim=1, descending=True)  # (n_features, n)
-    is_end = torch.ones_like(s_sorted, dtype=torch.bool)
-    is_end[:, :-1] = s_sorted[:, :-1] != s_sorted[:, 1:]
-    del s_sorted
-    end_fn = torch.empty_like(order).scatter_(1, order, _group_ends(is_end))  # per item: where its group ends
-    del order, is_end
-    out = torch.full((n_feat, y_nl.shape[1]), float("nan"), dtype=torch.float64)
-    for j in range(y_nl.shape[1]):
-        pos = (y_nl[:, j] > 0).nonzero().squeeze(1)
+    s_fn = np.ascontiguousarray(scores_nf.numpy().T)
+    n_feat = s_fn.shape[0]
+    order = np.argsort(s_fn, axis=1)[:, ::-1]  # highest first
+    at_least = np.empty(s_fn.shape, dtype=np.int32)
+    np.put_along_axis(at_least, order, _run_ends(np.take_along_axis(s_fn, order, 1)) + 1, 1)
+    del order
+    y = y_nl.numpy() > 0
+    out = np.full((n_feat, y.shape[1]), np.nan)
+    for j in range(y.shape[1]):
+        pos = np.flatnonzero(y[:, j])
         if len(pos):
-            end = end_fn[:, pos].sort(1).values  # (n_features, n_pos) 0-based group ends of the positives, sorted
-            last = torch.ones_like(end, dtype=torch.bool)
-            last[:, :-1] = end[:, :-1] != end[:, 1:]
-            tp = _group_ends(last) + 1  # positives up to each one's group end: the last place of its value, plus one
-            out[:, j] = (tp.double() / (end.double() + 1)).sum(1) / len(pos)
-    return out
+            counts = np.sort(at_least[:, pos], axis=1)  # highest scores first
+            out[:, j] = ((_run_ends(counts) + 1) / counts).sum(1) / len(pos)
+    return torch.from_numpy(out)
 
 
-def _group_ends(is_end: torch.Tensor) -> torch.Tensor:
-    """For each position along the last axis: the position of the end of its tie group."""
-    n = is_end.shape[-1]
-    pos = torch.arange(n).expand_as(is_end)
-    end_pos = torch.where(is_end, pos, torch.full_like(pos, n))
-    return torch.flip(torch.cummin(torch.flip(end_pos, [-1]), dim=-1).values, [-1])
+def _run_ends(a_fm: np.ndarray) -> np.ndarray:
+    """For each place of rows sorted either way: the last place of its run of equal values."""
+    is_last = np.ones(a_fm.shape, dtype=bool)
+    is_last[:, :-1] = a_fm[:, 1:] != a_fm[:, :-1]
+    return _ends(is_last)
+
+
+def _ends(is_last: np.ndarray) -> np.ndarray:
+    """For each place along the last axis: the first place at or after it where `is_last` holds."""
+    m = is_last.shape[-1]
+    ends = np.where(is_last, np.arange(m, dtype=np.int32), np.int32(m))
+    return np.minimum.accumulate(ends[..., ::-1], axis=-1)[..., ::-1]
 
 
 def sparse_average_precision(items: torch.Tensor, features: torch.Tensor, values: torch.Tensor,
@@ -165,7 +169,7 @@ def sparse_average_precision(items: torch.Tensor, features: torch.Tensor, values
     rank = (torch.arange(len(f)) - starts[f] + 1).double()
     is_end = torch.ones(len(f), dtype=torch.bool)
     is_end[:-1] = (f[:-1] != f[1:]) | (v[:-1] != v[1:])
-    group_end = _group_ends(is_end)
+    group_end = torch.from_numpy(_ends(is_end.numpy()).astype(np.int64))
     out = torch.empty(n_features, y_nl.shape[1], dtype=torch.float64)
     for j in range(y_nl.shape[1]):
         y = y_nl[:, j].double()
