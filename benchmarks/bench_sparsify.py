@@ -2,15 +2,15 @@
 trained in this script on the same tokens, in the same order, scored on the same held-out images.
 
     pip install eai-sparsify==1.3.3        # the peer, from PyPI by name (not a traitscope dependency)
-    python benchmarks/bench_sparsify.py [--data camvid,fish] [--tokens 512k] [--ablate [NAMES]] [--batch-size 4096] [--d-sae 6144]
+    python benchmarks/bench_sparsify.py [--data camvid,fish] [--tokens 512k] [--ablate [NAMES]] [--batch-size 2048] [--d-sae 6144]
 
 Data: real photos beside the project (../shared/data): `camvid_train/images` (367 street scenes) and
 `fishvista_demo` (110 museum fish photos), each run through the offline DINOv2 ViT-S/14
 (`dinov2-vits14-saliency-offline`, layer -2, 256 patch tokens of 384 dims per image) with
 `traitscope shards`; 10% of the images are held out (traitscope's own split, seed 0).
 
-Both SAEs: TopK, 6144 latents (--d-sae), k = 32, batches of --batch-size tokens from traitscope's shuffled
-loader (seed 0), so both see the same batches in the same order.
+Both SAEs: TopK, 6144 latents (--d-sae), k = 32, batches of --batch-size tokens (default: `traitscope
+train`'s) from traitscope's shuffled loader (seed 0), so both see the same batches in the same order.
 - sparsify: `SparseCoder` with the recipe of sparsify's own `Trainer` at its defaults (signum: sign
   SGD in a schedule-free wrapper, momentum 0.95, lr 5e-3 / sqrt(latents / 2^14), no schedule; decoder
   bias set to the first batch's mean; unit-norm decoder rows, the gradient along them removed; loss
@@ -207,7 +207,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="camvid,fish", help="comma-separated: camvid, fish")
     parser.add_argument("--tokens", default="512k", help="comma-separated token budgets (512k, 5M)")
-    parser.add_argument("--batch-size", default="4096", help="tokens per step, both SAEs (comma-separated: several)")
+    parser.add_argument("--batch-size", default=str(TrainConfig.batch_size),
+                        help="tokens per step, both SAEs (comma-separated: several; default: traitscope train's)")
     parser.add_argument("--ablate", nargs="?", const="all", default="",
                         help=f"also vary traitscope's settings one at a time: 'all' or some of {', '.join(ABLATIONS)} "
                              "(comma-separated); 'all' also scales sparsify's inputs")

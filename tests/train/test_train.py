@@ -494,8 +494,9 @@ def test_run_identities_and_names_are_those_of_runs_made_before():
     """Existing run folders keep their names (and resume): the hashes below were computed by the
     code before variants owned their parameters, when the TopK family's defaults were lr
     2e-4 / sqrt(d_sae / 16384), dead_tokens 10M, auxk_alpha 1/32 and a plain ReLU in AuxK (auxk_leak 0),
-    and Matryoshka's default prefixes started at d_sae/16 (prefix_levels 5)."""
-    cfg = TrainConfig(shards="x", tokens=1_000_000)
+    and Matryoshka's default prefixes started at d_sae/16 (prefix_levels 5), in batches of 4096 (the
+    default batch then; a run at another batch size is another run)."""
+    cfg = TrainConfig(shards="x", tokens=1_000_000, batch_size=4096)
     cases = {"topk-k32-768-abce9e9991": RunSettings(lr=2e-4 / math.sqrt(768 / 2 ** 14), dead_tokens=10_000_000,
                                                     auxk_alpha=1 / 32, auxk_leak=0),
              "relu-l1_3-128-0a8d02d873": RunSettings(variant="relu", l1_coeff=3, d_sae=128, lr=2e-3,

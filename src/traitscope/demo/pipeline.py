@@ -55,7 +55,7 @@ class DemoConfig:
     expansion: int = 8
     """Latents per input dimension."""
     batch_size: int = 1024
-    """Tokens per optimiser step (1024: ~390 steps at half the default rate of 4096, held-out NMSE of k = 16
+    """Tokens per optimiser step (1024: ~390 steps at half the rate for batches of 4096, held-out NMSE of k = 16
     0.160 with 12% of latents dead; at 4096, 0.165 with 18%: docs/training.md)."""
     variant: str = "matryoshka"
     """SAE variant of the sweep, one run per k of --ks (Matryoshka: on the synthetic traits its k = 16 run
