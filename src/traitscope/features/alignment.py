@@ -40,7 +40,9 @@ training AP most, while one does. The single best feature stays the headline.
 """
 
 import csv
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,6 +51,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from traitscope.errors import TraitscopeError
@@ -190,17 +193,23 @@ def best_features(block: Callable[[int, int], torch.Tensor], n_candidates: int, 
     index first), and their APs, as (n_best, n_labels) arrays.
 
     `block(start, stop)` gives the (n, stop - start) scores of a range of candidates. -1 / NaN for
-    labels without positives (and past the last candidate).
+    labels without positives (and past the last candidate). Ranges are scored side by side, one per
+    core (numpy's sorts release the GIL), and merged in order.
     """
     n = y_nl.shape[0]
     width = max(1, (1 << 22) // max(n, 1))
     best_ap = np.full((0, y_nl.shape[1]), -1.0)
     best_idx = np.zeros((0, y_nl.shape[1]), dtype=np.int64)
-    for start in range(0, n_candidates, width):
-        stop = min(start + width, n_candidates)
-        ap = np.nan_to_num(average_precision_matrix(block(start, stop).float(), y_nl).numpy(), nan=-1.0)
-        idx = np.broadcast_to(np.arange(start, stop)[:, None], ap.shape)
-        best_idx, best_ap = _top(np.concatenate([best_idx, idx]), np.concatenate([best_ap, ap]), n_best)
+
+    @torch.no_grad()  # a thread's own grad mode
+    def ap_of(start: int) -> np.ndarray:
+        scores = block(start, min(start + width, n_candidates)).float()
+        return np.nan_to_num(average_precision_matrix(scores, y_nl).numpy(), nan=-1.0)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for start, ap in zip(range(0, n_candidates, width), pool.map(ap_of, range(0, n_candidates, width))):
+            idx = np.broadcast_to(np.arange(start, start + len(ap))[:, None], ap.shape)
+            best_idx, best_ap = _top(np.concatenate([best_idx, idx]), np.concatenate([best_ap, ap]), n_best)
     return _pad(best_idx, best_ap, n_best)
 
 
@@ -372,14 +381,22 @@ def _is_dominant(name: str, base_rate: float) -> bool:
 
 
 def _probe(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray) -> np.ndarray:
-    """(n_held, n_labels) decision values of a logistic regression per label (NaN without both classes)."""
+    """(n_held, n_labels) decision values of a logistic regression per label (NaN without both classes).
+
+    The labels are fitted side by side, one per core, each with a one-thread BLAS: L-BFGS's products
+    are too small to gain from BLAS threads (the demo's 15 labels on 50k tokens: 33 s label by label,
+    14 s side by side here, the same values)."""
     scaler = StandardScaler().fit(x_train)
     xt, xh = scaler.transform(x_train), scaler.transform(x_held)
     out = np.full((len(x_held), y_train.shape[1]), np.nan)
-    for j in range(y_train.shape[1]):
-        if 0 < y_train[:, j].sum() < len(y_train):
-            clf = LogisticRegression(max_iter=1000).fit(xt, y_train[:, j])
-            out[:, j] = clf.decision_function(xh)
+    fit = [j for j in range(y_train.shape[1]) if 0 < y_train[:, j].sum() < len(y_train)]
+
+    def decision(j: int) -> np.ndarray:
+        return LogisticRegression(max_iter=1000).fit(xt, y_train[:, j]).decision_function(xh)
+
+    with threadpool_limits(1), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for j, values in zip(fit, pool.map(decision, fit)):
+            out[:, j] = values
     return out
 
 
