@@ -13,7 +13,7 @@ from locations import FISH
 
 def test_demo_writes_an_honest_report_and_reuses_finished_steps(tmp_path, capsys):
     args = ["demo", "--out", str(tmp_path / "demo"), "--n-images", "40", "--tokens", "30k", "--ks", "8,16",
-            "--expansion", "2", "--batch-size", "512"]
+            "--expansion", "2", "--batch-size", "512", "--l1", "5"]
     assert main(args) == 0
     first = capsys.readouterr()
     report_fpath = tmp_path / "demo" / "report.html"
@@ -23,6 +23,7 @@ def test_demo_writes_an_honest_report_and_reuses_finished_steps(tmp_path, capsys
     assert "30,000 tokens per SAE" in page and "held-out images (never trained on)" in page
     # the pictures exist: Pareto plot and one heatmap grid per drawn feature
     assert (tmp_path / "demo" / "pareto.png").is_file()
+    assert "relu" in (tmp_path / "demo" / "pareto.csv").read_text()  # --l1 adds a ReLU/L1 SAE to the sweep
     figures = re.findall(r'src="(figures/feature-\d+\.png)"', page)
     assert figures and all((tmp_path / "demo" / f).is_file() for f in figures)
     for method in ("sae", "dense", "pca", "kmeans", "probe"):

@@ -16,7 +16,7 @@ def test_the_defaults_are_valid_and_score_the_largest_k():
     ({"n_images": 5}, "--n-images"), ({"val_frac": 1.0}, "--val-frac"), ({"ks": ()}, "--ks"),
     ({"ks": (8, 0)}, "--ks"), ({"tokens": 0}, "--tokens"), ({"batch_size": 0}, "--batch-size"),
     ({"variant": "relu"}, "--variant must be one of topk, batchtopk, matryoshka"),
-    ({"align_k": 12}, "--align-k 12 is not one of --ks 8,16,32"),
+    ({"align_k": 12}, "--align-k 12 is not one of --ks 8,16,32"), ({"l1": 0.0}, "--l1 must be positive"),
 ])
 def test_an_impossible_setting_is_refused_by_name(changes, needle):
     with pytest.raises(TraitscopeError, match=needle):

@@ -1,8 +1,8 @@
 """`traitscope demo`: the whole workflow on an embedded default, with a report.
 
 With no options it generates the synthetic trait set, extracts activations with the offline
-saliency-fine-tuned DINOv2 ViT-S/14, trains a small sweep (Matryoshka at several k and one ReLU/L1) in
-one pass, draws the Pareto plot, runs inference and trait alignment against baselines, and writes
+saliency-fine-tuned DINOv2 ViT-S/14, trains a small sweep (Matryoshka at several k; `--l1` adds a ReLU/L1
+SAE) in one pass, draws the Pareto plot, runs inference and trait alignment against baselines, and writes
 <out>/report.html. A rerun reuses every finished step.
 """
 
