@@ -109,8 +109,11 @@ def plot(points: list[RunPoint], fpath: Path, labels: bool = False) -> None:
         ax.scatter([p.l0 for p in front], [p.nmse for p in front], s=90, facecolors="none", edgecolors="black",
                    zorder=4)
     if labels:
-        for p in points:
-            ax.annotate(p.run, (p.l0, p.nmse), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        right = max((p.l0 for p in points), default=0)
+        for p in points:  # the rightmost run's name goes left of its point, inside the axes
+            last = p.l0 == right
+            ax.annotate(p.run, (p.l0, p.nmse), fontsize=7, xytext=(-4 if last else 4, 4), textcoords="offset points",
+                        ha="right" if last else "left")
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("NMSE (held-out)")
     if points and min(p.l0 for p in points) > 0 and max(p.l0 for p in points) > 10 * min(p.l0 for p in points):
