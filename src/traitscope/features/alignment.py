@@ -194,23 +194,33 @@ def best_features(block: Callable[[int, int], torch.Tensor], n_candidates: int, 
 
     `block(start, stop)` gives the (n, stop - start) scores of a range of candidates. -1 / NaN for
     labels without positives (and past the last candidate). Ranges are scored side by side, one per
-    core (numpy's sorts release the GIL), and merged in order.
+    core, and merged in order.
     """
     n = y_nl.shape[0]
     width = max(1, (1 << 22) // max(n, 1))
     best_ap = np.full((0, y_nl.shape[1]), -1.0)
     best_idx = np.zeros((0, y_nl.shape[1]), dtype=np.int64)
 
-    @torch.no_grad()  # a thread's own grad mode
     def ap_of(start: int) -> np.ndarray:
         scores = block(start, min(start + width, n_candidates)).float()
         return np.nan_to_num(average_precision_matrix(scores, y_nl).numpy(), nan=-1.0)
 
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        for start, ap in zip(range(0, n_candidates, width), pool.map(ap_of, range(0, n_candidates, width))):
-            idx = np.broadcast_to(np.arange(start, start + len(ap))[:, None], ap.shape)
-            best_idx, best_ap = _top(np.concatenate([best_idx, idx]), np.concatenate([best_ap, ap]), n_best)
+    starts = range(0, n_candidates, width)
+    for start, ap in zip(starts, side_by_side(ap_of, starts)):
+        idx = np.broadcast_to(np.arange(start, start + len(ap))[:, None], ap.shape)
+        best_idx, best_ap = _top(np.concatenate([best_idx, idx]), np.concatenate([best_ap, ap]), n_best)
     return _pad(best_idx, best_ap, n_best)
+
+
+def side_by_side(fn: Callable, items) -> list:
+    """[fn(item) for item in items], computed on one thread per core (numpy's sorts, BLAS and torch's
+    kernels release the GIL). Each call runs without autograd: torch's grad mode is per thread."""
+    def call(item):
+        with torch.no_grad():
+            return fn(item)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(call, items))
 
 
 def _top(idx: np.ndarray, ap: np.ndarray, n_best: int) -> tuple[np.ndarray, np.ndarray]:
@@ -394,8 +404,8 @@ def _probe(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray) -> np.n
     def decision(j: int) -> np.ndarray:
         return LogisticRegression(max_iter=1000).fit(xt, y_train[:, j]).decision_function(xh)
 
-    with threadpool_limits(1), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        for j, values in zip(fit, pool.map(decision, fit)):
+    with threadpool_limits(1):
+        for j, values in zip(fit, side_by_side(decision, fit)):
             out[:, j] = values
     return out
 
@@ -525,7 +535,8 @@ def align(inputs: RunInputs, inf: Inference, baselines: list[Baseline], select_t
             rows += [row(j, method, scoring, m.name(int(idx[j])) if valid[j] else "", train_ap[j],
                          held[:, j] if valid[j] else None) for j in range(len(level.labels))]
             if m.train:
-                sets = [_grow(m, pool[:, j], y_train[:, j]) if valid[j] else None for j in range(len(level.labels))]
+                sets = side_by_side(lambda j: _grow(m, pool[:, j], y_train[:, j]) if valid[j] else None,
+                                    range(len(level.labels)))
                 held_sets = _held_sets(m, sets)
                 set_rows += [row(j, method, "set", "+".join(m.name(int(i)) for i in sets[j][0]), sets[j][1],
                                  held_sets[j]) if sets[j] else row(j, method, "set", "", np.nan, None)
