@@ -65,9 +65,9 @@ class DemoConfig:
     """Sparsities (k) of the sweep."""
     l1: float | None = None
     """λ of a ReLU/L1 SAE to add to the sweep for comparison on the Pareto plot (e.g. 5, trained at lr 5e-4:
-    L1 SAEs need more steps than small data gives). None by default: on the synthetic set it lands far
-    off the frontier (held-out NMSE 0.27 at L0 151, against Matryoshka's 0.12 at L0 34) and costs a
-    quarter of the demo's training time."""
+    L1 SAEs need more steps than small data gives). Off by default: on the synthetic set it lands far
+    off the frontier (held-out NMSE 0.27 at L0 151, against Matryoshka's 0.12 at L0 34) and costs about
+    30% of the demo's training time (docs/alignment.md)."""
     align_k: int | None = None
     """The run of the sweep (by k) whose features are scored against the traits and drawn in the report
     (default: the largest of --ks, 32 for the default sweep: on the synthetic traits it covers 64-71% and
