@@ -40,7 +40,6 @@ training AP most, while one does. The single best feature stays the headline.
 """
 
 import csv
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,6 +53,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from traitscope.dist import cpus_per_rank
 from traitscope.errors import TraitscopeError
 from traitscope.features.baselines import Baseline
 from traitscope.features.heldout import FIT_TOKENS, mean_l0, sample_tokens, token_indices
@@ -213,13 +213,14 @@ def best_features(block: Callable[[int, int], torch.Tensor], n_candidates: int, 
 
 
 def side_by_side(fn: Callable, items) -> list:
-    """[fn(item) for item in items], computed on one thread per core (numpy's sorts, BLAS and torch's
-    kernels release the GIL). Each call runs without autograd: torch's grad mode is per thread."""
+    """[fn(item) for item in items], on one thread per core this process may use (`cpus_per_rank`;
+    numpy's sorts, BLAS and torch's kernels release the GIL). Each call runs without autograd: torch's
+    grad mode is per thread."""
     def call(item):
         with torch.no_grad():
             return fn(item)
 
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(cpus_per_rank()) as pool:
         return list(pool.map(call, items))
 
 
