@@ -24,7 +24,10 @@ secondary view, each class's best set of up to 3 sparse features. Reruns reuse t
 the trained runs and the inference folders. Measured on 2 idle CPU cores: 13.2 minutes with the
 offline DINOv2-S, 6.5 with `--model efficientnet-lite0` (figures in docs/alignment.md).
 
-    python benchmarks/study_camvid.py [--data DIR] [--out DIR] [--tokens N] [--d-sae N] [--k K] [--model M] [--layer L] [--resolution PX] [--variants V,...] [--seed S]
+Another set of photos with per-pixel masks runs the same way with `--images DIR --masks DIR` (the
+held-out share is then contiguous runs of its sorted file names).
+
+    python benchmarks/study_camvid.py [--data DIR | --images DIR --masks DIR] [--out DIR] [--tokens N] [--d-sae N] [--k K] [--model M] [--layer L] [--resolution PX] [--variants V,...] [--seed S]
 """
 
 import argparse
@@ -53,6 +56,9 @@ def cli(*args: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="CamVid folder with images/ and masks/")
+    parser.add_argument("--images", type=Path, help="another set's photos (default: DATA/images)")
+    parser.add_argument("--masks", type=Path, help="their masks, ids or colours with their names (default: DATA/masks; "
+                                                   "docs/tutorial.md)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/traitscope-camvid"), help="work folder (reused)")
     parser.add_argument("--tokens", default="1M", help="training tokens per SAE (default 1M, about 13 epochs)")
     parser.add_argument("--d-sae", default="3072", help="latents per SAE (default 3072, 8 per dimension)")
@@ -66,12 +72,15 @@ def main() -> None:
     parser.add_argument("--seed", default="0", help="seed of the SAEs' initialisation and data order (the held-out "
                                                     "frames stay the same)")
     args = parser.parse_args()
-    if not (args.data / "images").is_dir() or not (args.data / "masks").is_dir():
-        sys.exit(f"{args.data} has no images/ and masks/ folders (the CamVid set of ../shared/data)")
+    images = args.images = args.images or args.data / "images"
+    masks = args.masks = args.masks or args.data / "masks"
+    for what, dpath in (("photos", images), ("masks", masks)):
+        if not dpath.is_dir():
+            sys.exit(f"no folder of {what} at {dpath} (the CamVid set of ../shared/data, or give --images and --masks)")
     t0 = time.perf_counter()
 
-    print(f"CamVid alignment benchmark: {args.data.resolve()}", flush=True)
-    shards = Path(cli("shards", "--images", str(args.data / "images"), "--masks", str(args.data / "masks"),
+    print(f"alignment benchmark: {images.resolve()} with the masks of {masks.resolve()}", flush=True)
+    shards = Path(cli("shards", "--images", str(images), "--masks", str(masks),
                       "--model", args.model, "--layers", args.layer, "--tokens", "patches",
                       "--resolution", args.resolution,
                       "--out", str(args.out / "shards")).strip().splitlines()[-1])
@@ -94,9 +103,9 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
     """The per-class table (baselines from the first run: every run's are fitted on the same tokens),
     the summary per method and scoring, and the like-for-like verdicts."""
     first = next(iter(runs.values()))
-    print(f"\nCamVid patch labels, held-out AP of each class's best single feature; {args.model} layer "
+    print(f"\nPatch labels of {args.masks}, held-out AP of each class's best single feature; {args.model} layer "
           f"{args.layer} at {args.resolution} px, {args.tokens} tokens, {args.d_sae} latents, "
-          f"k={args.k}, seed {args.seed}; 20% of the frames held out in 5 contiguous runs; {seconds / 60:.1f} minutes in all\n")
+          f"k={args.k}, seed {args.seed}; 20% of the images held out in 5 contiguous runs; {seconds / 60:.1f} minutes in all\n")
     cols = [(f"{v} {title.split()[1]}", v, "sae", s) for v in runs for s, cols in COLUMNS.items()
             for m, title in cols if m == "sae"]
     cols += [(title, None, m, s) for s, cols in COLUMNS.items() for m, title in cols if m != "sae"]
@@ -126,7 +135,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
     for name in dict.fromkeys(k.split("/")[0] for k in out):
         both = [out.get(f"{name}/{s}") for s in COLUMNS]
         print(f"  {name:16s} " + " | ".join(f"{v[0]:.3f} / {v[1]:.0%}" if v else "-" for v in both))
-    print(json.dumps({"bench": "camvid", "model": args.model, "layer": args.layer, "resolution": args.resolution,
+    print(json.dumps({"bench": "camvid", "masks": str(args.masks), "model": args.model, "layer": args.layer, "resolution": args.resolution,
                       "tokens": args.tokens, "d_sae": args.d_sae, "k": args.k, "seed": args.seed,
                       "minutes": round(seconds / 60, 1),
                       "mean_ap_coverage": {k: [round(x, 3) for x in v] for k, v in out.items()}}))

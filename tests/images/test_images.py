@@ -291,6 +291,8 @@ def test_crop_mask_follows_the_image_geometry_exactly():
         nearest = Preprocess(**{**preprocess.to_dict(), "interpolation": "nearest"})
         seen = np.asarray(nearest.crop_image(Image.fromarray(rgb))).astype(np.int64)
         assert np.array_equal(crop_mask(ids, preprocess), (seen[..., 0] << 16) | (seen[..., 1] << 8) | seen[..., 2])
+        # ids beyond 24 bits are cropped through their ranks: the same pixels, the same ids
+        assert np.array_equal(crop_mask(ids + (1 << 40), preprocess), crop_mask(ids, preprocess) + (1 << 40))
 
 
 def test_patch_majority_on_a_known_mask():
@@ -352,8 +354,67 @@ def test_folder_masks_give_per_patch_one_hot_labels(tmp_path):
     with pytest.raises(TraitscopeError, match=r"1 of 2 images have no mask .*'b.png'"):
         open_source(str(images), masks=str(masks))
     (masks / "labels.txt").unlink()
-    with pytest.raises(TraitscopeError, match="no labels.json or labels.txt"):
+    with pytest.raises(TraitscopeError, match="no labels.json, labels.txt or class_dict.csv"):
         open_source(str(images), masks=str(masks))
+
+
+def test_colour_masks_named_by_colour(tmp_path):
+    """RGB masks whose colours a labels.json or a class_dict.csv (name, r, g, b) names, white included."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    _save(images / "a.jpg", _noise(320, 256))
+    mask = np.zeros((256, 320, 3), dtype=np.uint8)
+    mask[16:16 + 28, 48:48 + 28] = (128, 64, 128)  # patches (0,0), (0,1), (1,0), (1,1): road
+    mask[16 + 14 * 15:, 48 + 14 * 15:48 + 224] = 255  # the last patch: white, more than 24 bits as id + 1
+    mask[16 + 14 * 8:16 + 14 * 9, 48 + 14 * 8:48 + 14 * 9] = (1, 2, 3)  # a colour with no name: no label
+    _save(masks / "a.png", Image.fromarray(mask, "RGB"))
+    (masks / "labels.json").write_text(json.dumps({"#000000": "void", "128, 64, 128": "road", "(255,255,255)": "line"}))
+    expected = np.zeros((256, 3), dtype=np.uint8)
+    expected[:, 0] = 1
+    expected[[0, 1, 16, 17]] = [0, 1, 0]
+    expected[255] = [0, 0, 1]
+    expected[8 * 16 + 8] = 0
+
+    source = open_source(str(images), masks=str(masks))
+    assert source.patch_label_names == ["void", "road", "line"]
+    assert np.array_equal(source.patch_labels(source.records()[0], VIT, (16, 16)), expected)
+
+    (masks / "labels.json").unlink()
+    (masks / "class_dict.csv").write_text("name,r,g,b\nRoad,128,64,128\nVoid,0,0,0\nLine,255,255,255\n\n")
+    source = open_source(str(images), masks=str(masks))
+    assert source.patch_label_names == ["Void", "Road", "Line"]  # by colour, as ids go by id
+    assert np.array_equal(source.patch_labels(source.records()[0], VIT, (16, 16)), expected)
+    assert source.identity()["masks"]["colours"] is True
+
+    for text, error in [("name,red\nroad,1\n", "must name the columns name, r, g, b"),
+                        ("name,r,g,b\nroad,1,2,x\n", "line 2: r, g, b must be integers"),
+                        ("name,r,g,b\nroad,1,2,3\nlane,1,2,3\n", "line 3: the colour of 'lane' is also 'road'")]:
+        (masks / "class_dict.csv").write_text(text)
+        with pytest.raises(TraitscopeError, match=error):
+            open_source(str(images), masks=str(masks))
+    # Masks named with a suffix after the image's name (CamVid's a_L.png), as long as every one has it
+    (masks / "class_dict.csv").write_text("name,r,g,b\nRoad,128,64,128\nVoid,0,0,0\nLine,255,255,255\n")
+    (masks / "a.png").rename(masks / "a_L.png")
+    source = open_source(str(images), masks=str(masks))
+    assert np.array_equal(source.patch_labels(source.records()[0], VIT, (16, 16)), expected)
+    assert source.identity()["masks"]["suffix"] == "_L"
+    _save(images / "b.jpg", _noise(320, 256))
+    _save(masks / "b_mask.png", Image.fromarray(mask, "RGB"))
+    with pytest.raises(TraitscopeError, match="1 of 2 images have no mask .* 'b.jpg' needs 'b_L.png'"):
+        open_source(str(images), masks=str(masks))
+    (masks / "a_L.png").rename(masks / "a.png")
+    (masks / "a_other.png").write_bytes((masks / "a.png").read_bytes())
+    with pytest.raises(TraitscopeError, match="'b.jpg' needs 'b.png', or every mask the same suffix .* as 'b_L.png'"):
+        open_source(str(images), masks=str(masks))
+    (images / "b.jpg").unlink()
+
+    (masks / "class_dict.csv").unlink()
+    (masks / "labels.json").write_text(json.dumps({"0": "void", "#804080": "road"}))
+    with pytest.raises(TraitscopeError, match="all ids or all colours, not both \\('0' and '#804080'\\)"):
+        open_source(str(images), masks=str(masks))
+    (masks / "labels.json").write_text(json.dumps({"0": "void", "1": "road"}))  # ids, but the mask is RGB
+    source = open_source(str(images), masks=str(masks))
+    with pytest.raises(ImageError, match="mask a.png is RGB: .* or name their colours"):
+        source.patch_labels(source.records()[0], VIT, (16, 16))
 
 
 # --- Hugging Face datasets ---

@@ -10,7 +10,7 @@ from PIL import Image
 from traitscope.backbones.base import Preprocess
 from traitscope.errors import TraitscopeError
 from traitscope.images import labels as labels_mod
-from traitscope.images.masks import one_hot, patch_majority, read_mask, read_names
+from traitscope.images.masks import mask_suffix, one_hot, patch_majority, read_mask, read_names
 from traitscope.images.source import (Decoded, ImageError, ImageSource, MinSize, decode_image, image_extensions,
                                      jpeg_file, load_image, oriented_size)
 
@@ -38,8 +38,9 @@ class FolderSource(ImageSource):
     """Every image file under a folder, in sorted relative-path order.
 
     `labels`: 'folders' (the first path component is the class) or a CSV / CelebA attribute file.
-    `masks`: a folder with one single-channel PNG per image at the same relative path (extension .png)
-    holding trait ids, and a labels.json / labels.txt naming them.
+    `masks`: a folder with one PNG per image at the same relative path (extension .png, or one suffix after
+    every name: `a_L.png` for `a.jpg`) holding trait ids (or colours), and a labels.json / labels.txt /
+    class_dict.csv naming them (`traitscope.images.masks`).
 
     Identity (for content hashing): the resolved root and each file's relative path and size in bytes
     (None for a path that is not a regular file: a dangling link, a FIFO...), plus the labels file's sha256 and the masks' paths, sizes and names. Modification times are left out
@@ -71,19 +72,25 @@ class FolderSource(ImageSource):
         self.image_label_names = list(self._labels.names) if self._labels else []
 
         self._mask_names: dict[int, str] = {}
+        self._mask_colours = False
+        self._mask_suffix = ""
         if self.masks_dpath is not None:
-            self._mask_names = read_names(self.masks_dpath)
+            self._mask_names, self._mask_colours = read_names(self.masks_dpath)
+            self._mask_suffix = mask_suffix(self.masks_dpath, self._paths)
             missing = [p for p in self._paths if p not in unusable and not self._mask_fpath(p).is_file()]
             if missing:
                 raise TraitscopeError(
                     f"{len(missing)} of {len(self._paths)} images have no mask in {self.masks_dpath} "
-                    f"(e.g. {missing[0]!r} needs {self._mask_fpath(missing[0]).relative_to(self.masks_dpath).as_posix()!r})"
+                    f"(e.g. {missing[0]!r} needs {self._mask_fpath(missing[0]).relative_to(self.masks_dpath).as_posix()!r}"
+                    + ("" if self._mask_suffix else f", or every mask the same suffix after its image's name, as "
+                                                    f"{Path(missing[0]).stem + '_L.png'!r}") + ")"
                 )
         self.patch_label_names = list(self._mask_names.values())
         self._mask_column = {i: j for j, i in enumerate(self._mask_names)}
 
     def _mask_fpath(self, path: str) -> Path:
-        return (self.masks_dpath / path).with_suffix(".png")
+        fpath = self.masks_dpath / path
+        return fpath.with_name(fpath.stem + self._mask_suffix + ".png")
 
     def records(self) -> list[dict]:
         label = self._labels.label if self._labels else (lambda path: None)
@@ -109,7 +116,7 @@ class FolderSource(ImageSource):
     def patch_labels(self, record: dict, preprocess: Preprocess, grid: tuple[int, int]) -> np.ndarray | None:
         if self.masks_dpath is None:
             return None
-        mask_hw = read_mask(self._mask_fpath(record["path"]))
+        mask_hw = read_mask(self._mask_fpath(record["path"]), self._mask_colours)
         size = oriented_size(self.root / record["path"])
         if (mask_hw.shape[1], mask_hw.shape[0]) != size:
             raise ImageError(f"mask is {mask_hw.shape[1]}x{mask_hw.shape[0]} but the image is {size[0]}x{size[1]}")
@@ -127,6 +134,10 @@ class FolderSource(ImageSource):
         if self.masks_dpath is not None:
             sizes = [_size(self._mask_fpath(p)) for p in self._paths]
             identity["masks"] = {"names": {str(k): v for k, v in self._mask_names.items()}, "sizes": sizes}
+            if self._mask_colours:
+                identity["masks"]["colours"] = True
+            if self._mask_suffix:
+                identity["masks"]["suffix"] = self._mask_suffix
         return identity
 
 

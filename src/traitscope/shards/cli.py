@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-image labels: 'folders' (first subfolder is the class) or a CSV / CelebA "
                              "attribute file")
     parser.add_argument("--masks", default=None, metavar="DIR",
-                        help="folder of per-pixel trait-id PNG masks, stored as per-patch labels")
+                        help="folder of per-pixel masks, one PNG per image at the same relative path, holding ids (or "
+                             "colours) that its labels.json, labels.txt or class_dict.csv names; stored as per-patch labels")
     parser.add_argument("--model", default=None,
                         help="backbone name, 'hf:<id>', 'timm:<name>', ... (default: DINOv2 ViT-S/14 with registers "
                              "from the Hugging Face hub, or the offline DINOv2-S when the hub cannot be reached)")
