@@ -384,6 +384,15 @@ def test_colour_masks_named_by_colour(tmp_path):
     assert source.patch_label_names == ["Void", "Road", "Line"]  # by colour, as ids go by id
     assert np.array_equal(source.patch_labels(source.records()[0], VIT, (16, 16)), expected)
     assert source.identity()["masks"]["colours"] is True
+    _save(masks / "a.png", Image.fromarray(mask[..., 0], "L"))  # colours named, but the mask holds ids
+    with pytest.raises(ImageError, match="mask a.png is L, one id per pixel, but the masks' names are colours"):
+        source.patch_labels(source.records()[0], VIT, (16, 16))
+    colours, index = np.unique(mask.reshape(-1, 3), axis=0, return_inverse=True)
+    palette = Image.fromarray(index.reshape(mask.shape[:2]).astype(np.uint8), "P")
+    palette.putpalette(colours.astype(np.uint8).ravel().tolist())
+    _save(masks / "a.png", palette)  # a palette image: its colours count, not its indices
+    assert np.array_equal(source.patch_labels(source.records()[0], VIT, (16, 16)), expected)
+    _save(masks / "a.png", Image.fromarray(mask, "RGB"))
 
     for text, error in [("name,red\nroad,1\n", "must name the columns name, r, g, b"),
                         ("name,r,g,b\nroad,1,2,x\n", "line 2: r, g, b must be integers"),
@@ -411,6 +420,7 @@ def test_colour_masks_named_by_colour(tmp_path):
     (masks / "labels.json").write_text(json.dumps({"0": "void", "#804080": "road"}))
     with pytest.raises(TraitscopeError, match="all ids or all colours, not both \\('0' and '#804080'\\)"):
         open_source(str(images), masks=str(masks))
+
     (masks / "labels.json").write_text(json.dumps({"0": "void", "1": "road"}))  # ids, but the mask is RGB
     source = open_source(str(images), masks=str(masks))
     with pytest.raises(ImageError, match="mask a.png is RGB: .* or name their colours"):

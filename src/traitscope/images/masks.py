@@ -54,6 +54,9 @@ def read_mask(fpath: Path, colours: bool = False) -> np.ndarray:
             except Exception:
                 pass
             if colours:
+                if image.mode in ID_MODES and image.mode != "P":
+                    raise ImageError(f"mask {fpath.name} is {image.mode}, one id per pixel, but the masks' names are "
+                                     "colours: name its ids instead (labels.json: {\"1\": \"fin\"})")
                 rgb = np.asarray(image.convert("RGB")).astype(np.int64)
                 return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
             if image.mode not in ID_MODES:
