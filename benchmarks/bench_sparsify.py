@@ -9,23 +9,25 @@ Data: real photos beside the project (../shared/data): `camvid_train/images` (36
 (`dinov2-vits14-saliency-offline`, layer -2, 256 patch tokens of 384 dims per image) with
 `traitscope shards`; 10% of the images are held out (traitscope's own split, seed 0).
 
-Both SAEs: TopK, 6144 latents (--d-sae), k = 32, batches of --batch-size tokens (default: `traitscope
+Both SAEs: 6144 latents (--d-sae), k = 32, batches of --batch-size tokens (default: `traitscope
 train`'s) from traitscope's shuffled loader (seed 0), so both see the same batches in the same order.
-- sparsify: `SparseCoder` with the recipe of sparsify's own `Trainer` at its defaults (signum: sign
+- sparsify: a TopK `SparseCoder` with the recipe of sparsify's own `Trainer` at its defaults (signum: sign
   SGD in a schedule-free wrapper, momentum 0.95, lr 5e-3 / sqrt(latents / 2^14), no schedule; decoder
   bias set to the first batch's mean; unit-norm decoder rows, the gradient along them removed; loss
   FVU; AuxK off (`auxk_alpha` 0); raw activations). Scored with the schedule-free averaged weights.
-- traitscope: `traitscope.train.train` with default `RunSettings` but d_sae and k, default
-  `TrainConfig` but the budget, batch size and a 10% hold-out.
+- traitscope: `traitscope.train.train` with default `RunSettings` (a Matryoshka SAE) but d_sae and k,
+  default `TrainConfig` but the budget, batch size and a 10% hold-out.
 
 Printed per data set: its size and how many directions its tokens use (the participation ratio of the
 covariance's eigenvalues, and the principal directions holding 90% of the variance).
 Printed per SAE: held-out NMSE (squared error over the held-out tokens' total sum of squares around
 their mean), L0, and the dead fraction: latents that fire on no training token (one pass over all
-of them with the final SAE). With --ablate, traitscope's settings are varied one at a time (learning
-rate, its schedule, AuxK window, weight and leak, decoder-bias start, Adam β2, the TopK family's other
-variants; "before": the defaults before issue 12)
-and sparsify's input scale, to find where a gap comes from. Shards and runs are cached under --work: a rerun only scores.
+of them with the final SAE). An SAE with a learned threshold (Matryoshka, BatchTopK) fires more than k
+latents on held-out tokens, so it is scored a second time with the threshold at which the held-out
+tokens fire k on average: sparsify's L0. With --ablate, traitscope's settings are varied one at a time
+(learning rate, its schedule, AuxK window, weight and leak, decoder-bias start, Adam β2, the TopK
+family's other variants; "before": the defaults before issue 12) and sparsify's input scale, to find
+where a gap comes from. Shards and runs are cached under --work: a rerun only scores.
 """
 
 import argparse
@@ -56,6 +58,7 @@ MODEL, LAYER, D_SAE, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 6
 # after 10M tokens without firing: off in these runs; and a plain ReLU on its coefficients).
 ABLATIONS = {
     "defaults": {},
+    "topk": {"variant": "topk"},  # the default until 3 December 2026
     "before": {"lr_scale": 0.1, "dead_tokens": 10_000_000, "auxk_alpha": 1 / 32, "auxk_leak": 0},
     "lr-div10": {"lr_scale": 0.1},
     "lr-div2": {"lr_scale": 0.5},
@@ -200,7 +203,19 @@ def run_traitscope(shards: Shards, split: TokenSplit, n_tokens: int, batch_size:
             return sae.decode(codes_bs), (codes_bs > 0).nonzero()[:, 1]
 
         scores[name] = score(encode_decode, split, train_nd, d_sae, seconds)
+        if hasattr(sae, "threshold") and sae.threshold.ndim == 0:  # BatchTopK's family: also at L0 k on held-out
+            sae.threshold.fill_(held_out_cut(sae, split))
+            scores[f"{name}, threshold for L0 {K} on held-out"] = score(encode_decode, split, train_nd, d_sae, seconds)
     return scores
+
+
+@torch.inference_mode()
+def held_out_cut(sae, split: TokenSplit) -> float:
+    """The threshold at which the held-out tokens fire K latents each on average: their K·N-th largest
+    pre-activation. The learned threshold keeps K on the training tokens, and held-out ones fire more
+    (docs/training.md), so this puts a BatchTopK SAE at sparsify's L0 on the images it is scored on."""
+    pre = torch.cat([sae.pre_acts(x_bd).reshape(-1) for x_bd in split.val_batches(4096, 10**9)])
+    return float(pre.topk(K * (len(pre) // sae.d_sae)).values[-1])
 
 
 def main() -> None:

@@ -363,8 +363,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_its_log_afresh(shards, 
 def test_killed_process_resumes_to_the_same_weights(shards, tmp_path):
     """A `traitscope train` process killed with SIGKILL after a checkpoint continues from it when the
     command is rerun, and ends with the weights of an uninterrupted run."""
-    argv = [sys.executable, "-m", "traitscope.cli", "train", "--shards", str(shards.dpath), "--k", "3",
-            "--d-sae", "64", "--tokens", "150k", "--batch-size", "256", "--checkpoint-every", "5k",
+    argv = [sys.executable, "-m", "traitscope.cli", "train", "--shards", str(shards.dpath), "--sae", "topk",
+            "--k", "3", "--d-sae", "64", "--tokens", "150k", "--batch-size", "256", "--checkpoint-every", "5k",
             "--out", str(tmp_path / "killed"), "--quiet", "--threads", "1"]
     proc = subprocess.Popen(argv, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -497,8 +497,8 @@ def test_run_identities_and_names_are_those_of_runs_made_before():
     and Matryoshka's default prefixes started at d_sae/16 (prefix_levels 5), in batches of 4096 (the
     default batch then; a run at another batch size is another run)."""
     cfg = TrainConfig(shards="x", tokens=1_000_000, batch_size=4096)
-    cases = {"topk-k32-768-abce9e9991": RunSettings(lr=2e-4 / math.sqrt(768 / 2 ** 14), dead_tokens=10_000_000,
-                                                    auxk_alpha=1 / 32, auxk_leak=0),
+    cases = {"topk-k32-768-abce9e9991": RunSettings(variant="topk", lr=2e-4 / math.sqrt(768 / 2 ** 14),
+                                                    dead_tokens=10_000_000, auxk_alpha=1 / 32, auxk_leak=0),
              "relu-l1_3-128-0a8d02d873": RunSettings(variant="relu", l1_coeff=3, d_sae=128, lr=2e-3,
                                                      dead_tokens=10_000_000),
              "matryoshka-k3-64-12b516a89b": RunSettings(variant="matryoshka", k=3, d_sae=64, prefixes=[8, 32, 64],

@@ -25,7 +25,7 @@ from traitscope.features.pareto import RunPoint, find_points, mark_frontier, plo
 from traitscope.images import open_source
 from traitscope.sae.metrics import Metrics
 from traitscope.shards.build import build_shards, use_geometry
-from traitscope.train.config import RunSettings, TrainConfig, variant_fields
+from traitscope.train.config import DEFAULT_VARIANT, RunSettings, TrainConfig, variant_fields
 from traitscope.train.trainer import train
 
 OFFLINE_MODEL = "dinov2-vits14-saliency-offline"
@@ -57,8 +57,8 @@ class DemoConfig:
     batch_size: int = 1024
     """Tokens per optimiser step (1024: ~390 steps at half the rate for batches of 4096, held-out NMSE of k = 16
     0.160 with 12% of latents dead; at 4096, 0.165 with 18%: docs/training.md)."""
-    variant: str = "matryoshka"
-    """SAE variant of the sweep, one run per k of --ks (Matryoshka: on the synthetic traits its k = 16 run
+    variant: str = DEFAULT_VARIANT
+    """SAE variant of the sweep, one run per k of --ks (`traitscope train`'s default, Matryoshka: on the synthetic traits its k = 16 run
     beats TopK's in both scorings, and in reconstruction; its k = 32 run finds more traits still:
     docs/alignment.md)."""
     ks: tuple[int, ...] = field(default=(8, 16, 32), type=comma_list(int))

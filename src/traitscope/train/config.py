@@ -116,6 +116,11 @@ REFERENCE_BATCH = 4096
 """Batch size the variants' default learning rates are for; other sizes scale it by the square root of
 the ratio (Adam's square-root rule: at 1024 tokens half the rate, measured in docs/training.md)."""
 
+DEFAULT_VARIANT = "matryoshka"
+"""What `traitscope train` trains unless told: it finds more known traits than TopK with both offline
+backbones (docs/alignment.md), and at the same held-out L0 it reconstructs better than sparsify's TopK
+(docs/training.md, "Matryoshka, the default")."""
+
 
 @dataclasses.dataclass(init=False)
 class RunSettings:
@@ -125,7 +130,7 @@ class RunSettings:
     `RunSettings(variant="topk", k=32, d_sae=16384)`.
     """
 
-    variant: str = field(default="topk", alias=["--sae"], type=comma_list(), action="append", metavar="VARIANT[,...]")
+    variant: str = field(default=DEFAULT_VARIANT, alias=["--sae"], type=comma_list(), action="append", metavar="VARIANT[,...]")
     """SAE variant (a name registered in traitscope.sae: relu, topk, batchtopk, matryoshka, ...)."""
     d_sae: int | None = field(default=None, type=comma_list(parse_count), metavar="N[,N...]")
     """Number of latents; or give expansion."""
@@ -155,7 +160,7 @@ class RunSettings:
     params: SAEParams | None = field(default=None, cmd=False)
     """The variant's own parameters (its Params; defaults where not given)."""
 
-    def __init__(self, variant: str = "topk", params: SAEParams | None = None, **values):
+    def __init__(self, variant: str = DEFAULT_VARIANT, params: SAEParams | None = None, **values):
         common = [f for f in dataclasses.fields(self) if f.name not in ("variant", "params")]
         for f in common:
             setattr(self, f.name, values.pop(f.name, f.default))
@@ -349,8 +354,8 @@ def plan_runs(base: TrainConfig, run_defaults: dict, grid: dict[str, list], entr
     run_fields = ({f.name for f in dataclasses.fields(RunSettings)} | set(variant_fields())) - {"params"}
     base = dataclasses.replace(base, **(shared_overrides or {}))
     if entries:
-        check_fits([e.get("variant", run_defaults.get("variant", "topk")) for e in entries], run_defaults)
-        runs = [dict(fitting(run_defaults, e.get("variant", run_defaults.get("variant", "topk"))),
+        check_fits([e.get("variant", run_defaults.get("variant", DEFAULT_VARIANT)) for e in entries], run_defaults)
+        runs = [dict(fitting(run_defaults, e.get("variant", run_defaults.get("variant", DEFAULT_VARIANT))),
                      **{k: v for k, v in e.items() if k in run_fields}) for e in entries]
         for key in sorted({k for e in entries for k in e if k not in run_fields}):
             values = [e.get(key, getattr(base, key)) for e in entries]
@@ -396,7 +401,7 @@ def fitting(values: dict, variant: str) -> dict:
 def expand_grid(run_defaults: dict, grid: dict[str, list]) -> list[dict]:
     """Cartesian product of the grid's lists; a variant's parameter (k, l1_coeff, prefixes, ...) applies to
     the variants that have it."""
-    variants_asked = grid.get("variant") or [run_defaults.get("variant", "topk")]
+    variants_asked = grid.get("variant") or [run_defaults.get("variant", DEFAULT_VARIANT)]
     check_fits(variants_asked, {k: v for k, v in grid.items() if v} | run_defaults)
     runs = []
     for variant in variants_asked:
