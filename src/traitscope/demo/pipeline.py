@@ -58,9 +58,9 @@ class DemoConfig:
     """Tokens per optimiser step (1024: ~390 steps at half the rate for batches of 4096, held-out NMSE of k = 16
     0.160 with 12% of latents dead; at 4096, 0.165 with 18%: docs/training.md)."""
     variant: str = DEFAULT_VARIANT
-    """SAE variant of the sweep, one run per k of --ks (`traitscope train`'s default, Matryoshka: on the synthetic traits its k = 16 run
-    beats TopK's in both scorings, and in reconstruction; its k = 32 run finds more traits still:
-    docs/alignment.md)."""
+    """SAE variant of the sweep, one run per k of --ks (`traitscope train`'s default, Matryoshka: on the
+    synthetic traits its k = 16 run beats TopK's in both scorings, and in reconstruction; its k = 32 run
+    finds more traits still: docs/alignment.md)."""
     ks: tuple[int, ...] = field(default=(8, 16, 32), type=comma_list(int))
     """Sparsities (k) of the sweep."""
     l1: float | None = None
