@@ -10,7 +10,7 @@ from simple_parsing.docstring import get_attribute_docstring
 from traitscope.cli import build_parser, main
 from traitscope.errors import TraitscopeError
 from traitscope.sae import variants
-from traitscope.train.cli import config_from_args
+from traitscope.train.cli import config_from_args, l0_hint
 from traitscope.train.config import RunSettings, TrainConfig, variant_fields
 
 
@@ -92,3 +92,13 @@ def test_train_config_refuses_an_impossible_setting_by_name(changes, needle):
     TrainConfig().validate()
     with pytest.raises(TraitscopeError, match=needle):
         TrainConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("variant, l0, noted", [("matryoshka", 34.1, True), ("batchtopk", 40.0, True),
+                                                 ("matryoshka", 33.0, False), ("topk", 40.0, False)])
+def test_a_learned_threshold_firing_more_than_k_on_held_out_images_gets_a_note(tmp_path, variant, l0, noted):
+    """Above 5% over k, a BatchTopK-family run's line is followed by why, and what keeps exactly k."""
+    (tmp_path / "config.json").write_text(json.dumps({"sae": {"variant": variant, "k": 32}}))
+    hint = l0_hint(tmp_path, {"l0": l0})
+    assert (f"L0 {l0:.1f} on held-out images for k = 32" in hint and "--sae topk keeps exactly 32" in hint) == noted
+    assert bool(hint) == noted

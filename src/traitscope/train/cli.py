@@ -37,7 +37,8 @@ from simple_parsing.docstring import get_attribute_docstring
 from traitscope.cli_config import add_config, comma_list, parse_count, show_default
 from traitscope.errors import TraitscopeError
 from traitscope.runs import RunFolder
-from traitscope.sae import variants
+from traitscope.sae import variant_class, variants
+from traitscope.sae.batchtopk import BatchTopKSAE
 from traitscope.train.config import RunSettings, TrainConfig, load_sweep, plan_runs, setting_names, variant_fields
 
 # Per-run settings whose comma lists on the command line make a grid (in help and messages by their flag).
@@ -136,9 +137,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r.dpath}  {r.status}: NMSE {m['nmse']:.4f}, L0 {m['l0']:.1f}, "
                   f"dead {m['dead_frac']:.1%} on held-out images ({m['dead_frac_train']:.1%} in training), "
                   f"dense {m['dense_frac']:.1%}")
-            hint = dead_latent_hint(r.dpath, m)
-            if hint:
-                print(hint)
+            for hint in (l0_hint(r.dpath, m), dead_latent_hint(r.dpath, m)):
+                if hint:
+                    print(hint)
         elif r.status == "stopped":
             print(f"{r.dpath}  stopped with a checkpoint; rerun the same command to continue")
         else:
@@ -166,3 +167,22 @@ def dead_latent_hint(dpath, metrics: dict) -> str:
     return (f"  note: {metrics['dead_frac_train']:.0%} of its latents stopped firing in training; half the learning "
             f"rate{rate} keeps more alive on some data, and at a small k the data may use fewer latents than the "
             f"SAE has (docs/training.md, \"Dead latents on low-dimensional data\")")
+
+
+L0_HINT_EXCESS = 0.05
+"""Share by which a learned-threshold SAE's held-out L0 may exceed k before `train` adds a note."""
+
+
+def l0_hint(dpath, metrics: dict) -> str:
+    """A line saying why an SAE with a learned threshold (BatchTopK, Matryoshka) fires more than k latents
+    on held-out images ('' when it does not): the threshold keeps k on the training tokens, and new
+    images fire more (docs/training.md, "Matryoshka, the default")."""
+    sae = RunFolder(dpath).read_config().get("sae", {})
+    k, variant = sae.get("k"), sae.get("variant")
+    if not isinstance(k, int) or variant not in variants() or not issubclass(variant_class(variant), BatchTopKSAE):
+        return ""
+    if metrics.get("l0", 0) <= k * (1 + L0_HINT_EXCESS):
+        return ""
+    return (f"  note: L0 {metrics['l0']:.1f} on held-out images for k = {k}: its learned threshold keeps {k} on the "
+            f"training tokens, and new images fire more; --sae topk keeps exactly {k} (docs/training.md, "
+            f"\"Matryoshka, the default\")")
