@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from traitscope.sae import load_sae
+from traitscope.sae.batchtopk import BatchTopKSAE
 from traitscope.shards import Shards
 from traitscope.train import RunSettings, TrainConfig, train
 from traitscope.train.config import parse_count
@@ -203,7 +204,7 @@ def run_traitscope(shards: Shards, split: TokenSplit, n_tokens: int, batch_size:
             return sae.decode(codes_bs), (codes_bs > 0).nonzero()[:, 1]
 
         scores[name] = score(encode_decode, split, train_nd, d_sae, seconds)
-        if hasattr(sae, "threshold") and sae.threshold.ndim == 0:  # BatchTopK's family: also at L0 k on held-out
+        if isinstance(sae, BatchTopKSAE):  # a learned threshold (Matryoshka too): also at L0 k on held-out
             sae.threshold.fill_(held_out_cut(sae, split))
             scores[f"{name}, threshold for L0 {K} on held-out"] = score(encode_decode, split, train_nd, d_sae, seconds)
     return scores
