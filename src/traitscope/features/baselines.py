@@ -22,15 +22,17 @@ Fitted baselines are saved as safetensors (pickle-free), once per shards, layer 
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from sklearn.cluster import MiniBatchKMeans
-from sklearn.decomposition import PCA
 from tqdm import tqdm
 
 from traitscope.files import atomic_save_safetensors
+
+if TYPE_CHECKING:
+    from sklearn.decomposition import PCA
 
 
 class Baseline:
@@ -168,9 +170,11 @@ KMEANS_BATCH = 4096
 """Tokens per mini-batch (at least the number of centroids)."""
 
 
-def fit_pca(x_nd: np.ndarray) -> PCA:
+def fit_pca(x_nd: np.ndarray) -> "PCA":
     """Every principal component, from the d_model x d_model covariance (n_tokens x d_model^2 work,
     not an SVD of the token matrix)."""
+    from sklearn.decomposition import PCA  # here: 2 s to import, which commands that only load baselines skip
+
     n, d_model = x_nd.shape
     solver = "covariance_eigh" if n >= d_model else "full"
     return PCA(n_components=min(d_model, n), svd_solver=solver).fit(x_nd)
@@ -181,6 +185,8 @@ def fit_kmeans(x_nd: np.ndarray, n_clusters: int, seed: int = 0, epochs: int = K
     """(n_clusters, d_model) centroids of scikit-learn's `MiniBatchKMeans`, fed one mini-batch at a
     time (`partial_fit`) behind a progress bar; started from n_clusters distinct tokens drawn at
     random (k-means++ seeding costs as much as several passes at thousands of centroids)."""
+    from sklearn.cluster import MiniBatchKMeans  # imported here, as in fit_pca
+
     n = len(x_nd)
     n_clusters = max(1, min(n_clusters, n))
     rng = np.random.default_rng(seed)

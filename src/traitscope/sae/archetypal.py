@@ -20,7 +20,6 @@ import dataclasses
 
 import numpy as np
 import torch
-from sklearn.cluster import MiniBatchKMeans
 from torch.nn.utils import parametrize
 
 from traitscope.errors import TraitscopeError
@@ -103,6 +102,8 @@ class ArchetypalSAE(TopKSAE):
     def init_from_data_(self, sample_nd: torch.Tensor) -> None:
         """C: k-means centroids of the sample (relative to b_dec); each atom starts near one centroid
         (taken in a random order, cycled when d_sae > n_anchors)."""
+        from sklearn.cluster import MiniBatchKMeans  # here: scikit-learn takes 2 s to import, and only this SAE needs it
+
         n_anchors = self.params.n_anchors
         if len(sample_nd) < n_anchors:
             raise TraitscopeError(f"archetypal SAE: n_anchors={n_anchors} needs as many start-up tokens, the "

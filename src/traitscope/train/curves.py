@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from traitscope.files import atomic_open
 
 
 def plot_curves(records: list[dict], fpath: Path, title: str = "") -> None:
     """Four panels against tokens from metrics.jsonl records (a bare Figure: no pyplot, no display)."""
+    from matplotlib.figure import Figure  # here: drawn once at the end of a run, and half a second to import
+
     fig = Figure(figsize=(10, 6.5))
     axes = fig.subplots(2, 2, sharex=True).ravel()
     tokens = [r["tokens"] for r in records]
