@@ -28,27 +28,23 @@ LAYER = 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def figures(request):
+def figures(summary):
     yield
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if reporter is None or capture is None or not FIGURES["runs"]:
-        return
-    with capture.global_and_fixture_disabled():  # printed on the terminal, passed or failed
-        print_figures(reporter)
+    if FIGURES["runs"]:
+        summary.extend(figure_lines())
 
 
-def print_figures(reporter) -> None:
-    reporter.write_line("")
-    reporter.write_line("reliability figures:")
+def figure_lines() -> list[str]:
+    lines = ["", "reliability figures:"]
     labels = {"hostile": ("hostile inputs", "skipped and listed"), "kills": ("random kills", "identical resumptions"),
               "damaged": ("damaged artefacts", "one-line errors naming the file"),
               "bad values": ("bad command-line values", "one-line errors, exit 2")}
     for key, (what, promise) in labels.items():
         n, ok = FIGURES[key]
         if n:
-            reporter.write_line(f"  {n} {what} -> {ok} {promise}")
-    reporter.write_line(f"  {FIGURES['tracebacks']} tracebacks in {FIGURES['runs']} commands")
+            lines.append(f"  {n} {what} -> {ok} {promise}")
+    lines.append(f"  {FIGURES['tracebacks']} tracebacks in {FIGURES['runs']} commands")
+    return lines
 
 
 def cli(*args, check_rc: int | None = None, timeout: float = 300, env: dict | None = None):

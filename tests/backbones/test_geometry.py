@@ -93,7 +93,7 @@ def test_a_resolution_the_patches_do_not_divide_is_one_error_line(long_photos, t
 
 
 @pytest.mark.skipif(not FISH.is_dir(), reason="shared fish photos not present")
-def test_the_whole_fish_is_seen(capsys):
+def test_the_whole_fish_is_seen(summary):
     """Share of each fish photo's pixels that reach the model: 100% under grid and letterbox."""
     source = FolderSource(FISH)
     sizes = [source.image_size(r) for r in source.records()]
@@ -101,10 +101,9 @@ def test_the_whole_fish_is_seen(capsys):
     aspect = median_aspect(source, source.records())
     grid = DINOV2_PREPROCESS.with_geometry("grid", 224, 14, aspect)
     letterbox = DINOV2_PREPROCESS.with_geometry("letterbox", 224, 14)
-    with capsys.disabled():
-        print(f"\nfish photos seen by the centre crop: {np.mean(centre):.1%} of pixels on average "
-              f"({min(centre):.1%} to {max(centre):.1%}); grid ({grid.input_hw[1]}x{grid.input_hw[0]} px, "
-              f"median aspect {aspect:.2f}) and letterbox: 100%")
+    summary.append(f"fish photos seen by the centre crop: {np.mean(centre):.1%} of pixels on average "
+                   f"({min(centre):.1%} to {max(centre):.1%}); grid ({grid.input_hw[1]}x{grid.input_hw[0]} px, "
+                   f"median aspect {aspect:.2f}) and letterbox: 100%")
     assert len(sizes) == 110 and max(centre) < 0.5
     assert all(grid.seen_fraction(w, h) == pytest.approx(1.0) == letterbox.seen_fraction(w, h) for w, h in sizes)
 
@@ -286,7 +285,7 @@ def _edge_trait_photos(dpath: Path, n_images: int) -> Path:
     return dpath.parent / "labels.csv"
 
 
-def test_a_trait_at_the_edge_is_found_by_the_default_and_missed_by_the_centre_crop(tmp_path, capsys):
+def test_a_trait_at_the_edge_is_found_by_the_default_and_missed_by_the_centre_crop(tmp_path, capsys, summary):
     """Alignment AP of the SAE's best feature for 'red object at the left end': the centre crop never shows
     that end, the default grid does."""
     from traitscope.features import open_inputs, run_inference
@@ -308,9 +307,8 @@ def test_a_trait_at_the_edge_is_found_by_the_default_and_missed_by_the_centre_cr
         rows = align(inputs, inf, [], select_tokens=5000, eval_tokens=5000)
         (score,) = [r for r in rows if r.label == "red_at_edge" and r.method == "sae" and r.scoring == "sparse"]
         ap[geometry] = (score.ap, score.base_rate)
-    with capsys.disabled():
-        print(f"\nred object at the edge, SAE alignment AP (base rate): grid {ap['grid'][0]:.3f} "
-              f"({ap['grid'][1]:.3f}), center-crop {ap['center-crop'][0]:.3f} ({ap['center-crop'][1]:.3f})")
+    summary.append(f"red object at the edge, SAE alignment AP (base rate): grid {ap['grid'][0]:.3f} "
+                   f"({ap['grid'][1]:.3f}), center-crop {ap['center-crop'][0]:.3f} ({ap['center-crop'][1]:.3f})")
     (grid_ap, base_rate), (crop_ap, _) = ap["grid"], ap["center-crop"]  # measured: 0.657, 0.154; 0.177
     assert grid_ap > max(0.5, 3 * base_rate) and crop_ap < base_rate + 0.15
 

@@ -200,7 +200,7 @@ def test_the_app_blind_test_shows_the_grids_of_the_cli(faces_run, tmp_path):
 
 
 @needs_celeba
-def test_the_documented_blind_test_starts(faces_run, tmp_path, capsys):
+def test_the_documented_blind_test_starts(faces_run, tmp_path, summary):
     """docs/faces.md's `blind` run on the fine-tuned EfficientNet-Lite0 embeddings has the N = 10 SAE
     features that fill a 16-face grid, so the blind test starts as the docs say (as the app plans it)."""
     from traitscope.app import blind
@@ -211,8 +211,7 @@ def test_the_documented_blind_test_starts(faces_run, tmp_path, capsys):
     inference = InferenceView(run.inference_dpath(dataset.hash))
     rows = sae_top_rows(dataset, run, inference, 16, tmp_path)
     full = np.flatnonzero(rows[:, 15] >= 0)
-    with capsys.disabled():
-        print(f"\nblind run: {len(full)} of {inference.d_sae} SAE features fill a 16-face grid")
+    summary.append(f"blind run: {len(full)} of {inference.d_sae} SAE features fill a 16-face grid")
     assert len(blind.plan_items(10, 0, np.arange(shards.d_model(run.layer)), full)) == 20
 
 
