@@ -354,9 +354,10 @@ def plan_runs(base: TrainConfig, run_defaults: dict, grid: dict[str, list], entr
     run_fields = ({f.name for f in dataclasses.fields(RunSettings)} | set(variant_fields())) - {"params"}
     base = dataclasses.replace(base, **(shared_overrides or {}))
     if entries:
-        check_fits([e.get("variant", run_defaults.get("variant", DEFAULT_VARIANT)) for e in entries], run_defaults)
-        runs = [dict(fitting(run_defaults, e.get("variant", run_defaults.get("variant", DEFAULT_VARIANT))),
-                     **{k: v for k, v in e.items() if k in run_fields}) for e in entries]
+        variants_asked = [e.get("variant", run_defaults.get("variant", DEFAULT_VARIANT)) for e in entries]
+        check_fits(variants_asked, run_defaults)
+        runs = [dict(fitting(run_defaults, variant), **{k: v for k, v in e.items() if k in run_fields})
+                for e, variant in zip(entries, variants_asked)]
         for key in sorted({k for e in entries for k in e if k not in run_fields}):
             values = [e.get(key, getattr(base, key)) for e in entries]
             if len(set(map(repr, values))) > 1:
