@@ -4,7 +4,7 @@ the same shard files, same run, same page-cache state.
 Random activations (800 images x 256 patches x d_model 384 in 8 shard files; float32, 315 MB, then
 float16, the default storage, read as float32 batches and as stored) are written with `write_arrays`
 to a temp dir and flushed to disk. The loader is timed in its steady state
-(block buffers allocated): an epoch of shuffled batches of 4096 rows (chunked reads, shuffle
+(block buffers allocated): an epoch of shuffled batches of `train`'s default size (2048 rows; chunked reads, shuffle
 buffer, validation rows dropped), read with prefetch off, so that all of its work falls inside its own
 window and none runs beside the other side's (a background reader refills its two-block lead
 whenever the caller is elsewhere: that made the old figures depend on how idle the second core was).
@@ -50,9 +50,10 @@ import numpy as np
 import torch
 
 from traitscope.shards.store import write_arrays
+from traitscope.train import TrainConfig
 from traitscope.train.loader import ShuffledLoader, TokenSplit, tensor_view
 
-D_MODEL, BATCH = 384, 4096
+D_MODEL, BATCH = 384, TrainConfig.batch_size  # the batches `train` takes by default
 N_IMAGES, GRID = 800, (16, 16)
 TARGET = 0.5
 

@@ -41,8 +41,8 @@ class Chunk(NamedTuple):
 
 
 READERS = min(4, os.cpu_count() or 1)
-"""Threads that copy a block's rows. One row at a time, a shuffled copy waits on memory; several side by
-side keep more rows in flight: 4.1 -> 7.0 M rows/s here with 2 (float32; docs/training.md)."""
+"""Threads that copy a block's chunks side by side (numpy's copies let go of the GIL): a shuffled copy
+waits on memory one row at a time, and several threads keep more rows in flight (docs/training.md)."""
 
 VAL_RUNS = 5
 """A contiguous split holds out this many runs of neighbouring images (fewer when there are fewer)."""
@@ -195,13 +195,16 @@ class Block(NamedTuple):
 class ShuffledLoader:
     """Endless shuffled batches (batch_size, d_model) of training tokens; see the module doc.
 
-    A background thread fills a block. Its rows are laid out in emission order: the block is cut into
-    batch-sized windows, a seeded interleaving of its chunks decides how many rows of each chunk every
-    window holds (counts[k, j], the chunk sizes drawn without replacement), and each chunk's training
-    rows, in a seeded random order, are copied out of its memory map (one range of one file, checked
-    for NaN/Inf the first time) into its run in window 0, then in window 1, ... So a
-    batch holds random rows of every chunk of its block, chunk after chunk (the order inside a batch
-    does not matter to a training step), and it is a slice of the block: no copy on the caller's side.
+    A background thread fills a block. Its rows are laid out in emission order: the block's W windows,
+    of at most a batch each, hold the same number of rows of every chunk (its training rows // W), chunk
+    after chunk; the rows left over make up the block's tail, in a random order. Each chunk's training
+    rows, in a seeded random order, are copied out of its memory map (one range of one file, checked for
+    NaN/Inf the first time) into a scratch buffer, then into its run of every window in one strided
+    copy; the rest go to the tail. So a batch holds random rows of every chunk of its block in
+    proportion to its size (the order inside a batch does not matter to a training step), and it is a
+    slice of the block: no copy on the caller's side. Three numpy calls per chunk, each of a few MB,
+    whatever the batch size: with one call per chunk and window (2,700 per block in the loader's bench)
+    the reader threads spent their time handing the GIL to each other.
 
     Batches share memory with their block: the block's buffer is reused once every batch cut from it
     is gone (`.clone()` rows you keep for long). A batch that crosses two blocks, a rank's `rows`,
@@ -248,6 +251,9 @@ class ShuffledLoader:
         self.n_readers = max(1, readers)
         self._readers = ThreadPoolExecutor(readers - 1, "traitscope-reader") if readers > 1 else None
         self._checked: set[Chunk] = set()  # chunks found free of NaN/Inf (the files do not change)
+        longest = max(c.stop - c.start for c in self.chunk_list)
+        self._scratches = [np.empty((longest, split.d_model), dtype=split.dtype) for _ in range(self.n_readers)]
+        """Each reader's memory for one chunk's rows, kept from block to block."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -261,31 +267,34 @@ class ShuffledLoader:
         """Block `block` of epoch `epoch`, in emission order."""
         chunks = self.block_chunks(epoch, block)
         rng = np.random.default_rng([self.seed, self.stream, 3, epoch, block])
-        keeps = [self._train_rows(chunk) for chunk in chunks]
-        sizes = np.array([len(keep) for keep in keeps], dtype=np.int64)
+        pickeds = [keep[rng.permutation(len(keep))] for keep in map(self._train_rows, chunks)]  # each chunk's rows, shuffled
+        sizes = np.array([len(picked) for picked in pickeds], dtype=np.int64)
         n_rows = int(sizes.sum())
-        counts_wc = np.zeros((max(1, -(-n_rows // self.batch_size)), len(chunks)), dtype=np.int64)
-        left = sizes.copy()
-        for k in range(len(counts_wc)):  # window k's rows of each chunk: drawn without replacement from what is left
-            counts_wc[k] = rng.multivariate_hypergeometric(left, min(self.batch_size, int(left.sum())))
-            left -= counts_wc[k]
-        starts_wc = (np.cumsum(counts_wc) - counts_wc.reshape(-1)).reshape(counts_wc.shape)
-        pickeds = [keep[rng.permutation(len(keep))] for keep in keeps]  # each chunk's training rows in a random order
+        n_windows = max(1, -(-n_rows // self.batch_size))
+        per_window = sizes // n_windows  # rows of each chunk in every window
+        firsts = (np.cumsum(per_window) - per_window).tolist()  # where each chunk's run starts in a window
+        n_left = (sizes - n_windows * per_window).tolist()  # each chunk's remainder: the block's tail
+        lefts_at = np.cumsum([0, *n_left]).tolist()
+        tail_order = rng.permutation(lefts_at[-1])
         rows = self._block_array()
+        n_dealt = n_windows * int(per_window.sum())
+        windows = rows[:n_dealt].reshape(n_windows, n_dealt // n_windows, self.split.d_model)
+        tail = np.empty((lefts_at[-1], self.split.d_model), dtype=rows.dtype)
 
-        def fill(share: range) -> None:  # each chunk's rows fill its run in window 0, then 1, ...
-            for j in share:
-                src, picked, at = self._read_chunk(chunks[j]), pickeds[j], 0
-                windows = np.flatnonzero(counts_wc[:, j])
-                for n, start in zip(counts_wc[windows, j].tolist(), starts_wc[windows, j].tolist()):
-                    src.take(picked[at:at + n], axis=0, out=rows[start:start + n], mode="clip")  # 'raise' buffers
-                    at += n
+        def fill(reader: int) -> None:  # three copies of a few MB per chunk: each numpy call lets go of the GIL
+            scratch = self._scratches[reader]
+            for j in range(reader, len(chunks), self.n_readers):
+                src, picked, n = self._read_chunk(chunks[j]), pickeds[j], int(per_window[j])
+                dealt = scratch[:n_windows * n]
+                src.take(picked[:len(dealt)], axis=0, out=dealt, mode="clip")  # 'raise' buffers
+                windows[:, firsts[j]:firsts[j] + n] = dealt.reshape(windows[:, :n].shape)
+                src.take(picked[len(dealt):], axis=0, out=tail[lefts_at[j]:lefts_at[j + 1]], mode="clip")
 
-        shares = [range(i, len(chunks), self.n_readers) for i in range(self.n_readers)]  # disjoint runs: any order
-        helped = [self._readers.submit(fill, share) for share in shares[1:]]
-        fill(shares[0])
+        helped = [self._readers.submit(fill, reader) for reader in range(1, self.n_readers)]
+        fill(0)
         for done in helped:
             done.result()
+        tail.take(tail_order, axis=0, out=rows[n_dealt:n_rows], mode="clip")
         return Block(rows, n_rows)
 
     def _train_rows(self, chunk: Chunk) -> np.ndarray:
