@@ -21,11 +21,11 @@ def tagged(tmp_path_factory):
 
 
 def test_a_batch_holds_random_patches_of_every_image_of_its_block(tagged):
-    """Chunks of 5 images, 20 chunks (100 images, 1 MB of float16) per block: each batch of 256 tokens
+    """Chunks of 5 images, 20 chunks (100 images, 2 MB of float32) per block: each batch of 256 tokens
     draws from all of its block's images about equally (as a uniform shuffle of the block would), and the
     patches it takes of one image are spread over the image, not a run of neighbours."""
     split = TokenSplit(tagged, LAYER, "patches", val_frac=0.1, seed=0)
-    with ShuffledLoader(split, 256, seed=0, chunk_rows=5 * N_PATCHES, buffer_mb=1) as loader:
+    with ShuffledLoader(split, 256, seed=0, chunk_rows=5 * N_PATCHES, buffer_mb=2) as loader:
         assert (loader.chunks_per_block, loader.blocks_per_epoch) == (20, 2)
         block_images = [{int(c.start + split.arrays[0].offsets[c.file]) // N_PATCHES + i for i in range(5)}
                         for c in loader.block_chunks(0, 0)]
