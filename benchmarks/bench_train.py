@@ -10,10 +10,10 @@ median over rounds, so a machine that other work makes busy for a while affects 
 printed too, and the whole `train()` loop (loader included) for TopK.
 
 Loader: random float32 activations written with `write_arrays` to a temp dir (page cache warmed by a
-first read); shuffled batches of 4096 from `ShuffledLoader` (steady state: chunked reads, shuffle
-buffer, validation rows dropped), an epoch at a time, against a sequential read of the same files
-into the same amount of memory (benchmarks/bench_loader.py, which prints this figure alone and says
-how it is measured). Target: shuffled >= 50% of sequential.
+first read); shuffled batches of `train`'s default size from `ShuffledLoader` (steady state: chunked
+reads, shuffle buffer, validation rows dropped), an epoch at a time, against a sequential read of the
+same files into the same amount of memory (benchmarks/bench_loader.py, which prints this figure alone
+and says how it is measured). Target: shuffled >= 50% of sequential.
 
 GPU (only where CUDA is available): can the loader keep a GPU busy? At d_model 768, d_sae 16384,
 k 32, batch 4096 on float16 shards (the default storage), the loader's tokens/s *into the GPU* (batches
