@@ -63,7 +63,7 @@ class TrainConfig:
     """Rows per contiguous read of the shuffled loader."""
     buffer_mb: int = 256
     """Size of the loader's shuffle buffer in MB (chunks from random places are mixed inside it; the
-    loader holds three: one in use, one ready, one being read)."""
+    loader holds up to four: one being read, one ready, one in use, one its last batch still refers to)."""
     device: str = "auto"
     """cpu, cuda, mps, or auto (cuda if available, else mps, else cpu); under torchrun, cuda means the GPU of
     the process's LOCAL_RANK."""
