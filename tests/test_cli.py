@@ -29,7 +29,6 @@ def test_the_command_list_imports_no_stage():
     assert proc.stderr.strip() == "False"
 
 
-
 @pytest.mark.parametrize("command", ["train", "inference", "shards", "pull"])
 def test_a_stage_that_fits_nothing_imports_neither_scikit_learn_nor_matplotlib(command):
     """They take 2.5 s to import together: a bad value to `train` is answered in 2 s instead of 5."""
@@ -37,6 +36,7 @@ def test_a_stage_that_fits_nothing_imports_neither_scikit_learn_nor_matplotlib(c
             "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules), file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr[-2000:]
+
 
 def test_metadata_installed_before_a_command_existed_is_one_error_line(monkeypatch, capsys):
     older = [ep for ep in entry_points(group=cli.COMMAND_GROUP) if ep.name != "match"]

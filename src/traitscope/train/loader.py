@@ -274,8 +274,7 @@ class ShuffledLoader:
         n_windows = max(1, -(-n_rows // self.batch_size))
         per_window = sizes // n_windows  # rows of each chunk in every window
         firsts = (np.cumsum(per_window) - per_window).tolist()  # where each chunk's run starts in a window
-        n_left = (sizes - n_windows * per_window).tolist()  # each chunk's remainder: the block's tail
-        lefts_at = np.cumsum([0, *n_left]).tolist()
+        lefts_at = np.cumsum([0, *(sizes - n_windows * per_window)]).tolist()  # each chunk's remainder in the tail
         tail_order = rng.permutation(lefts_at[-1])
         rows = self._block_array()
         n_dealt = n_windows * int(per_window.sum())
@@ -288,7 +287,7 @@ class ShuffledLoader:
                 src, picked, n = self._read_chunk(chunks[j]), pickeds[j], int(per_window[j])
                 dealt = scratch[:n_windows * n]
                 src.take(picked[:len(dealt)], axis=0, out=dealt, mode="clip")  # 'raise' buffers
-                _copy(windows[:, firsts[j]:firsts[j] + n], dealt.reshape(windows[:, :n].shape))
+                _copy(windows[:, firsts[j]:firsts[j] + n], dealt.reshape(n_windows, n, self.split.d_model))
                 src.take(picked[len(dealt):], axis=0, out=tail[lefts_at[j]:lefts_at[j + 1]], mode="clip")
 
         helped = [self._readers.submit(fill, reader) for reader in range(1, self.n_readers)]
