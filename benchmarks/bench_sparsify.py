@@ -2,15 +2,18 @@
 trained in this script on the same tokens, in the same order, scored on the same held-out images.
 
     pip install eai-sparsify==1.3.3        # the peer, from PyPI by name (not a traitscope dependency)
-    python benchmarks/bench_sparsify.py [--data camvid,fish] [--tokens 512k] [--ablate [NAMES]] [--batch-size 2048] [--d-sae 6144]
+    python benchmarks/bench_sparsify.py [--data camvid,fish,DIR] [--tokens 512k] [--ablate [NAMES]] [--batch-size 2048]
+                                        [--d-sae N] [--k 32] [--model M] [--layer -2] [--resolution PX]
 
 Data: real photos beside the project (../shared/data): `camvid_train/images` (367 street scenes) and
-`fishvista_demo` (110 museum fish photos), each run through the offline DINOv2 ViT-S/14
-(`dinov2-vits14-saliency-offline`, layer -2, 256 patch tokens of 384 dims per image) with
-`traitscope shards`; 10% of the images are held out (traitscope's own split, seed 0).
+`fishvista_demo` (110 museum fish photos), or any folder of images (--data DIR), each run through a
+backbone with `traitscope shards`: by default the offline DINOv2 ViT-S/14 (`dinov2-vits14-saliency-offline`,
+layer -2, 256 patch tokens of 384 dims per image; `--model efficientnet-lite0` is the offline CNN).
+10% of the images are held out (traitscope's own split, seed 0).
 
-Both SAEs: 6144 latents (--d-sae), k = 32, batches of --batch-size tokens (default: `traitscope
-train`'s) from traitscope's shuffled loader (seed 0), so both see the same batches in the same order.
+Both SAEs: --d-sae latents (default: `traitscope train`'s, 16 per dimension: 6144 for DINOv2-S), --k (32),
+batches of --batch-size tokens (default: `traitscope train`'s) from traitscope's shuffled loader (seed 0),
+so both see the same batches in the same order.
 - sparsify: a TopK `SparseCoder` with the recipe of sparsify's own `Trainer` at its defaults (signum: sign
   SGD in a schedule-free wrapper, momentum 0.95, lr 5e-3 / sqrt(latents / 2^14), no schedule; decoder
   bias set to the first batch's mean; unit-norm decoder rows, the gradient along them removed; loss
@@ -51,7 +54,7 @@ from traitscope.train.loader import ShuffledLoader, TokenSplit
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO.parent / "shared" / "data").resolve()
 SETS = {"camvid": DATA / "camvid_train" / "images", "fish": DATA / "fishvista_demo"}
-MODEL, LAYER, D_SAE, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 6144, 32, 0.1, 0  # D_SAE: --d-sae
+MODEL, LAYER, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 32, 0.1, 0  # defaults of the options
 
 # Settings that differ from traitscope's defaults (--ablate): one change each, or Matryoshka with changes of its own;
 # lr_scale multiplies the default learning rate.
@@ -102,11 +105,14 @@ class Score(NamedTuple):
     """Training time."""
 
 
-def make_shards(images_dpath: Path, work_dpath: Path) -> Shards:
-    """The offline DINOv2-S's layer -2 patch tokens of every image (content-addressed: made once)."""
+def make_shards(images_dpath: Path, work_dpath: Path, model: str, layer: int, resolution: int | None) -> Shards:
+    """The model's patch tokens of every image at one layer (content-addressed: made once)."""
+    size = ["--resolution", str(resolution)] if resolution else []
     out = subprocess.run([sys.executable, "-m", "traitscope.cli", "shards", "--images", str(images_dpath),
-                          "--model", MODEL, "--layers", str(LAYER), "--tokens", "patches",
-                          "--out", str(work_dpath / "shards")], check=True, stdout=subprocess.PIPE, text=True)
+                          "--model", model, "--layers", str(layer), "--tokens", "patches", *size,
+                          "--out", str(work_dpath / "shards")], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"traitscope shards failed on {images_dpath}:\n{out.stderr[-2000:]}")
     return Shards(out.stdout.strip().splitlines()[-1])
 
 
@@ -142,7 +148,7 @@ def score(encode_decode, split: TokenSplit, train_nd: torch.Tensor, d_sae: int, 
     return Score(sse / sst, n_active / n_tokens, float((~fired_s).float().mean()), seconds)
 
 
-def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor, d_sae: int,
+def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor, d_sae: int, k: int,
                  input_scale: float = 1.0) -> Score:
     """sparsify's SparseCoder trained with its Trainer's default recipe on traitscope's batches."""
     from schedulefree import ScheduleFreeWrapper
@@ -150,7 +156,7 @@ def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: to
     from sparsify.sign_sgd import SignSGD
 
     torch.manual_seed(SEED)
-    sae = SparseCoder(split.d_model, SparseCoderConfig(num_latents=d_sae, k=K), torch.device("cpu"), dtype=torch.float32)
+    sae = SparseCoder(split.d_model, SparseCoderConfig(num_latents=d_sae, k=k), torch.device("cpu"), dtype=torch.float32)
     opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (d_sae / 2**14) ** 0.5)]), momentum=0.95)
     opt.train()
     n_steps = -(-n_tokens // batch_size)
@@ -177,19 +183,19 @@ def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: to
 
 
 def run_traitscope(shards: Shards, split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor,
-                   work_dpath: Path, ablations: dict[str, dict], d_sae: int) -> dict[str, Score]:
+                   work_dpath: Path, ablations: dict[str, dict], d_sae: int, k: int) -> dict[str, Score]:
     """`traitscope train` (its Python entry point) with default settings but the ones in `ablations`,
     all SAEs in one pass over the data."""
-    cfg = TrainConfig(shards=str(shards.dpath), layer=LAYER, tokens=n_tokens, batch_size=batch_size, seed=SEED,
+    cfg = TrainConfig(shards=str(shards.dpath), layer=split.layer, tokens=n_tokens, batch_size=batch_size, seed=SEED,
                       val_frac=VAL_FRAC, out=str(work_dpath / "runs"), checkpoint_every=10**12)
-    default_lr = RunSettings(d_sae=d_sae, k=K).resolved(split.d_model, batch_size).lr
+    default_lr = RunSettings(d_sae=d_sae, k=k).resolved(split.d_model, batch_size).lr
     settings = []
     for change in ablations.values():
         change = dict(change)
         lr_scale = change.pop("lr_scale", None)
         if lr_scale is not None:
             change["lr"] = default_lr * lr_scale
-        settings.append(RunSettings(d_sae=d_sae, k=K, **change))
+        settings.append(RunSettings(d_sae=d_sae, k=k, **change))
     t0 = time.perf_counter()
     results = train(cfg, settings, echo=lambda *a, **k: print(*a, file=sys.stderr, **k))
     seconds = (time.perf_counter() - t0) / len(settings)
@@ -205,23 +211,24 @@ def run_traitscope(shards: Shards, split: TokenSplit, n_tokens: int, batch_size:
 
         scores[name] = score(encode_decode, split, train_nd, d_sae, seconds)
         if isinstance(sae, BatchTopKSAE):  # a learned threshold (Matryoshka too): also at L0 k on held-out
-            sae.threshold.fill_(held_out_cut(sae, split))
-            scores[f"{name}, threshold for L0 {K} on held-out"] = score(encode_decode, split, train_nd, d_sae, seconds)
+            sae.threshold.fill_(held_out_cut(sae, split, k))
+            scores[f"{name}, threshold for L0 {k} on held-out"] = score(encode_decode, split, train_nd, d_sae, seconds)
     return scores
 
 
 @torch.inference_mode()
-def held_out_cut(sae, split: TokenSplit) -> float:
-    """The threshold at which the held-out tokens fire K latents each on average: their K·N-th largest
-    pre-activation. The learned threshold keeps K on the training tokens, and held-out ones fire more
+def held_out_cut(sae, split: TokenSplit, k: int) -> float:
+    """The threshold at which the held-out tokens fire k latents each on average: their k·N-th largest
+    pre-activation. The learned threshold keeps k on the training tokens, and held-out ones fire more
     (docs/training.md), so this puts a BatchTopK SAE at sparsify's L0 on the images it is scored on."""
     pre = torch.cat([sae.pre_acts(x_bd).reshape(-1) for x_bd in split.val_batches(4096, 10**9)])
-    return float(pre.topk(K * (len(pre) // sae.d_sae)).values[-1])
+    return float(pre.topk(k * (len(pre) // sae.d_sae)).values[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="camvid,fish", help="comma-separated: camvid, fish")
+    parser.add_argument("--data", default="camvid,fish",
+                        help="comma-separated: camvid, fish (the sets beside the project) or folders of images")
     parser.add_argument("--tokens", default="512k", help="comma-separated token budgets (512k, 5M)")
     parser.add_argument("--batch-size", default=str(TrainConfig.batch_size),
                         help="tokens per step, both SAEs (comma-separated: several; default: traitscope train's)")
@@ -233,7 +240,15 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "traitscope-bench-sparsify"),
                         help="cache of shards and runs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--d-sae", type=int, default=D_SAE, help=f"latents of both SAEs (default {D_SAE})")
+    parser.add_argument("--d-sae", type=int, default=None,
+                        help="latents of both SAEs (default: traitscope train's, 16 per dimension)")
+    parser.add_argument("--k", type=int, default=K, help=f"active latents per token, both SAEs (default {K})")
+    parser.add_argument("--model", default=MODEL, help=f"backbone (default {MODEL}; efficientnet-lite0 is the "
+                                                       "offline CNN)")
+    parser.add_argument("--layer", type=int, default=LAYER, help=f"layer whose patch tokens are modelled "
+                                                                 f"(default {LAYER})")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="side of the model's input in pixels (default: the model's own)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,28 +266,30 @@ def main() -> None:
     ablations = {n: ABLATIONS[n] for n in names}
     lines = []
     for data in args.data.split(","):
-        if not SETS[data].is_dir():
-            raise SystemExit(f"{SETS[data]} is absent")
-        shards = make_shards(SETS[data], work_dpath)
-        split = TokenSplit(shards, LAYER, "patches", VAL_FRAC, SEED)
+        images_dpath = SETS.get(data, Path(data))
+        if not images_dpath.is_dir():
+            raise SystemExit(f"no folder of images at {images_dpath} (--data takes {', '.join(SETS)} or folders)")
+        shards = make_shards(images_dpath, work_dpath, args.model, args.layer, args.resolution)
+        split = TokenSplit(shards, args.layer, "patches", VAL_FRAC, SEED)
+        d_sae = args.d_sae or RunSettings(k=args.k).resolved(split.d_model).d_sae
         train_nd = training_tokens(split)
         ratio, dims_90 = spread(train_nd)
-        print(f"{data}: {shards.n_images} images, {split.n_train_tokens:,} training tokens, "
+        print(f"{data}: {shards.n_images} images, {split.n_train_tokens:,} training tokens of {split.d_model} dims, "
               f"{len(split.val_rows)} held-out images ({shards.dpath}); participation ratio {ratio:.1f}, "
               f"{dims_90} principal directions hold 90% of the variance", file=sys.stderr)
         for n_tokens in map(parse_count, args.tokens.split(",")):
             for batch_size in map(int, args.batch_size.split(",")):
-                rows = {} if args.no_sparsify else {"sparsify (defaults)": run_sparsify(split, n_tokens, batch_size,
-                                                                                        train_nd, args.d_sae)}
+                rows = {} if args.no_sparsify else {
+                    "sparsify (defaults)": run_sparsify(split, n_tokens, batch_size, train_nd, d_sae, args.k)}
                 if args.ablate == "all" and not args.no_sparsify:
                     scale = float(1 / train_nd.pow(2).sum(1).mean().sqrt())
                     rows["sparsify, inputs scaled to E|x|^2 = 1"] = run_sparsify(split, n_tokens, batch_size,
-                                                                                  train_nd, args.d_sae, scale)
+                                                                                  train_nd, d_sae, args.k, scale)
                 for name, s in run_traitscope(shards, split, n_tokens, batch_size, train_nd, work_dpath,
-                                              ablations, args.d_sae).items():
+                                              ablations, d_sae, args.k).items():
                     rows[f"traitscope ({name})"] = s
-                lines.append(f"\n{data}, {args.d_sae} latents, {n_tokens:,} tokens, batch {batch_size} "
-                             f"({-(-n_tokens // batch_size)} steps)")
+                lines.append(f"\n{data}, {args.model} layer {args.layer}, {d_sae} latents, k {args.k}, "
+                             f"{n_tokens:,} tokens, batch {batch_size} ({-(-n_tokens // batch_size)} steps)")
                 lines.append(f"{'SAE':48s} {'val NMSE':>9s} {'L0':>6s} {'dead':>7s} {'s/run':>6s}")
                 for name, s in rows.items():
                     lines.append(f"{name:48s} {s.nmse:9.4f} {s.l0:6.1f} {s.dead_frac:7.2%} {s.seconds:6.0f}")
