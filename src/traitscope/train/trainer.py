@@ -148,8 +148,8 @@ def _train(cfg: TrainConfig, settings: list[RunSettings], echo, locks: contextli
     say(f"{len(resolved)} SAE(s) on {shards.dpath} layer {split.layer} ({cfg.token_kind}, d_model {split.d_model}), "
         f"{n_steps * cfg.batch_size:,} tokens in {n_steps:,} steps of {cfg.batch_size}{how}; "
         f"{split.n_train_tokens:,} training tokens, {len(split.val_rows)} validation images")
-    lines = [(i, f"  {run.dpath}  ({run_state(run)}{f', rank {world.rank}' if sweep else ''})")
-             for i, run in zip(mine, runs)]
+    lines = [(i, f"  {run.dpath}  ({run_state(run)}{f', rank {world.rank}' if sweep else ''})  "
+                 f"lr {run.settings.lr:.2g}") for i, run in zip(mine, runs)]
     for _, line in sorted(sum(dist.all_gather(lines) if sweep else [lines], [])):  # in the order asked for
         say(line)
     if sweep and world.size > len(resolved):
