@@ -9,7 +9,8 @@ Data: real photos beside the project (../shared/data): `camvid_train/images` (36
 `fishvista_demo` (110 museum fish photos), or any folder of images (--data DIR), each run through a
 backbone with `traitscope shards`: by default the offline DINOv2 ViT-S/14 (`dinov2-vits14-saliency-offline`,
 layer -2, 256 patch tokens of 384 dims per image; `--model efficientnet-lite0` is the offline CNN).
-10% of the images are held out (traitscope's own split, seed 0).
+A shard folder (traitscope's, or saev's) given as --data DIR is used as it is. 10% of the images are
+held out (traitscope's own split, seed 0).
 
 Both SAEs: --d-sae latents (default: `traitscope train`'s, 16 per dimension: 6144 for DINOv2-S), --k (32),
 batches of --batch-size tokens (default: `traitscope train`'s) from traitscope's shuffled loader (seed 0),
@@ -44,6 +45,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+from traitscope.errors import TraitscopeError
 from traitscope.sae import load_sae
 from traitscope.sae.batchtopk import BatchTopKSAE
 from traitscope.shards import Shards
@@ -228,7 +230,8 @@ def held_out_cut(sae, split: TokenSplit, k: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="camvid,fish",
-                        help="comma-separated: camvid, fish (the sets beside the project) or folders of images")
+                        help="comma-separated: camvid, fish (the sets beside the project), folders of images, or "
+                             "shard folders (traitscope's or saev's; --model and --resolution then unused)")
     parser.add_argument("--tokens", default="512k", help="comma-separated token budgets (512k, 5M)")
     parser.add_argument("--batch-size", default=str(TrainConfig.batch_size),
                         help="tokens per step, both SAEs (comma-separated: several; default: traitscope train's)")
@@ -268,9 +271,14 @@ def main() -> None:
     for data in args.data.split(","):
         images_dpath = SETS.get(data, Path(data))
         if not images_dpath.is_dir():
-            raise SystemExit(f"no folder of images at {images_dpath} (--data takes {', '.join(SETS)} or folders)")
-        shards = make_shards(images_dpath, work_dpath, args.model, args.layer, args.resolution)
+            raise SystemExit(f"no folder at {images_dpath} (--data takes {', '.join(SETS)}, folders of images "
+                             "or shard folders)")
+        try:  # a shard folder (traitscope's, or another tool's that traitscope opens) is used as it is
+            shards = Shards(images_dpath)
+        except TraitscopeError:
+            shards = make_shards(images_dpath, work_dpath, args.model, args.layer, args.resolution)
         split = TokenSplit(shards, args.layer, "patches", VAL_FRAC, SEED)
+        model = shards.model.get("name", "?")
         d_sae = args.d_sae or RunSettings(k=args.k).resolved(split.d_model).d_sae
         train_nd = training_tokens(split)
         ratio, dims_90 = spread(train_nd)
@@ -288,7 +296,7 @@ def main() -> None:
                 for name, s in run_traitscope(shards, split, n_tokens, batch_size, train_nd, work_dpath,
                                               ablations, d_sae, args.k).items():
                     rows[f"traitscope ({name})"] = s
-                lines.append(f"\n{data}, {args.model} layer {args.layer}, {d_sae} latents, k {args.k}, "
+                lines.append(f"\n{data}, {model} layer {args.layer}, {d_sae} latents, k {args.k}, "
                              f"{n_tokens:,} tokens, batch {batch_size} ({-(-n_tokens // batch_size)} steps)")
                 lines.append(f"{'SAE':48s} {'val NMSE':>9s} {'L0':>6s} {'dead':>7s} {'s/run':>6s}")
                 for name, s in rows.items():
