@@ -25,13 +25,20 @@ the trained runs and the inference folders. Measured on 2 idle CPU cores: 13.2 m
 offline DINOv2-S, 6.5 with `--model efficientnet-lite0` (figures in docs/alignment.md).
 
 Another set of photos with per-pixel masks runs the same way with `--images DIR --masks DIR` (the
-held-out share is then contiguous runs of its sorted file names).
+held-out share is then contiguous runs of its sorted file names). A set with per-image labels runs
+with `--images DIR --labels SPEC` (`folders`, a CSV or a CelebA attribute list, as `traitscope shards`
+takes them), scored per image (a patch feature's image score is its largest over the image's patches);
+its held-out images are then a random draw (class folders sort one class after another, so contiguous
+runs would hold out whole classes), or contiguous runs with `--val-split contiguous`.
 
-    python benchmarks/study_camvid.py [--data DIR | --images DIR --masks DIR] [--out DIR] [--tokens N] [--d-sae N] [--k K] [--model M] [--layer L] [--resolution PX] [--variants V,...] [--seed S]
+    python benchmarks/study_camvid.py [--data DIR | --images DIR (--masks DIR | --labels SPEC)] [--out DIR] [--tokens N]
+                                      [--d-sae N] [--k K] [--model M] [--layer L] [--resolution PX] [--variants V,...]
+                                      [--seed S] [--val-split contiguous|random]
 """
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -59,6 +66,11 @@ def main() -> None:
     parser.add_argument("--images", type=Path, help="another set's photos (default: DATA/images)")
     parser.add_argument("--masks", type=Path, help="their masks, ids or colours with their names (default: DATA/masks; "
                                                    "docs/tutorial.md)")
+    parser.add_argument("--labels", help="per-image labels instead of masks: 'folders', a CSV or a CelebA attribute "
+                                         "list (docs/tutorial.md); scored per image")
+    parser.add_argument("--val-split", choices=("contiguous", "random"), default=None,
+                        help="how the 20%% held-out images are drawn (default: contiguous runs of the sorted names "
+                             "with masks, random with --labels)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/traitscope-camvid"), help="work folder (reused)")
     parser.add_argument("--tokens", default="1M", help="training tokens per SAE (default 1M, about 13 epochs)")
     parser.add_argument("--d-sae", default="3072", help="latents per SAE (default 3072, 8 per dimension)")
@@ -72,22 +84,32 @@ def main() -> None:
     parser.add_argument("--seed", default="0", help="seed of the SAEs' initialisation and data order (the held-out "
                                                     "frames stay the same)")
     args = parser.parse_args()
+    if args.labels and args.masks:
+        sys.exit("give --masks or --labels, not both")
     images = args.images = args.images or args.data / "images"
-    masks = args.masks = args.masks or args.data / "masks"
-    for what, dpath in (("photos", images), ("masks", masks)):
-        if not dpath.is_dir():
-            sys.exit(f"no folder of {what} at {dpath} (the CamVid set of ../shared/data, or give --images and --masks)")
+    if args.labels:
+        truth, args.level = ["--labels", args.labels], "image"
+        args.val_split = args.val_split or "random"
+        print(f"alignment benchmark: {images.resolve()} with the labels {args.labels}", flush=True)
+    else:
+        args.masks = args.masks or args.data / "masks"
+        truth, args.level = ["--masks", str(args.masks)], "patch"
+        args.val_split = args.val_split or "contiguous"
+        print(f"alignment benchmark: {images.resolve()} with the masks of {args.masks.resolve()}", flush=True)
+    for what, dpath in (("photos", images), ("masks", args.masks)):
+        if dpath is not None and not dpath.is_dir():
+            sys.exit(f"no folder of {what} at {dpath} (the CamVid set of ../shared/data, or give --images and --masks "
+                     "or --labels)")
     t0 = time.perf_counter()
 
-    print(f"alignment benchmark: {images.resolve()} with the masks of {masks.resolve()}", flush=True)
-    shards = Path(cli("shards", "--images", str(images), "--masks", str(masks),
+    shards = Path(cli("shards", "--images", str(images), *truth,
                       "--model", args.model, "--layers", args.layer, "--tokens", "patches",
                       "--resolution", args.resolution,
                       "--out", str(args.out / "shards")).strip().splitlines()[-1])
     runs_dpath = args.out / (f"runs-{shards.name}-{args.tokens}-{args.d_sae}-k{args.k}"
                              + (f"-seed{args.seed}" if args.seed != "0" else ""))  # one run per variant
     out = cli("train", "--shards", str(shards), "--sae", args.variants, "--d-sae", args.d_sae, "--k", args.k,
-              "--tokens", args.tokens, "--val-frac", "0.2", "--val-split", "contiguous", "--seed", args.seed,
+              "--tokens", args.tokens, "--val-frac", "0.2", "--val-split", args.val_split, "--seed", args.seed,
               "--out", str(runs_dpath), "--quiet")
     # the runs of this command (the folder may also hold runs made with other defaults before)
     made = [Path(line.split("  ")[0]) for line in out.splitlines() if " trained: " in line]  # "PATH  trained: …"
@@ -102,16 +124,21 @@ def main() -> None:
 def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
     """The per-class table (baselines from the first run: every run's are fitted on the same tokens),
     the summary per method and scoring, and the like-for-like verdicts."""
+    runs = {v: [r for r in rows if r.level == args.level] for v, rows in runs.items()}
     first = next(iter(runs.values()))
-    print(f"\nPatch labels of {args.masks}, held-out AP of each class's best single feature; {args.model} layer "
+    truth = f"Patch labels of {args.masks}" if args.level == "patch" else f"Image labels {args.labels}"
+    held = "in 5 contiguous runs" if args.val_split == "contiguous" else "at random"
+    print(f"\n{truth}, held-out AP of each class's best single feature; {args.model} layer "
           f"{args.layer} at {args.resolution} px, {args.tokens} tokens, {args.d_sae} latents, "
-          f"k={args.k}, seed {args.seed}; 20% of the images held out in 5 contiguous runs; {seconds / 60:.1f} minutes in all\n")
+          f"k={args.k}, seed {args.seed}; 20% of the images held out {held}; {seconds / 60:.1f} minutes in all\n")
     cols = [(f"{v} {title.split()[1]}", v, "sae", s) for v in runs for s, cols in COLUMNS.items()
             for m, title in cols if m == "sae"]
     cols += [(title, None, m, s) for s, cols in COLUMNS.items() for m, title in cols if m != "sae"]
     print("| class | base rate | " + " | ".join(c[0] for c in cols) + " |")
     print("| --- | ---: |" + " ---: |" * len(cols))
-    for label in dict.fromkeys(r.label for r in first):
+    unscored = [label for label in dict.fromkeys(r.label for r in first)
+                if all(math.isnan(r.ap) for r in first if r.label == label)]
+    for label in dict.fromkeys(r.label for r in first if r.label not in unscored):
         cells = []
         for _, variant, method, scoring in cols:
             rows = runs[variant] if variant else first
@@ -121,6 +148,8 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
         any_row = next(r for r in first if r.label == label)
         print(f"| {label}{' (dominant)' if any_row.dominant else ''} | {any_row.base_rate:.3f} | "
               + " | ".join(cells) + " |")
+    if unscored:
+        print(f"\n(no held-out positives, so no AP: {', '.join(unscored)})")
     print("\nmean AP / coverage (classes with AP >= 0.5), dense scores | sparse scores | sets of sparse features:")
     out = {}
     for variant, rows in runs.items():
@@ -130,13 +159,14 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
                 continue
             name = f"{variant} sae" if s.method == "sae" else s.method
             out[f"{name}/{s.scoring}"] = [s.mean_ap, s.coverage]
-        for line in headline(summaries, "patch", tuple(COLUMNS)):
+        for line in headline(summaries, args.level, tuple(COLUMNS)):
             print(f"  {variant}: {line}")
     for name in dict.fromkeys(k.split("/")[0] for k in out):
         both = [out.get(f"{name}/{s}") for s in COLUMNS]
         print(f"  {name:16s} " + " | ".join(f"{v[0]:.3f} / {v[1]:.0%}" if v else "-" for v in both))
-    print(json.dumps({"bench": "camvid", "masks": str(args.masks), "model": args.model, "layer": args.layer, "resolution": args.resolution,
-                      "tokens": args.tokens, "d_sae": args.d_sae, "k": args.k, "seed": args.seed,
+    print(json.dumps({"bench": "camvid", "masks": args.masks and str(args.masks), "labels": args.labels,
+                      "val_split": args.val_split, "model": args.model, "layer": args.layer,
+                      "resolution": args.resolution, "tokens": args.tokens, "d_sae": args.d_sae, "k": args.k, "seed": args.seed,
                       "minutes": round(seconds / 60, 1),
                       "mean_ap_coverage": {k: [round(x, 3) for x in v] for k, v in out.items()}}))
 
