@@ -166,8 +166,8 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
         print(f"  {name:16s} " + " | ".join(f"{v[0]:.3f} / {v[1]:.0%}" if v else "-" for v in both))
     print(json.dumps({"bench": "camvid", "masks": args.masks and str(args.masks), "labels": args.labels,
                       "val_split": args.val_split, "model": args.model, "layer": args.layer,
-                      "resolution": args.resolution, "tokens": args.tokens, "d_sae": args.d_sae, "k": args.k, "seed": args.seed,
-                      "minutes": round(seconds / 60, 1),
+                      "resolution": args.resolution, "tokens": args.tokens, "d_sae": args.d_sae, "k": args.k,
+                      "seed": args.seed, "minutes": round(seconds / 60, 1),
                       "mean_ap_coverage": {k: [round(x, 3) for x in v] for k, v in out.items()}}))
 
 

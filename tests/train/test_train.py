@@ -158,6 +158,7 @@ def test_cli_trains_a_grid_in_one_pass_and_prints_each_run_folder(shards, tmp_pa
         for name in ("config.json", "sae.safetensors", "metrics.jsonl", "metrics.json", "curves.png"):
             assert (dpath / name).is_file(), name
         config = read_json(dpath / "config.json")
+        assert f"{dpath}  (new)  lr {config['train']['lr']:.2g}" in printed  # the rate each run trains at
         assert config["sae"]["variant"] == "topk" and config["sae"]["d_model"] == 32
         assert {"hash", "path", "layer", "token_kind", "model", "weights_sha256"} <= set(config["shards"])
         assert config["shards"]["hash"] == shards.hash and config["shards"]["layer"] == LAYER
