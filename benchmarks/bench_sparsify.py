@@ -1,9 +1,10 @@
-"""Dictionary quality per token: `traitscope train` with its own defaults against EleutherAI's sparsify,
-trained in this script on the same tokens, in the same order, scored on the same held-out images.
+"""Dictionary quality per token: `traitscope train` with its own defaults against EleutherAI's sparsify and
+overcomplete, trained in this script on the same tokens, in the same order, scored on the same held-out images.
 
-    pip install eai-sparsify==1.3.3        # the peer, from PyPI by name (not a traitscope dependency)
+    pip install eai-sparsify==1.3.3 overcomplete==0.3.0   # the peers, from PyPI by name (not traitscope dependencies)
     python benchmarks/bench_sparsify.py [--data camvid,fish,DIR] [--tokens 512k] [--ablate [NAMES]] [--batch-size 2048]
                                         [--d-sae N] [--k 32] [--model M] [--layer -2] [--resolution PX]
+                                        [--peers sparsify,overcomplete]
 
 Data: real photos beside the project (../shared/data): `camvid_train/images` (367 street scenes) and
 `fishvista_demo` (110 museum fish photos), or any folder of images (--data DIR), each run through a
@@ -12,13 +13,16 @@ layer -2, 256 patch tokens of 384 dims per image; `--model efficientnet-lite0` i
 A shard folder (traitscope's, or saev's) given as --data DIR is used as it is. 10% of the images are
 held out (traitscope's own split, seed 0).
 
-Both SAEs: --d-sae latents (default: `traitscope train`'s, 16 per dimension: 6144 for DINOv2-S), --k (32),
+Every SAE: --d-sae latents (default: `traitscope train`'s, 16 per dimension: 6144 for DINOv2-S), --k (32),
 batches of --batch-size tokens (default: `traitscope train`'s) from traitscope's shuffled loader (seed 0),
-so both see the same batches in the same order.
+so all see the same batches in the same order.
 - sparsify: a TopK `SparseCoder` with the recipe of sparsify's own `Trainer` at its defaults (signum: sign
   SGD in a schedule-free wrapper, momentum 0.95, lr 5e-3 / sqrt(latents / 2^14), no schedule; decoder
   bias set to the first batch's mean; unit-norm decoder rows, the gradient along them removed; loss
   FVU; AuxK off (`auxk_alpha` 0); raw activations). Scored with the schedule-free averaged weights.
+- overcomplete (Fel et al.'s vision SAE library): its `TopKSAE` trained by its own `train_sae`, with the
+  recipe of its README (Adam at 5e-4, mean squared error, gradients clipped at norm 1, no schedule; its
+  default linear encoder and unit-norm dictionary, no decoder bias; raw activations).
 - traitscope: `traitscope.train.train` with default `RunSettings` (a Matryoshka SAE) but d_sae and k,
   default `TrainConfig` but the budget, batch size and a 10% hold-out.
 
@@ -35,6 +39,7 @@ where a gap comes from. Shards and runs are cached under --work: a rerun only sc
 """
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -56,6 +61,7 @@ from traitscope.train.loader import ShuffledLoader, TokenSplit
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO.parent / "shared" / "data").resolve()
 SETS = {"camvid": DATA / "camvid_train" / "images", "fish": DATA / "fishvista_demo"}
+PEERS = {"sparsify": "eai-sparsify==1.3.3", "overcomplete": "overcomplete==0.3.0"}  # module: pip requirement
 MODEL, LAYER, K, VAL_FRAC, SEED = "dinov2-vits14-saliency-offline", -2, 32, 0.1, 0  # defaults of the options
 
 # Settings that differ from traitscope's defaults (--ablate): one change each, or Matryoshka with changes of its own;
@@ -184,6 +190,34 @@ def run_sparsify(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: to
     return score(encode_decode, split, train_nd, d_sae, seconds)
 
 
+def run_overcomplete(split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor, d_sae: int,
+                     k: int) -> Score:
+    """overcomplete's TopKSAE trained by its own `train_sae` with the recipe of its README (Adam at 5e-4,
+    mean squared error, gradients clipped at norm 1, no schedule) on traitscope's batches."""
+    import matplotlib
+    import matplotlib.cm
+    if not hasattr(matplotlib.cm, "get_cmap"):  # overcomplete 0.3.0 calls it on import; matplotlib 3.9 removed it
+        matplotlib.cm.get_cmap = matplotlib.colormaps.get_cmap
+    from overcomplete.sae import TopKSAE, train_sae
+
+    torch.manual_seed(SEED)
+    sae = TopKSAE(split.d_model, nb_concepts=d_sae, top_k=k)
+    opt = torch.optim.Adam(sae.parameters(), lr=5e-4)
+    n_steps = -(-n_tokens // batch_size)
+    t0 = time.perf_counter()
+    with ShuffledLoader(split, batch_size, SEED) as loader:
+        batches = (next(loader) for _ in tqdm(range(n_steps), desc="overcomplete", unit="step", mininterval=5))
+        train_sae(sae, batches, lambda x, x_hat, *_: (x - x_hat).square().mean(), opt, nb_epochs=1, monitoring=0)
+    seconds = time.perf_counter() - t0
+    sae.eval()
+
+    def encode_decode(x_bd):
+        codes_bs = sae.encode(x_bd)[1]
+        return sae.decode(codes_bs), (codes_bs > 0).nonzero()[:, 1]
+
+    return score(encode_decode, split, train_nd, d_sae, seconds)
+
+
 def run_traitscope(shards: Shards, split: TokenSplit, n_tokens: int, batch_size: int, train_nd: torch.Tensor,
                    work_dpath: Path, ablations: dict[str, dict], d_sae: int, k: int) -> dict[str, Score]:
     """`traitscope train` (its Python entry point) with default settings but the ones in `ablations`,
@@ -238,8 +272,11 @@ def main() -> None:
     parser.add_argument("--ablate", nargs="?", const="all", default="",
                         help=f"also vary traitscope's settings one at a time: 'all' or some of {', '.join(ABLATIONS)} "
                              "(comma-separated); 'all' also scales sparsify's inputs")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"the peers trained beside traitscope (comma-separated, default: {','.join(PEERS)})")
     parser.add_argument("--no-sparsify", action="store_true",
-                        help="train traitscope's SAEs only (to explore ablations; every comparison needs sparsify's row)")
+                        help="train traitscope's SAEs only, no peer (to explore ablations; every comparison needs "
+                             "the peers' rows)")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "traitscope-bench-sparsify"),
                         help="cache of shards and runs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -257,10 +294,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not torch.cuda.is_available():
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder needs a GPU
-    try:
-        import sparsify  # noqa: F401
-    except ImportError:
-        raise SystemExit("this benchmark runs EleutherAI's sparsify: pip install eai-sparsify==1.3.3") from None
+    peers = [] if args.no_sparsify else list(filter(None, args.peers.split(",")))
+    for peer in peers:
+        if peer not in PEERS:
+            raise SystemExit(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
+        if importlib.util.find_spec(peer) is None:
+            raise SystemExit(f"this benchmark runs {peer}: pip install {PEERS[peer]} (or --peers without it)")
     work_dpath = Path(args.work)
     names = list(ABLATIONS) if args.ablate == "all" else ["defaults", *filter(None, args.ablate.split(","))]
     unknown = [n for n in names if n not in ABLATIONS]
@@ -287,9 +326,13 @@ def main() -> None:
               f"{dims_90} principal directions hold 90% of the variance", file=sys.stderr)
         for n_tokens in map(parse_count, args.tokens.split(",")):
             for batch_size in map(int, args.batch_size.split(",")):
-                rows = {} if args.no_sparsify else {
-                    "sparsify (defaults)": run_sparsify(split, n_tokens, batch_size, train_nd, d_sae, args.k)}
-                if args.ablate == "all" and not args.no_sparsify:
+                rows = {}
+                if "sparsify" in peers:
+                    rows["sparsify (defaults)"] = run_sparsify(split, n_tokens, batch_size, train_nd, d_sae, args.k)
+                if "overcomplete" in peers:
+                    rows["overcomplete (its README's recipe)"] = run_overcomplete(split, n_tokens, batch_size,
+                                                                                 train_nd, d_sae, args.k)
+                if args.ablate == "all" and "sparsify" in peers:
                     scale = float(1 / train_nd.pow(2).sum(1).mean().sqrt())
                     rows["sparsify, inputs scaled to E|x|^2 = 1"] = run_sparsify(split, n_tokens, batch_size,
                                                                                   train_nd, d_sae, args.k, scale)
