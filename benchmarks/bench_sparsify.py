@@ -341,9 +341,10 @@ def main() -> None:
                     rows[f"traitscope ({name})"] = s
                 lines.append(f"\n{data}, {model} layer {args.layer}, {d_sae} latents, k {args.k}, "
                              f"{n_tokens:,} tokens, batch {batch_size} ({-(-n_tokens // batch_size)} steps)")
-                lines.append(f"{'SAE':48s} {'val NMSE':>9s} {'L0':>6s} {'dead':>7s} {'s/run':>6s}")
+                width = max(map(len, rows))
+                lines.append(f"{'SAE':{width}s} {'val NMSE':>9s} {'L0':>6s} {'dead':>7s} {'s/run':>6s}")
                 for name, s in rows.items():
-                    lines.append(f"{name:48s} {s.nmse:9.4f} {s.l0:6.1f} {s.dead_frac:7.2%} {s.seconds:6.0f}")
+                    lines.append(f"{name:{width}s} {s.nmse:9.4f} {s.l0:6.1f} {s.dead_frac:7.2%} {s.seconds:6.0f}")
                 print("\n".join(lines[-len(rows) - 2:]), flush=True)
     print("\n".join(["", "summary:", *lines]))
 
