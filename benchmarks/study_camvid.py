@@ -7,8 +7,8 @@ of three drives, per-pixel masks of 11 classes):
    patch labelled with the classes its pixels show. The frames are 480 x 360 px, which 448 keeps at about
    their own size; at the models' own 224 they shrink to 256 x 192, and a CNN's last stage has 48 tokens
    per frame, too few for small classes (and for k-means' 3072 centroids: docs/alignment.md);
-2. `traitscope train --val-split contiguous --val-frac 0.2` — TopK and Matryoshka SAEs in one pass
-   (`--variants` names others, e.g. archetypal).
+2. `traitscope train --val-split contiguous --val-frac 0.2` — TopK and Matryoshka SAEs in one pass, at
+   train's default width (`--variants` names others, e.g. archetypal; `--d-sae` another width).
    Neighbouring frames are near-duplicates, so the held-out 20% are 5 runs of neighbouring frames
    spread over the drives, not a random draw (which would score features on twins of the frames they
    were chosen on);
@@ -21,8 +21,8 @@ of three drives, per-pixel masks of 11 classes):
 Prints the per-class table, mean AP / coverage (share of classes with held-out AP >= 0.5) per method
 and scoring, and whether each SAE beats each baseline scored the same way; then the same for the
 secondary view, each class's best set of up to 3 sparse features. Reruns reuse the shards,
-the trained runs and the inference folders. Measured on 2 idle CPU cores: 13.2 minutes with the
-offline DINOv2-S, 6.5 with `--model efficientnet-lite0` (figures in docs/alignment.md).
+the trained runs and the inference folders. Measured on 2 idle CPU cores: 8.1 minutes with the
+offline DINOv2-S, about 4 with `--model efficientnet-lite0` (figures in docs/alignment.md).
 
 Another set of photos with per-pixel masks runs the same way with `--images DIR --masks DIR` (the
 held-out share is then contiguous runs of its sorted file names). A set with per-image labels runs
@@ -73,7 +73,7 @@ def main() -> None:
                              "with masks, random with --labels)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/traitscope-camvid"), help="work folder (reused)")
     parser.add_argument("--tokens", default="1M", help="training tokens per SAE (default 1M, about 13 epochs)")
-    parser.add_argument("--d-sae", default="3072", help="latents per SAE (default 3072, 8 per dimension)")
+    parser.add_argument("--d-sae", help="latents per SAE (default: train's, 16 per dimension)")
     parser.add_argument("--k", default="32", help="active latents per token (default 32)")
     parser.add_argument("--model", default="dinov2-vits14-saliency-offline",
                         help="backbone (default: the offline DINOv2-S; efficientnet-lite0 is the offline CNN)")
@@ -106,9 +106,10 @@ def main() -> None:
                       "--model", args.model, "--layers", args.layer, "--tokens", "patches",
                       "--resolution", args.resolution,
                       "--out", str(args.out / "shards")).strip().splitlines()[-1])
-    runs_dpath = args.out / (f"runs-{shards.name}-{args.tokens}-{args.d_sae}-k{args.k}"
+    runs_dpath = args.out / (f"runs-{shards.name}-{args.tokens}-{args.d_sae or 'x16'}-k{args.k}"
                              + (f"-seed{args.seed}" if args.seed != "0" else ""))  # one run per variant
-    out = cli("train", "--shards", str(shards), "--sae", args.variants, "--d-sae", args.d_sae, "--k", args.k,
+    width = ["--d-sae", args.d_sae] if args.d_sae else []
+    out = cli("train", "--shards", str(shards), "--sae", args.variants, *width, "--k", args.k,
               "--tokens", args.tokens, "--val-frac", "0.2", "--val-split", args.val_split, "--seed", args.seed,
               "--out", str(runs_dpath), "--quiet")
     # the runs of this command (the folder may also hold runs made with other defaults before)
@@ -116,7 +117,8 @@ def main() -> None:
     runs = {}
     for run in made:
         cli("align", "--run", str(run), "--shards", str(shards), "--quiet")
-        variant = json.loads((run / "config.json").read_text())["sae"]["variant"]
+        config = json.loads((run / "config.json").read_text())["sae"]
+        variant, args.d_sae = config["variant"], str(config["d_sae"])
         runs[variant] = read_alignment(run / "inference" / shards.name / "alignment.csv")
     report(runs, args, time.perf_counter() - t0)
 
