@@ -6,7 +6,7 @@ of three drives, per-pixel masks of 11 classes):
 1. `traitscope shards --masks --resolution 448` — patch tokens of the offline DINOv2-S (layer -2), each
    patch labelled with the classes its pixels show. The frames are 480 x 360 px, which 448 keeps at about
    their own size; at the models' own 224 they shrink to 256 x 192, and a CNN's last stage has 48 tokens
-   per frame, too few for small classes (and for k-means' 3072 centroids: docs/alignment.md);
+   per frame, too few for small classes (and for k-means' thousands of centroids: docs/alignment.md);
 2. `traitscope train --val-split contiguous --val-frac 0.2` — TopK and Matryoshka SAEs in one pass, at
    train's default width (`--variants` names others, e.g. archetypal; `--d-sae` another width).
    Neighbouring frames are near-duplicates, so the held-out 20% are 5 runs of neighbouring frames
