@@ -117,13 +117,12 @@ def main() -> None:
     runs = {}
     for run in made:
         cli("align", "--run", str(run), "--shards", str(shards), "--quiet")
-        config = json.loads((run / "config.json").read_text())["sae"]
-        variant, args.d_sae = config["variant"], str(config["d_sae"])
-        runs[variant] = read_alignment(run / "inference" / shards.name / "alignment.csv")
-    report(runs, args, time.perf_counter() - t0)
+        sae = json.loads((run / "config.json").read_text())["sae"]
+        runs[sae["variant"]] = read_alignment(run / "inference" / shards.name / "alignment.csv")
+    report(runs, args, sae["d_sae"], time.perf_counter() - t0)
 
 
-def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
+def report(runs: dict, args: argparse.Namespace, d_sae: int, seconds: float) -> None:
     """The per-class table (baselines from the first run: every run's are fitted on the same tokens),
     the summary per method and scoring, and the like-for-like verdicts."""
     runs = {v: [r for r in rows if r.level == args.level] for v, rows in runs.items()}
@@ -131,7 +130,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
     truth = f"Patch labels of {args.masks}" if args.level == "patch" else f"Image labels {args.labels}"
     held = "in 5 contiguous runs" if args.val_split == "contiguous" else "at random"
     print(f"\n{truth}, held-out AP of each class's best single feature; {args.model} layer "
-          f"{args.layer} at {args.resolution} px, {args.tokens} tokens, {args.d_sae} latents, "
+          f"{args.layer} at {args.resolution} px, {args.tokens} tokens, {d_sae} latents, "
           f"k={args.k}, seed {args.seed}; 20% of the images held out {held}; {seconds / 60:.1f} minutes in all\n")
     cols = [(f"{v} {title.split()[1]}", v, "sae", s) for v in runs for s, cols in COLUMNS.items()
             for m, title in cols if m == "sae"]
@@ -168,7 +167,7 @@ def report(runs: dict, args: argparse.Namespace, seconds: float) -> None:
         print(f"  {name:16s} " + " | ".join(f"{v[0]:.3f} / {v[1]:.0%}" if v else "-" for v in both))
     print(json.dumps({"bench": "camvid", "masks": args.masks and str(args.masks), "labels": args.labels,
                       "val_split": args.val_split, "model": args.model, "layer": args.layer,
-                      "resolution": args.resolution, "tokens": args.tokens, "d_sae": args.d_sae, "k": args.k,
+                      "resolution": args.resolution, "tokens": args.tokens, "d_sae": d_sae, "k": args.k,
                       "seed": args.seed, "minutes": round(seconds / 60, 1),
                       "mean_ap_coverage": {k: [round(x, 3) for x in v] for k, v in out.items()}}))
 
